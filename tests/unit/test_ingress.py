@@ -1,0 +1,217 @@
+"""The starlette app through TestClient, with fake LLM handles: no Ray, no vLLM."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from pydantic import SecretStr
+from ray.serve.exceptions import BackPressureError
+from starlette.testclient import TestClient
+
+from serve_app.config import AppConfig, ModelConfig
+from serve_app.ingress import build_ingress
+from tests.fakes import FakeLLMHandle, FakeLLMServer
+
+CHAT = {"model": "a", "messages": [{"role": "user", "content": "hi"}]}
+
+
+def make_client(**config_kwargs):
+    servers = {"a": FakeLLMServer("a"), "b": FakeLLMServer("b")}
+    config = AppConfig(
+        models=(ModelConfig(name="a", device="cpu"), ModelConfig(name="b", device="cpu")),
+        **config_kwargs,
+    )
+    app = build_ingress(config, {k: FakeLLMHandle(v) for k, v in servers.items()})
+    return TestClient(app), servers
+
+
+@pytest.fixture
+def client():
+    c, servers = make_client()
+    with c:
+        yield c, servers
+
+
+def assert_openai_error(resp, status, code=None):
+    assert resp.status_code == status, resp.text
+    err = resp.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert err["message"]
+    if code:
+        assert err["code"] == code
+    return err
+
+
+def test_routes_by_model_and_passes_raw_body(client):
+    c, servers = client
+    body = json.dumps({**CHAT, "model": "b"}).encode()
+    resp = c.post("/v1/chat/completions", content=body)
+    assert resp.status_code == 200
+    assert servers["b"].calls == [("openai", ("chat", body))]
+    assert servers["a"].calls == []
+
+
+def test_missing_model_goes_to_the_first(client):
+    c, servers = client
+    resp = c.post("/v1/completions", json={"prompt": "x"})
+    assert resp.status_code == 200
+    assert servers["a"].calls[0][1][0] == "completions"
+
+
+def test_unknown_model_is_404(client):
+    c, _ = client
+    err = assert_openai_error(c.post("/v1/chat/completions", json={**CHAT, "model": "zz"}),
+                              404, "model_not_found")
+    assert err["param"] == "model"
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({**CHAT, "n": 10_000}, "n"),
+        ({**CHAT, "n": 0}, "n"),
+        ({**CHAT, "max_tokens": 0}, "max_tokens"),
+        ({**CHAT, "max_tokens": -5}, "max_tokens"),
+        ({**CHAT, "max_tokens": 10**9}, "max_tokens"),
+        ({**CHAT, "max_tokens": "ten"}, "max_tokens"),
+        ({**CHAT, "stream": "yes"}, "stream"),
+        ({**CHAT, "model": 42}, "model"),
+    ],
+)
+def test_bad_fields_are_400_before_reaching_a_replica(client, body, param):
+    c, servers = client
+    err = assert_openai_error(c.post("/v1/chat/completions", json=body), 400)
+    assert err["param"] == param
+    assert not servers["a"].calls
+
+
+@pytest.mark.parametrize(
+    ("raw", "code"),
+    [(b"{nope", "invalid_json"), (b"[1]", "invalid_json"), (b"", "invalid_json"),
+     (b"\xff\xfe{}", "invalid_encoding")],
+)
+def test_malformed_bodies(client, raw, code):
+    c, _ = client
+    for path in ("/v1/chat/completions", "/v1/completions", "/generate", "/chat/generate"):
+        assert_openai_error(c.post(path, content=raw), 400, code)
+
+
+def test_body_limit_by_header_and_by_stream():
+    c, servers = make_client(max_body_bytes=100)
+    with c:
+        assert_openai_error(c.post("/v1/completions", content=b"x" * 101), 413,
+                            "request_too_large")
+
+        def chunks():  # no Content-Length: the limit must hold while reading
+            for _ in range(10):
+                yield b"x" * 50
+
+        assert_openai_error(c.post("/v1/completions", content=chunks()), 413)
+        assert not servers["a"].calls
+        assert c.post("/v1/completions", json={"prompt": "ok"}).status_code == 200
+
+
+def test_streaming_relays_chunks_in_order(client):
+    c, servers = client
+    with c.stream("POST", "/v1/chat/completions", json={**CHAT, "stream": True}) as resp:
+        assert resp.status_code == 200
+        assert resp.headers["content-type"].startswith("text/event-stream")
+        text = "".join(resp.iter_text())
+    assert text == "".join(f"data: {{\"n\": {i}}}\n\n" for i in range(4)) + "data: [DONE]\n\n"
+    assert servers["a"].streams[0].cancelled is False
+
+
+def test_stream_error_before_first_chunk_keeps_status():
+    c, servers = make_client()
+
+    def error_stream(endpoint, body):
+        from tests.fakes import FakeStream
+
+        return FakeStream([(400, json.dumps({"error": {"message": "bad", "type": "x",
+                                                       "param": None, "code": "c"}}))])
+
+    servers["a"].openai_stream = error_stream
+    with c:
+        resp = c.post("/v1/chat/completions", json={**CHAT, "stream": True})
+    assert resp.status_code == 400
+    assert resp.json()["error"]["message"] == "bad"
+
+
+def test_backpressure_is_503_with_retry_after():
+    c, servers = make_client()
+    servers["a"].raise_on_call = BackPressureError(num_queued_requests=9, max_queued_requests=8)
+    with c:
+        resp = c.post("/v1/chat/completions", json=CHAT)
+        assert_openai_error(resp, 503, "overloaded")
+        assert resp.headers["retry-after"] == "1"
+        resp = c.post("/v1/chat/completions", json={**CHAT, "stream": True})
+        assert_openai_error(resp, 503)
+
+
+def test_replica_failure_is_a_clean_500_without_details():
+    c, servers = make_client()
+    servers["a"].raise_on_call = RuntimeError("secret internals")
+    with c:
+        err = assert_openai_error(c.post("/v1/chat/completions", json=CHAT), 500)
+        assert "secret" not in err["message"]
+        servers["a"].raise_on_call = None
+        assert c.post("/v1/chat/completions", json=CHAT).status_code == 200
+
+
+def test_auth_on_every_inference_and_model_route():
+    c, servers = make_client(api_keys=(SecretStr("k1"), SecretStr("k2")))
+    routes = [
+        ("GET", "/v1/models", None),
+        ("GET", "/v1/models/a", None),
+        ("POST", "/v1/chat/completions", CHAT),
+        ("POST", "/v1/completions", {"prompt": "x"}),
+        ("POST", "/generate", {"prompt": "x"}),
+        ("POST", "/chat/generate", {"messages": [{"role": "user", "content": "x"}]}),
+    ]
+    with c:
+        for method, path, body in routes:
+            for headers in ({}, {"Authorization": "Bearer nope"}, {"Authorization": "k1"},
+                            {"Authorization": "Basic k1"}):
+                resp = c.request(method, path, json=body, headers=headers)
+                assert_openai_error(resp, 401, "invalid_api_key")
+            for key in ("k1", "k2"):
+                resp = c.request(method, path, json=body, headers={"Authorization": f"Bearer {key}"})
+                assert resp.status_code == 200, (path, resp.text)
+        assert c.get("/health").status_code == 200
+        assert c.get("/").status_code == 200
+    assert servers["a"].calls  # authorized calls arrived, unauthorized ones did not
+    assert len(servers["a"].calls) == 2 * 4
+
+
+def test_models_list_and_retrieve(client):
+    c, _ = client
+    data = c.get("/v1/models").json()
+    assert [m["id"] for m in data["data"]] == ["a", "b"]
+    assert c.get("/v1/models/b").json()["id"] == "b"
+    assert_openai_error(c.get("/v1/models/zz"), 404, "model_not_found")
+
+
+def test_status_health_and_metrics(client):
+    c, _ = client
+    assert c.get("/").json()["status"] == "idle"
+    assert c.get("/health").json() == {"status": "ok"}
+    c.post("/v1/chat/completions", json=CHAT)
+    text = c.get("/metrics").text
+    assert 'serve_app_requests_total{route="chat",status="200"} 1.0' in text
+    assert 'serve_app_engine_unfinished_requests{model_name="a"} 0' in text
+    assert 'serve_app_engine_unfinished_requests{model_name="b"} 0' in text
+
+
+def test_unknown_route_and_method_use_openai_shape(client):
+    c, _ = client
+    assert_openai_error(c.get("/nope"), 404, "not_found")
+    assert_openai_error(c.get("/v1/chat/completions"), 405)
+
+
+def test_maritalk_routes_pass_kind(client):
+    c, servers = client
+    assert c.post("/generate", json={"prompt": "x"}).json()["output"] == "Paris"
+    c.post("/chat/generate", json={"messages": [{"role": "user", "content": "x"}], "model": "b"})
+    assert servers["a"].calls[0][1][0] == "raw"
+    assert servers["b"].calls[0][1][0] == "chat"

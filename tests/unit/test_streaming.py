@@ -9,7 +9,7 @@ from serve_app.streaming import coalesce
 
 async def _source(items, gaps, log):
     try:
-        for item, gap in zip(items, gaps):
+        for item, gap in zip(items, gaps, strict=True):
             await asyncio.sleep(gap)
             yield item
     except asyncio.CancelledError:

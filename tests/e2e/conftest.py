@@ -1,0 +1,64 @@
+"""The whole stack in-process: a local Ray, Serve's proxy on a free port, real vLLM on CPU with
+SmolLM2. Started once per module (two modules would fight over one Ray)."""
+
+from __future__ import annotations
+
+import re
+
+import httpx
+import pytest
+
+from serve_app.config import TELEMETRY_OFF_ENV, AppConfig, ModelConfig
+from tests.conftest import free_port, wait_for
+
+MODEL = "smollm2-135m-instruct"
+
+# Small limits so the overload test can reach them with a handful of requests.
+E2E_MODEL = ModelConfig(max_ongoing_requests=4, max_queued_requests=4)
+
+
+class Stack:
+    def __init__(self, url: str, config: AppConfig) -> None:
+        self.url = url
+        self.config = config
+
+    def redeploy(self, config: AppConfig) -> None:
+        """Replace the app's config in place; Serve keeps replicas whose config is unchanged."""
+        from ray import serve
+
+        from serve_app.app import build_app_from_config
+
+        serve.run(build_app_from_config(config), name="serve_app", route_prefix="/",
+                  blocking=False)
+        self.config = config
+
+    def unfinished(self) -> int:
+        text = httpx.get(f"{self.url}/metrics", timeout=10).text
+        match = re.search(r"^serve_app_engine_unfinished_requests\{[^}]*\} (\d+)", text, re.M)
+        assert match, text[-2000:]
+        return int(match.group(1))
+
+
+@pytest.fixture(scope="module")
+def stack():
+    import ray
+    from ray import serve
+
+    from serve_app.app import build_app_from_config
+
+    port = free_port()
+    ray.init(include_dashboard=False, runtime_env={"env_vars": dict(TELEMETRY_OFF_ENV)})
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        config = AppConfig(models=(E2E_MODEL,))
+        serve.run(build_app_from_config(config), name="serve_app", route_prefix="/",
+                  blocking=False)
+        url = f"http://127.0.0.1:{port}"
+        wait_for(lambda: httpx.get(f"{url}/health", timeout=5).status_code == 200,
+                 timeout=600, what="the app to become healthy")
+        yield Stack(url, config)
+    finally:
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()

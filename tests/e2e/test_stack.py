@@ -1,0 +1,224 @@
+"""Real clients against the real stack (Ray Serve + vLLM on CPU + SmolLM2)."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+
+import httpx
+import maritalk
+import openai
+import pytest
+from pydantic import SecretStr
+
+from tests.conftest import wait_for
+from tests.e2e.conftest import MODEL
+
+pytestmark = pytest.mark.e2e
+
+QUESTION = "What is the capital of France?"
+
+
+@pytest.fixture(scope="module")
+def client(stack):
+    return openai.OpenAI(base_url=f"{stack.url}/v1", api_key="unused", max_retries=0)
+
+
+def test_openai_chat(client):
+    resp = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": QUESTION}], temperature=0,
+        max_tokens=30,
+    )
+    choice = resp.choices[0]
+    assert "Paris" in choice.message.content
+    assert choice.finish_reason == "stop"
+    assert resp.model == MODEL
+    assert resp.usage.prompt_tokens > 5
+    assert 0 < resp.usage.completion_tokens <= 30
+    assert resp.usage.total_tokens == resp.usage.prompt_tokens + resp.usage.completion_tokens
+
+
+def test_openai_chat_stream_with_usage(client):
+    stream = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": QUESTION}], temperature=0,
+        max_tokens=30, stream=True, stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert "Paris" in text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+    usage = chunks[-1].usage
+    assert usage is not None and usage.completion_tokens >= 5
+    assert len(chunks) >= usage.completion_tokens  # streamed, not one blob
+
+
+def test_sse_framing(stack):
+    body = {"model": MODEL, "prompt": "The capital of France is", "max_tokens": 8,
+            "temperature": 0, "stream": True}
+    with httpx.stream("POST", f"{stack.url}/v1/completions", json=body, timeout=60) as resp:
+        assert resp.status_code == 200
+        assert resp.headers["content-type"].startswith("text/event-stream")
+        raw = resp.read().decode()
+    events = [e for e in raw.split("\n\n") if e]
+    assert all(e.startswith("data: ") for e in events)
+    assert events[-1] == "data: [DONE]"
+    text = "".join(json.loads(e[6:])["choices"][0]["text"] for e in events[:-1])
+    assert "Paris" in text
+
+
+def test_openai_completions_and_sampling_params(client):
+    resp = client.completions.create(model=MODEL, prompt="The capital of France is",
+                                     max_tokens=5, temperature=0)
+    assert "Paris" in resp.choices[0].text
+    many = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=12,
+                                     n=3, temperature=1.0, seed=7)
+    assert len(many.choices) == 3
+    again = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=12,
+                                      n=3, temperature=1.0, seed=7)
+    assert [c.text for c in many.choices] == [c.text for c in again.choices]
+    stopped = client.completions.create(model=MODEL, prompt="1, 2, 3, 4,", max_tokens=30,
+                                        temperature=0, stop=["7"])
+    assert "7" not in stopped.choices[0].text
+    assert stopped.choices[0].finish_reason == "stop"
+
+
+def test_openai_models(client):
+    models = client.models.list()
+    assert [m.id for m in models.data] == [MODEL]
+    assert client.models.retrieve(MODEL).id == MODEL
+
+
+def test_maritalk_client(stack):
+    port = int(stack.url.rsplit(":", 1)[1])
+    local = maritalk.MariTalkLocal(host="127.0.0.1", port=port)
+    assert local.status()["status"] in ("idle", "busy")
+    answer = local.generate(QUESTION, do_sample=False, max_tokens=30)
+    assert "Paris" in answer["output"]
+    assert answer["prompt_time"] > 0
+    assert answer["generation_time"] > 0
+    assert answer["queue_time"] >= 0
+    raw = local.generate_raw("The capital of France is", do_sample=False, max_tokens=5)
+    assert "Paris" in raw["output"]
+    stopped = local.generate_raw("1, 2, 3, 4,", do_sample=False, max_tokens=30,
+                                 stop_sequences=["7"])
+    assert "7" not in stopped["output"]
+
+
+BAD_INPUTS = [
+    ("/v1/chat/completions", b"{not json", 400),
+    ("/v1/chat/completions", b"\xff\xfe\xfd", 400),
+    ("/v1/chat/completions", b"[]", 400),
+    ("/v1/chat/completions", json.dumps({"messages": "hi"}).encode(), 400),
+    ("/v1/chat/completions", json.dumps({"model": MODEL}).encode(), 400),
+    ("/v1/chat/completions", json.dumps({"model": "nope", "messages": []}).encode(), 404),
+    ("/v1/chat/completions", json.dumps(
+        {"messages": [{"role": "user", "content": "x"}], "temperature": "hot"}).encode(), 400),
+    ("/v1/chat/completions", json.dumps(
+        {"messages": [{"role": "user", "content": "x"}], "max_tokens": 0}).encode(), 400),
+    ("/v1/chat/completions", json.dumps(
+        {"messages": [{"role": "user", "content": "x"}], "max_tokens": 10**6}).encode(), 400),
+    ("/v1/chat/completions", json.dumps(
+        {"messages": [{"role": "user", "content": "x"}], "n": 10**6}).encode(), 400),
+    ("/v1/completions", json.dumps({"prompt": "hello " * 4000, "max_tokens": 5}).encode(), 400),
+    ("/v1/completions", json.dumps(
+        {"prompt": "hello " * 4000, "max_tokens": 5, "stream": True}).encode(), 400),
+    ("/v1/completions", json.dumps({"prompt": 12.5}).encode(), 400),
+    ("/v1/completions", b"x" * (2 << 20), 413),
+    ("/generate", json.dumps({"prompt": "hello " * 4000}).encode(), 400),
+    ("/generate", json.dumps({"prompt": "x", "max_tokens": -1}).encode(), 400),
+    ("/generate", json.dumps({"prompt": "x", "temperature": "warm"}).encode(), 400),
+    ("/chat/generate", json.dumps({"messages": [{"role": "bot", "content": "x"}]}).encode(), 400),
+    ("/chat/generate", json.dumps({"messages": []}).encode(), 400),
+]
+
+
+@pytest.mark.parametrize(("path", "raw", "status"), BAD_INPUTS)
+def test_bad_input_is_a_clean_4xx_and_the_next_request_works(stack, path, raw, status):
+    resp = httpx.post(f"{stack.url}{path}", content=raw, timeout=60)
+    assert resp.status_code == status, resp.text[:500]
+    err = resp.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    good = httpx.post(f"{stack.url}/generate",
+                      json={"prompt": "The capital of France is", "do_sample": False,
+                            "max_tokens": 4}, timeout=60)
+    assert good.status_code == 200 and "Paris" in good.json()["output"]
+
+
+def test_context_overflow_says_so(stack):
+    resp = httpx.post(f"{stack.url}/v1/completions",
+                      json={"prompt": "hello " * 4000, "max_tokens": 5}, timeout=60)
+    assert resp.json()["error"]["code"] == "context_length_exceeded"
+
+
+def test_client_disconnect_aborts_the_vllm_request(stack):
+    assert stack.unfinished() == 0
+    body = {"model": MODEL, "prompt": "Tell me a very long story.", "max_tokens": 1500,
+            "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", f"{stack.url}/v1/completions", json=body, timeout=60) as resp:
+        lines = resp.iter_lines()
+        got = [next(lines) for _ in range(6)]
+        assert any(line.startswith("data: ") for line in got)
+        assert stack.unfinished() == 1  # the request is running in the engine
+    # Leaving the block closed the connection mid-stream.
+    wait_for(lambda: stack.unfinished() == 0, timeout=20, what="the engine to abort")
+
+
+def test_overload_is_503_with_retry_after_and_bounded(stack):
+    body = {"model": MODEL, "prompt": "Count to one hundred:", "max_tokens": 120,
+            "ignore_eos": True}
+
+    def call(_):
+        r = httpx.post(f"{stack.url}/v1/completions", json=body, timeout=300)
+        return r.status_code, r.headers.get("retry-after"), r.json()
+
+    with concurrent.futures.ThreadPoolExecutor(24) as pool:
+        results = list(pool.map(call, range(24)))
+    statuses = [s for s, _, _ in results]
+    assert statuses.count(200) >= 4
+    rejected = [(ra, j) for s, ra, j in results if s == 503]
+    assert rejected, statuses
+    assert all(ra == "1" and j["error"]["code"] == "overloaded" for ra, j in rejected)
+    assert set(statuses) <= {200, 503}
+    wait_for(lambda: stack.unfinished() == 0, timeout=30, what="the engine to drain")
+    good = httpx.post(f"{stack.url}/v1/completions", json={**body, "max_tokens": 3}, timeout=60)
+    assert good.status_code == 200
+
+
+def test_metrics_and_health(stack):
+    assert httpx.get(f"{stack.url}/health").json() == {"status": "ok"}
+    text = httpx.get(f"{stack.url}/metrics").text
+    assert "serve_app_requests_total" in text
+    assert "vllm:num_requests_running" in text
+    assert "vllm:generation_tokens_total" in text
+
+
+def test_zz_auth_on_every_route(stack):
+    """Runs last: redeploys the ingress with keys (the vLLM replica is kept)."""
+    keyed = stack.config.model_copy(update={"api_keys": (SecretStr("sk-test-1"),)})
+    stack.redeploy(keyed)
+    wait_for(lambda: httpx.get(f"{stack.url}/v1/models").status_code == 401, timeout=120,
+             what="the keyed ingress")
+    routes = [
+        ("GET", "/v1/models", None),
+        ("GET", f"/v1/models/{MODEL}", None),
+        ("POST", "/v1/chat/completions",
+         {"messages": [{"role": "user", "content": QUESTION}], "max_tokens": 3}),
+        ("POST", "/v1/completions", {"prompt": "Hi", "max_tokens": 3}),
+        ("POST", "/generate", {"prompt": "Hi", "max_tokens": 3}),
+        ("POST", "/chat/generate", {"messages": [{"role": "user", "content": "Hi"}],
+                                    "max_tokens": 3}),
+    ]
+    for method, path, body in routes:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "sk-test-1"}):
+            resp = httpx.request(method, f"{stack.url}{path}", json=body, headers=headers,
+                                 timeout=60)
+            assert resp.status_code == 401, (path, headers, resp.text)
+            assert resp.json()["error"]["code"] == "invalid_api_key"
+        ok = httpx.request(method, f"{stack.url}{path}", json=body,
+                           headers={"Authorization": "Bearer sk-test-1"}, timeout=60)
+        assert ok.status_code == 200, (path, ok.text)
+    assert httpx.get(f"{stack.url}/health").status_code == 200
+    keyed_client = openai.OpenAI(base_url=f"{stack.url}/v1", api_key="sk-test-1", max_retries=0)
+    assert keyed_client.models.list().data[0].id == MODEL
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{stack.url}/v1", api_key="bad", max_retries=0).models.list()

@@ -33,14 +33,15 @@ def _wait_healthy(url: str, timeout_s: float) -> bool:
     return False
 
 
-def _usage(url: str, model: str, keyed: bool) -> str:
+def _usage(host: str, port: int, model: str, keyed: bool) -> str:
+    url = f"http://{host}:{port}"
     auth = ' -H "Authorization: Bearer $KEY"' if keyed else ""
     return f"""
 Serving {model!r} at {url}
   OpenAI:   curl {url}/v1/chat/completions{auth} -H 'Content-Type: application/json' \\
               -d '{{"model": "{model}", "messages": [{{"role": "user", "content": "Hi!"}}]}}'
             openai.OpenAI(base_url="{url}/v1", api_key="...")
-  MariTalk: maritalk.MariTalkLocal(host="{url.split("//")[1].split(":")[0]}", port={url.rsplit(":", 1)[1]}).generate("Hi!")
+  MariTalk: maritalk.MariTalkLocal(host="{host}", port={port}).generate("Hi!")
   Status:   {url}/   Health: {url}/health   Metrics: {url}/metrics
 Press Ctrl-C to stop.
 """
@@ -74,7 +75,8 @@ def run(settings: Settings) -> int:
         if not _wait_healthy(url, timeout_s=600):
             print("The app did not become healthy within 10 minutes.", file=sys.stderr)
             return 1
-        print(_usage(url, config.models[0].name, bool(config.api_keys)), flush=True)
+        print(_usage(settings.host, settings.port, config.models[0].name, bool(config.api_keys)),
+              flush=True)
         signal.signal(signal.SIGINT, _stop)
         signal.signal(signal.SIGTERM, _stop)
         while not stop:

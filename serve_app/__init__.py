@@ -12,11 +12,11 @@ from typing import Any
 
 def __getattr__(name: str) -> Any:
     if name == "app":
-        from serve_app.app import build_app
+        from serve_app.builder import build_app
 
         return build_app()
     if name == "build_app":
-        from serve_app.app import build_app
+        from serve_app.builder import build_app
 
         return build_app
     raise AttributeError(f"module 'serve_app' has no attribute {name!r}")

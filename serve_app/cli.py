@@ -14,6 +14,7 @@ import sys
 import time
 import urllib.request
 
+from serve_app.affinity import pin_to_frontend
 from serve_app.config import TELEMETRY_OFF_ENV, Settings
 from serve_app.models import resolve_model
 
@@ -58,7 +59,7 @@ def run(settings: Settings) -> int:
     import ray
     from ray import serve
 
-    from serve_app.app import build_app_from_config
+    from serve_app.builder import build_app_from_config
 
     stop = False
 
@@ -66,6 +67,8 @@ def run(settings: Settings) -> int:
         nonlocal stop
         stop = True
 
+    if any(m.device == "cpu" for m in config.models):
+        pin_to_frontend()  # every Ray process inherits this; see affinity.py
     ray.init(include_dashboard=False, runtime_env={"env_vars": dict(TELEMETRY_OFF_ENV)})
     try:
         serve.start(http_options={"host": settings.host, "port": settings.port})

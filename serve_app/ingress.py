@@ -21,6 +21,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from serve_app.affinity import pin_to_frontend
 from serve_app.config import AppConfig, ModelConfig
 from serve_app.errors import (
     AuthenticationError,
@@ -352,6 +353,8 @@ class Ingress:
     """The Serve ingress deployment; the ASGI app is built after Serve injects the handles."""
 
     def __init__(self, config: AppConfig, handles: dict[str, Any]) -> None:
+        if any(m.device == "cpu" for m in config.models):
+            pin_to_frontend()
         self._app = build_ingress(config, handles)
 
     async def __serve_build_asgi_app__(self) -> Starlette:

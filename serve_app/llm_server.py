@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -20,6 +21,7 @@ from typing import Any
 from pydantic import ValidationError
 from starlette.datastructures import State
 
+from serve_app.affinity import all_cpus_for_children, pin_to_frontend
 from serve_app.config import ModelConfig
 from serve_app.errors import error_body, from_vllm_error
 from serve_app.maritalk import ChatGenerateRequest, GenerateRequest, GenerateResponse, timings
@@ -50,9 +52,13 @@ class LLMServer:
         path = await asyncio.to_thread(resolve_model, config.source, model_cache_dir)
         engine_args = AsyncEngineArgs(**config.engine_args(str(path)))
         vllm_config = engine_args.create_engine_config(UsageContext.OPENAI_API_SERVER)
-        self._engine = AsyncLLM.from_vllm_config(
-            vllm_config, usage_context=UsageContext.OPENAI_API_SERVER, disable_log_stats=False
-        )
+        cpu = config.device == "cpu"
+        with all_cpus_for_children() if cpu else contextlib.nullcontext():
+            self._engine = AsyncLLM.from_vllm_config(
+                vllm_config, usage_context=UsageContext.OPENAI_API_SERVER, disable_log_stats=False
+            )
+        if cpu:
+            pin_to_frontend()  # the engine core now owns the other cores
         # init_app_state wants the flat Namespace `vllm serve` builds from both arg groups.
         args = argparse.Namespace(**(vars(FrontendArgs()) | vars(engine_args)))
         state = State()

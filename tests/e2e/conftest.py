@@ -26,7 +26,7 @@ class Stack:
         """Replace the app's config in place; Serve keeps replicas whose config is unchanged."""
         from ray import serve
 
-        from serve_app.app import build_app_from_config
+        from serve_app.builder import build_app_from_config
 
         serve.run(build_app_from_config(config), name="serve_app", route_prefix="/",
                   blocking=False)
@@ -44,7 +44,7 @@ def stack():
     import ray
     from ray import serve
 
-    from serve_app.app import build_app_from_config
+    from serve_app.builder import build_app_from_config
 
     port = free_port()
     ray.init(include_dashboard=False, runtime_env={"env_vars": dict(TELEMETRY_OFF_ENV)})

@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from serve_app.app import deployment_options, ingress_options
+from serve_app.builder import deployment_options, ingress_options
 from serve_app.config import TELEMETRY_OFF_ENV, AppConfig, ModelConfig, Settings
 
 

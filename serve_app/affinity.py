@@ -1,0 +1,79 @@
+"""CPU placement on CPU-only boxes, where vLLM's engine and our frontends share few cores.
+
+vLLM's CPU backend binds its engine threads to all allowed cores but the last
+(``VLLM_CPU_NUM_OF_RESERVED_CPU`` defaults to one reserved core, meant for the API server).
+Linux still schedules other processes onto the engine's cores, and every Ray process (GCS,
+raylet, proxy, ingress, the replica's own frontend loop) that lands there steals engine time.
+Pinning those processes to the reserved core leaves the engine its cores to itself: measured on a
+2-core box with SmolLM2, see README "Performance". On GPU machines none of this is used.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterator
+
+logger = logging.getLogger(__name__)
+
+
+def frontend_cpus(allowed: set[int]) -> set[int]:
+    """The core vLLM leaves to the frontend: the highest allowed one (all of one if alone)."""
+    return {max(allowed)} if allowed else allowed
+
+
+def pin_to_frontend() -> None:
+    """Keep this process (every thread of it, and what it starts later) off the engine's cores.
+
+    ``sched_setaffinity(0, ...)`` moves only the calling thread; Ray workers already run gRPC
+    and event-loop threads, so each thread is moved.
+    """
+    try:
+        allowed = _all_cpus()
+        if len(allowed) < 2:
+            return
+        target = frontend_cpus(allowed)
+        for tid in os.listdir("/proc/self/task"):
+            try:
+                os.sched_setaffinity(int(tid), target)
+            except OSError:  # the thread ended meanwhile
+                pass
+    except (AttributeError, OSError) as exc:  # not Linux, or a cpuset forbids it
+        logger.debug("CPU pinning skipped: %s", exc)
+
+
+@contextlib.contextmanager
+def all_cpus_for_children() -> Iterator[None]:
+    """Let processes started inside the block see every core (vLLM sizes and binds its engine
+    from the affinity it inherits), then restore the caller's own."""
+    try:
+        saved = os.sched_getaffinity(0)
+        os.sched_setaffinity(0, _all_cpus())
+    except (AttributeError, OSError):
+        yield
+        return
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, saved)
+
+
+def _all_cpus() -> set[int]:
+    # The cores this cgroup may use, not merely the current process mask.
+    try:
+        with open("/sys/fs/cgroup/cpuset.cpus.effective") as f:
+            text = f.read().strip()
+        if text:
+            return _parse_cpu_list(text)
+    except OSError:
+        pass
+    return set(range(os.cpu_count() or 1))
+
+
+def _parse_cpu_list(text: str) -> set[int]:
+    cpus: set[int] = set()
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        cpus.update(range(int(lo), int(hi or lo) + 1))
+    return cpus

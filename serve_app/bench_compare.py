@@ -1,0 +1,189 @@
+"""``--compare``: the same load against raw vLLM and this app (and Ray Serve's own LLM app), one
+after the other on the same model, in one run; prints per-concurrency ratios and memory.
+
+Each contender runs as a child process on a loopback port; its memory is the peak summed RSS of
+its whole process tree (for Ray: GCS, raylet, proxy, replicas, vLLM's engine core).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from typing import Any
+
+import httpx
+import psutil
+
+from serve_app.bench import build_prompts, run_bench, summary
+from serve_app.config import DEFAULT_CACHE_DIR, TELEMETRY_OFF_ENV
+from serve_app.models import resolve_model
+
+NAME = "bench-model"
+
+# Ray Serve's own LLM app, configured like the others (float32, eager, 1 GiB KV cache).
+_RAY_SERVE_LLM = """
+import json, sys, time
+from ray import serve
+from ray.serve.llm import LLMConfig, build_openai_app
+path, port, NAME, ENV = sys.argv[1], int(sys.argv[2]), sys.argv[3], json.loads(sys.argv[4])
+serve.start(http_options={"host": "127.0.0.1", "port": port})
+config = LLMConfig(
+    model_loading_config={"model_id": NAME, "model_source": path},
+    deployment_config={"num_replicas": 1, "ray_actor_options": {"num_cpus": 0}},
+    engine_kwargs={"dtype": "float32", "max_model_len": 2048, "enforce_eager": True,
+                   "kv_cache_memory_bytes": 1 << 30},
+    runtime_env={"env_vars": ENV},
+)
+serve.run(build_openai_app({"llm_configs": [config]}), blocking=False)
+while True:
+    time.sleep(1)
+"""
+
+
+def contender_command(name: str, model_path: str, port: int) -> list[str]:
+    if name == "vllm":
+        return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_path,
+                "--served-model-name", NAME, "--dtype", "float32", "--max-model-len", "2048",
+                "--enforce-eager", "--host", "127.0.0.1", "--port", str(port)]
+    if name == "serve_app":
+        return [sys.executable, "-m", "serve_app", "--port", str(port), "--model", model_path]
+    if name == "ray_serve_llm":
+        return [sys.executable, "-c", _RAY_SERVE_LLM, model_path, str(port), NAME,
+                json.dumps(TELEMETRY_OFF_ENV)]
+    raise ValueError(f"unknown contender {name!r}")
+
+
+class TreeMemory:
+    """Peak summed RSS of a process and all its descendants, sampled every half second."""
+
+    def __init__(self, pid: int) -> None:
+        self._root = psutil.Process(pid)
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.5):
+            try:
+                procs = [self._root, *self._root.children(recursive=True)]
+                total = 0
+                for proc in procs:
+                    try:
+                        total += proc.memory_info().rss
+                    except psutil.Error:
+                        pass
+                self.peak = max(self.peak, total)
+            except psutil.Error:
+                return
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join()
+        return self.peak
+
+
+def _stop_tree(proc: subprocess.Popen[Any]) -> None:
+    try:
+        children = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.Error:
+        children = []
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    for child in children:
+        try:
+            child.kill()
+        except psutil.Error:
+            pass
+
+
+def measure(name: str, model_path: str, args: argparse.Namespace, prompts: list[str],
+            port: int) -> dict[str, Any]:
+    env = {**os.environ, **TELEMETRY_OFF_ENV, "VLLM_CPU_KVCACHE_SPACE": "1",
+           "SERVE_APP_MODEL_NAME": NAME}
+    log = open(os.path.join(args.out, f"{name}.log"), "w")  # noqa: SIM115 (closed below)
+    proc = subprocess.Popen(contender_command(name, model_path, port), env=env, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    memory = TreeMemory(proc.pid)
+    try:
+        deadline = time.monotonic() + 900
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{name} exited with {proc.returncode}; see {log.name}")
+            try:
+                if httpx.get(f"{url}/v1/models", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{name} did not start; see {log.name}")
+            time.sleep(1)
+        runs: dict[str, Any] = {}
+        for stream in args.modes:
+            # Warm-up outside the measurement (first requests pay for lazy initialisation).
+            asyncio.run(run_bench(url, concurrencies=[2], n_repeats=1, prompts=prompts,
+                                  max_tokens=8, model=NAME, stream=stream, progress=False))
+            results = asyncio.run(run_bench(
+                url, concurrencies=args.concurrency, n_repeats=args.n_repeats, prompts=prompts,
+                max_tokens=args.max_tokens, model=NAME, stream=stream,
+                progress=not args.no_progress))
+            runs["stream" if stream else "unary"] = summary(results)
+        return {"runs": runs, "memory": memory.stop()}
+    finally:
+        memory.stop()
+        _stop_tree(proc)
+        log.close()
+
+
+def compare(args: argparse.Namespace) -> None:
+    from transformers import AutoTokenizer
+
+    os.makedirs(args.out, exist_ok=True)
+    model_path = str(resolve_model(args.compare_model, DEFAULT_CACHE_DIR))
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    prompts = build_prompts(max(args.concurrency) * (args.n_repeats + 1), args.prompt_size,
+                            tokenizer, unique=not args.same_prompt)
+    modes = [m.strip() for m in args.modes.split(",")]
+    args.modes = [False] if args.no_stream else [m == "stream" for m in modes]
+    names = [n.strip() for n in args.contenders.split(",") if n.strip()]
+    print(f"# compare on {args.compare_model}: prompt={args.prompt_size} tokens, "
+          f"max_tokens={args.max_tokens}, concurrency={args.concurrency}, "
+          f"repeats={args.n_repeats}, prompts={'identical' if args.same_prompt else 'random prefix'}")
+    measured = {}
+    for i, name in enumerate(names):
+        print(f"## {name}", flush=True)
+        measured[name] = measure(name, model_path, args, prompts, port=18000 + i)
+    print_comparison(measured, names[0])
+
+
+def print_comparison(measured: dict[str, Any], base: str) -> None:
+    for mode in measured[base]["runs"]:
+        print(f"\n### {mode}: system tok/s (ratio to {base}), TTFT p50 ms, per-request gen tok/s")
+        header = ["conc"] + [f"{n:>36}" for n in measured]
+        print(" ".join(header))
+        for c, ref in measured[base]["runs"][mode].items():
+            cells = [f"{c:>4}"]
+            for name in measured:
+                row = measured[name]["runs"][mode][c]
+                ratio = row["system_tps"] / ref["system_tps"] if ref["system_tps"] else 0
+                cell = (f"{row['system_tps']:8.1f} ({ratio:4.2f}x) {row['ttft_p50'] * 1000:7.0f}ms "
+                        f"{row['generated_tps']:6.1f}")
+                cells.append(cell.rjust(36))
+                if row["errors"]:
+                    cells[-1] += f" !{row['errors']:.0f} errors"
+            print(" ".join(cells))
+    base_mem = measured[base]["memory"]
+    print("\n### memory (peak RSS of the whole process tree)")
+    for name, m in measured.items():
+        print(f"{name:>14}: {m['memory'] / 2**30:5.2f} GiB ({m['memory'] / base_mem:4.2f}x)")

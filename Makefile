@@ -6,6 +6,8 @@ export VLLM_NO_USAGE_STATS=1
 export DO_NOT_TRACK=1
 export RAY_USAGE_STATS_ENABLED=0
 export HF_HUB_OFFLINE=1
+# Ray Serve without the proxy hop (see serve_app/config.py, RAY_SERVE_ENV).
+export RAY_SERVE_THROUGHPUT_OPTIMIZED ?= 1
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed

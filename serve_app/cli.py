@@ -15,7 +15,7 @@ import time
 import urllib.request
 
 from serve_app.affinity import pin_to_frontend
-from serve_app.config import TELEMETRY_OFF_ENV, Settings
+from serve_app.config import RAY_SERVE_ENV, TELEMETRY_OFF_ENV, Settings
 from serve_app.models import resolve_model
 
 logger = logging.getLogger("serve_app")
@@ -51,6 +51,8 @@ Press Ctrl-C to stop.
 def run(settings: Settings) -> int:
     # Set before Ray starts so every process it spawns (and vLLM's) inherits them.
     os.environ.update(TELEMETRY_OFF_ENV)
+    for key, value in RAY_SERVE_ENV.items():
+        os.environ.setdefault(key, value)  # an explicit choice of the user's wins
     config = settings.to_app_config()
     for model in config.models:
         print(f"Preparing model {model.name} from {model.source} ...", flush=True)

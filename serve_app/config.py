@@ -30,6 +30,13 @@ TELEMETRY_OFF_ENV = {
     "TRANSFORMERS_OFFLINE": "1",
 }
 
+# Ray Serve switches read when Ray starts (set them before `ray start` / `serve run`; the CLI
+# does). Throughput-optimized mode drops the HTTP proxy hop (the ingress replica listens
+# itself), runs user code on the replica's main loop and uses gRPC between replicas. Measured on
+# this 2-core box with SmolLM2, streaming: 0.96x -> 1.01x raw vLLM at concurrency 1 (TTFT
+# overhead 24 ms -> 7 ms), 0.95x -> 0.97x at 16.
+RAY_SERVE_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
+
 _FROZEN = ConfigDict(frozen=True, extra="forbid")
 
 

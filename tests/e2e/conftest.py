@@ -3,12 +3,13 @@ SmolLM2. Started once per module (two modules would fight over one Ray)."""
 
 from __future__ import annotations
 
+import os
 import re
 
 import httpx
 import pytest
 
-from serve_app.config import TELEMETRY_OFF_ENV, AppConfig, ModelConfig
+from serve_app.config import RAY_SERVE_ENV, TELEMETRY_OFF_ENV, AppConfig, ModelConfig
 from tests.conftest import free_port, wait_for
 
 MODEL = "smollm2-135m-instruct"
@@ -47,6 +48,8 @@ def stack():
     from serve_app.builder import build_app_from_config
 
     port = free_port()
+    for key, value in RAY_SERVE_ENV.items():  # test what `make serve` ships
+        os.environ.setdefault(key, value)
     ray.init(include_dashboard=False, runtime_env={"env_vars": dict(TELEMETRY_OFF_ENV)})
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})

@@ -1,0 +1,3 @@
+from infra.license_server.cli import main
+
+main()

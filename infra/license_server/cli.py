@@ -1,0 +1,126 @@
+"""``python -m infra.license_server serve|issue|list|revoke|usage|public-key``.
+
+Admin commands act on the same database as the server (``LICENSE_SERVER_DATABASE_URL`` or the
+SQLite file in ``LICENSE_SERVER_DATA_DIR``), so they work whether or not it is running.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import sys
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from infra.license_server.app import IssueRequest, LicenseService, build_app, to_csv
+from infra.license_server.db import LicenseStore
+from serve_app.licensing import load_private_key, new_private_key, private_key_pem
+
+
+class LicenseServerSettings(BaseSettings):
+    """The license server's only reader of the environment (prefix ``LICENSE_SERVER_``)."""
+
+    model_config = SettingsConfigDict(env_prefix="LICENSE_SERVER_", extra="forbid")
+
+    data_dir: str = Field(".data/license_server", description="Signing key, token, SQLite file.")
+    database_url: str | None = Field(None, description="e.g. postgresql+psycopg://u:p@h/db")
+    admin_token: str | None = Field(None, description="Default: generated into data_dir.")
+    host: str = "127.0.0.1"
+    port: int = 9100
+    public_url: str | None = Field(None, description="URL put into issued keys.")
+
+    @property
+    def url(self) -> str:
+        return self.database_url or f"sqlite:///{Path(self.data_dir).resolve() / 'licenses.db'}"
+
+
+def _secret_file(path: Path, make: bytes) -> bytes:
+    """Read ``path``, or create it with ``make`` readable by its owner only (0600)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return path.read_bytes()
+    with os.fdopen(fd, "wb") as f:
+        f.write(make)
+    return make
+
+
+def build_service(settings: LicenseServerSettings) -> tuple[LicenseService, str]:
+    data = Path(settings.data_dir)
+    signing_key = load_private_key(_secret_file(data / "vendor_signing_key.pem",
+                                                private_key_pem(new_private_key())))
+    token = settings.admin_token or _secret_file(
+        data / "admin_token", secrets.token_urlsafe(32).encode()).decode().strip()
+    public_url = settings.public_url or f"http://{settings.host}:{settings.port}"
+    store = LicenseStore(settings.url).start()
+    return LicenseService(store, signing_key, public_url), token
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m infra.license_server", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run the HTTP server")
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+    issue = sub.add_parser("issue", help="issue a license and print its key")
+    issue.add_argument("--customer", required=True)
+    issue.add_argument("--days", type=float, default=30)
+    issue.add_argument("--models", default="*", help="comma-separated model names, or *")
+    issue.add_argument("--max-instances", type=int)
+    issue.add_argument("--heartbeat-interval", type=float, default=30.0)
+    issue.add_argument("--grace-hours", type=float, default=72.0)
+    issue.add_argument("--json", action="store_true")
+    sub.add_parser("list", help="list licenses")
+    revoke = sub.add_parser("revoke", help="revoke a license")
+    revoke.add_argument("license_id")
+    usage = sub.add_parser("usage", help="usage per license per day")
+    usage.add_argument("--license-id")
+    usage.add_argument("--format", choices=["json", "csv"], default="json")
+    sub.add_parser("public-key", help="print the vendor public key customers configure")
+    args = parser.parse_args(argv)
+
+    overrides = {k: v for k, v in (("host", getattr(args, "host", None)),
+                                   ("port", getattr(args, "port", None))) if v is not None}
+    settings = LicenseServerSettings(**overrides)
+    service, token = build_service(settings)
+
+    if args.command == "serve":
+        import uvicorn
+
+        print(f"License server on http://{settings.host}:{settings.port} "
+              f"(public key {service.public_key})", flush=True)
+        uvicorn.run(build_app(service, token), host=settings.host, port=settings.port,
+                    log_level="warning")
+    elif args.command == "issue":
+        lic, key = service.issue(IssueRequest(
+            customer=args.customer, days=args.days,
+            models=tuple(m.strip() for m in args.models.split(",") if m.strip()),
+            max_instances=args.max_instances, heartbeat_interval_s=args.heartbeat_interval,
+            grace_period_s=args.grace_hours * 3600))
+        if args.json:
+            print(json.dumps({"license": lic.model_dump(mode="json"), "key": key,
+                              "public_key": service.public_key}))
+        else:
+            print(key)
+    elif args.command == "list":
+        for row in service.store.list_licenses():
+            state = "revoked" if row["revoked_at"] else "active"
+            print(f"{row['license_id']}  {row['customer']:<24} {state:<8} "
+                  f"max_instances={row['max_instances']}")
+    elif args.command == "revoke":
+        if service.store.get_license(args.license_id) is None:
+            sys.exit(f"no license {args.license_id}")
+        service.store.revoke(args.license_id)
+        print(f"revoked {args.license_id}")
+    elif args.command == "usage":
+        rows = service.usage(args.license_id)
+        print(to_csv(rows) if args.format == "csv" else json.dumps(rows, indent=2), end="")
+        if args.format == "json":
+            print()
+    elif args.command == "public-key":
+        print(service.public_key)

@@ -1,0 +1,184 @@
+"""The vendor's license server through TestClient, on SQLite and (when configured) PostgreSQL."""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import stat
+import uuid
+
+import pytest
+from starlette.testclient import TestClient
+
+from infra.license_server.app import LicenseService, build_app
+from infra.license_server.cli import LicenseServerSettings, build_service, main
+from infra.license_server.db import Interval, LicenseStore, split_by_day
+from serve_app.licensing import load_public_key, new_private_key, verify_key
+
+DAY = 86400.0
+T0 = 1_800_000_000.0 - (1_800_000_000.0 % DAY)  # a UTC midnight
+
+
+class Clock:
+    def __init__(self, t: float) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def database_urls() -> list:
+    urls = [pytest.param("sqlite", id="sqlite")]
+    pg = os.environ.get("TEST_POSTGRES_URL")
+    if pg or os.environ.get("CI"):
+        # In CI PostgreSQL must be there (.ci/run starts it): a missing URL fails, not skips.
+        urls.append(pytest.param(pg or "missing", id="postgresql"))
+    return urls
+
+
+@pytest.fixture(params=database_urls())
+def store(request, tmp_path):
+    url = request.param
+    if url == "sqlite":
+        url = f"sqlite:///{tmp_path / 'licenses.db'}"
+    assert url != "missing", "TEST_POSTGRES_URL is not set; .ci/run starts PostgreSQL and sets it"
+    clock = Clock(T0 + 3600)
+    s = LicenseStore(url, now=clock).start()
+    if url.startswith("postgresql"):  # a shared server: start each test from empty tables
+        from infra.license_server.db import metadata
+
+        metadata.drop_all(s.engine)
+        metadata.create_all(s.engine)
+    s.clock = clock
+    yield s
+    s.engine.dispose()
+
+
+@pytest.fixture
+def server(store):
+    service = LicenseService(store, new_private_key(), "http://license.test", now=store.clock)
+    client = TestClient(build_app(service, admin_token="admin-secret"))
+    client.service = service
+    return client
+
+
+ADMIN = {"Authorization": "Bearer admin-secret"}
+
+
+def issue(server, **kw):
+    resp = server.post("/admin/licenses", json={"customer": "ACME", "days": 30, **kw},
+                       headers=ADMIN)
+    assert resp.status_code == 201, resp.text
+    return resp.json()
+
+
+def as_client(key):
+    return {"Authorization": f"Bearer {key}"}
+
+
+def test_issue_verify_and_list(server):
+    issued = issue(server, max_instances=4, models=["m1"])
+    public = load_public_key(server.get("/v1/public-key").json()["public_key"])
+    lic = verify_key(issued["key"], public, now=T0 + 3600)
+    assert (lic.customer, lic.max_instances, lic.models) == ("ACME", 4, ("m1",))
+    assert lic.server_url == "http://license.test"
+    listed = server.get("/admin/licenses", headers=ADMIN).json()["licenses"]
+    assert [r["license_id"] for r in listed] == [lic.license_id]
+    assert "key" not in listed[0]
+
+
+def test_admin_routes_need_the_token(server):
+    for method, path in [("POST", "/admin/licenses"), ("GET", "/admin/licenses"),
+                         ("POST", "/admin/licenses/x/revoke"), ("GET", "/admin/usage")]:
+        for headers in ({}, {"Authorization": "Bearer wrong"}):
+            resp = server.request(method, path, json={"customer": "x"}, headers=headers)
+            assert resp.status_code == 401
+            assert resp.json()["error"]["code"] == "unauthorized"
+
+
+def test_client_routes_need_a_valid_key(server):
+    issue(server)
+    foreign = LicenseService(server.service.store, new_private_key(), "x")
+    from infra.license_server.app import IssueRequest
+
+    _, other_key = foreign.issue(IssueRequest(customer="evil"))
+    for headers in ({}, as_client("garbage"), as_client(other_key)):
+        resp = server.post("/v1/heartbeat", json={"cluster_id": "c", "instances": 1},
+                           headers=headers)
+        assert resp.status_code == 401, resp.text
+
+
+def test_activation_heartbeat_status_and_revocation(server):
+    key = issue(server)["key"]
+    assert server.post("/v1/activate", json={"cluster_id": "c1"},
+                       headers=as_client(key)).json()["status"] == "active"
+    assert server.post("/v1/heartbeat", json={"cluster_id": "c1", "instances": 3},
+                       headers=as_client(key)).json()["status"] == "active"
+    lid = server.get("/v1/status", headers=as_client(key)).json()["license_id"]
+    assert server.service.store.active_instances(lid, fresh_s=90) == 3
+    assert server.post(f"/admin/licenses/{lid}/revoke", headers=ADMIN).status_code == 200
+    assert server.get("/v1/status", headers=as_client(key)).json()["status"] == "revoked"
+    assert server.post("/admin/licenses/nope/revoke", headers=ADMIN).status_code == 404
+    server.service.store.clock.t += 31 * DAY
+    assert server.get("/v1/status", headers=as_client(key)).json()["status"] == "expired"
+
+
+def test_usage_reports_are_idempotent(server):
+    key = issue(server)["key"]
+    report = {"cluster_id": "c1", "report_id": uuid.uuid4().hex,
+              "intervals": [{"instance_id": "r1", "start": T0, "end": T0 + 100, "gpus": 1},
+                            {"instance_id": "r2", "start": T0, "end": T0 + 50, "gpus": 2}]}
+    first = server.post("/v1/usage", json=report, headers=as_client(key)).json()
+    again = server.post("/v1/usage", json=report, headers=as_client(key)).json()
+    assert (first["duplicate"], again["duplicate"]) == (False, True)
+    lid = server.get("/v1/status", headers=as_client(key)).json()["license_id"]
+    assert server.service.store.total_instance_seconds(lid) == 150
+    bad = {**report, "report_id": uuid.uuid4().hex,
+           "intervals": [{"instance_id": "r1", "start": 10, "end": 5}]}
+    assert server.post("/v1/usage", json=bad, headers=as_client(key)).status_code == 400
+    assert server.post("/v1/usage", json={"cluster_id": "c"},
+                       headers=as_client(key)).status_code == 400
+    assert server.service.store.total_instance_seconds(lid) == 150
+
+
+def test_usage_per_day_json_and_csv(server):
+    key = issue(server)["key"]
+    lid = server.get("/v1/status", headers=as_client(key)).json()["license_id"]
+    crossing = [{"instance_id": "r1", "start": T0 - 1800, "end": T0 + 5400, "gpus": 1}]
+    server.post("/v1/usage", json={"cluster_id": "c", "report_id": "rep-00001",
+                                   "intervals": crossing}, headers=as_client(key))
+    server.post("/v1/heartbeat", json={"cluster_id": "c", "instances": 2}, headers=as_client(key))
+    rows = server.get(f"/admin/usage?license_id={lid}", headers=ADMIN).json()["usage"]
+    assert [(r["instance_seconds"], r["active_instances_now"]) for r in rows] == [(1800, 2),
+                                                                               (5400, 2)]
+    assert rows[1]["instance_hours"] == 1.5
+    text = server.get("/admin/usage?format=csv", headers=ADMIN).text
+    parsed = list(csv.DictReader(io.StringIO(text)))
+    assert [float(r["instance_seconds"]) for r in parsed] == [1800, 5400]
+
+
+def test_split_by_day():
+    days = split_by_day([Interval("a", T0 - 10, T0 + DAY + 10, gpus=2)])
+    assert [v["instance_seconds"] for v in days.values()] == [10, DAY, 10]
+    assert sum(v["gpu_seconds"] for v in days.values()) == 2 * (DAY + 20)
+
+
+def test_cli_creates_a_private_signing_key_and_issues(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("LICENSE_SERVER_DATA_DIR", str(tmp_path / "ls"))
+    main(["issue", "--customer", "ACME", "--days", "1", "--max-instances", "2", "--json"])
+    import json
+
+    out = json.loads(capsys.readouterr().out)
+    key_file = tmp_path / "ls" / "vendor_signing_key.pem"
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    assert stat.S_IMODE((tmp_path / "ls" / "admin_token").stat().st_mode) == 0o600
+    lic = verify_key(out["key"], load_public_key(out["public_key"]))
+    assert lic.max_instances == 2
+    main(["list"])
+    assert lic.license_id in capsys.readouterr().out
+    main(["revoke", lic.license_id])
+    service, _ = build_service(LicenseServerSettings())
+    assert service.store.get_license(lic.license_id)["revoked_at"] is not None
+    main(["usage", "--format", "csv"])
+    assert capsys.readouterr().out.splitlines()[-1].startswith("license_id,day")

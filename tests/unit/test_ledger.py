@@ -1,0 +1,119 @@
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from serve_app.ledger import UsageLedger
+
+
+class Clock:
+    def __init__(self, t: float = 1_000_000.0) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+@pytest.fixture
+def clock():
+    return Clock()
+
+
+@pytest.fixture
+def ledger(tmp_path, clock):
+    led = UsageLedger(tmp_path / "usage.db", now=clock).start()
+    yield led
+    led.close()
+
+
+def test_billed_seconds_equal_replica_lifetimes(ledger, clock):
+    """Many replicas over a simulated day with jittered heartbeats: the ledger's total matches
+    the sum of lifetimes within 1 s per instance-hour."""
+    rng = random.Random(1)
+    lifetimes = {}
+    events = []
+    for i in range(20):
+        start = rng.uniform(0, 40_000)
+        life = rng.uniform(600, 30_000)
+        lifetimes[f"r{i}"] = life
+        events.append((start, "register", f"r{i}"))
+        t = start
+        while True:
+            t += rng.uniform(25, 35)
+            if t >= start + life:
+                break
+            events.append((t, "heartbeat", f"r{i}"))
+        events.append((start + life, "deregister", f"r{i}"))
+    base = clock.t
+    sealed = 0.0
+    for k, (t, kind, iid) in enumerate(sorted(events)):
+        clock.t = base + t
+        if kind == "register":
+            ledger.register(iid, "m", gpus=1)
+        elif kind == "heartbeat":
+            ledger.heartbeat(iid)
+        else:
+            ledger.deregister(iid)
+        if k % 97 == 0:  # reports sealed mid-run must not lose or double anything
+            report = ledger.seal_report()
+            if report:
+                sealed += report.seconds
+                ledger.mark_delivered(report.report_id)
+    final = ledger.seal_report()
+    sealed += final.seconds if final else 0.0
+    expected = sum(lifetimes.values())
+    assert ledger.totals()["instance_seconds"] == pytest.approx(sealed)
+    assert abs(sealed - expected) <= expected / 3600 * 1.0
+    assert ledger.live() == []
+    clock.t += 10
+    ledger.heartbeat("r0")  # a late heartbeat after the goodbye bills nothing
+    assert ledger.totals()["instance_seconds"] == pytest.approx(sealed)
+
+
+def test_dead_replica_stops_counting(ledger, clock):
+    ledger.register("a", "m", 0)
+    ledger.register("b", "m", 0)
+    clock.t += 10
+    ledger.heartbeat("a")
+    ledger.heartbeat("b")
+    clock.t += 10
+    ledger.heartbeat("a")  # b died silently
+    clock.t += 10
+    ledger.heartbeat("a")
+    assert ledger.expire(timeout_s=20) == ["b"]
+    assert [i["instance_id"] for i in ledger.live()] == ["a"]
+    assert ledger.totals()["instance_seconds"] == 30 + 10
+
+
+def test_gap_while_the_actor_was_down_is_billed_on_the_next_heartbeat(ledger, clock):
+    ledger.register("a", "m", 0)
+    clock.t += 100  # no heartbeats reached the actor meanwhile
+    assert ledger.expire(timeout_s=20) == ["a"]
+    assert ledger.heartbeat("a") is True  # the replica was alive: revived, gap billed
+    assert ledger.totals()["instance_seconds"] == 100
+    assert ledger.heartbeat("unknown") is False
+
+
+def test_reports_are_exactly_once_across_a_crash(tmp_path, clock):
+    path = tmp_path / "usage.db"
+    led = UsageLedger(path, now=clock).start()
+    led.register("a", "m", 2)
+    clock.t += 60
+    led.heartbeat("a")
+    report = led.seal_report()
+    assert report.seconds == 60 and report.intervals[0]["gpus"] == 2
+    led.close()  # crash before delivery
+
+    led = UsageLedger(path, now=clock).start()
+    (again,) = led.pending_reports()
+    assert again == report  # same id: the server will dedupe a replay
+    clock.t += 30
+    led.heartbeat("a")
+    led.mark_delivered(report.report_id)
+    assert led.pending_reports() == []
+    assert led.totals()["pending_seconds"] == 30
+    nxt = led.seal_report()
+    assert nxt.report_id != report.report_id and nxt.seconds == 30
+    assert led.totals()["instance_seconds"] == 90
+    assert led.cluster_id() == led.cluster_id()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from ray import serve
@@ -10,6 +11,8 @@ from ray.serve import Application
 from serve_app.config import AppConfig, ModelConfig, Settings
 from serve_app.ingress import Ingress
 from serve_app.llm_server import LLMServer
+
+logger = logging.getLogger(__name__)
 
 
 def deployment_options(model: ModelConfig, env_vars: dict[str, str]) -> dict[str, Any]:
@@ -64,13 +67,40 @@ def ingress_options(config: AppConfig) -> dict[str, Any]:
     }
 
 
+def instance_cap(config: AppConfig) -> int | None:
+    """The fewest replicas any one model may scale to: the customer's cap and the license's
+    (read offline from the key; an invalid key is the license actor's to report)."""
+    lic = config.license
+    if lic is None:
+        return None
+    caps = [lic.max_instances] if lic.max_instances else []
+    try:
+        from serve_app.licensing import load_public_key, verify_key
+
+        entitled = verify_key(lic.key.get_secret_value(), load_public_key(lic.public_key))
+        if entitled.max_instances:
+            caps.append(entitled.max_instances)
+    except Exception:
+        pass
+    return min(caps) if caps else None
+
+
 def build_app_from_config(config: AppConfig) -> Application:
     env = config.runtime_env_vars()
+    cap = instance_cap(config)
+    models = []
+    for m in config.models:
+        if cap is not None and m.max_replicas > cap:
+            logger.warning("Capping %s at %d replicas (license/instance cap; asked for %d)",
+                           m.name, cap, m.max_replicas)
+            m = m.model_copy(update={"max_replicas": cap,
+                                     "min_replicas": min(m.min_replicas, cap)})
+        models.append(m)
     handles = {
         m.name: serve.deployment(LLMServer)
         .options(**deployment_options(m, env))
-        .bind(m, config.model_cache_dir)
-        for m in config.models
+        .bind(m, config.model_cache_dir, config.license)
+        for m in models
     }
     ingress = serve.deployment(serve.ingress()(Ingress)).options(**ingress_options(config))
     return ingress.bind(config, handles)

@@ -18,6 +18,7 @@ from serve_app.models import BUILTIN_PREFIX, SMOLLM2
 
 DEFAULT_MODEL_SOURCE = f"{BUILTIN_PREFIX}{SMOLLM2}"
 DEFAULT_CACHE_DIR = str(Path("~/.cache/serve_app/models").expanduser())
+DEFAULT_LEDGER_PATH = str(Path("~/.cache/serve_app/usage_ledger.db").expanduser())
 
 # Every process the app starts inherits these (Ray workers only see env vars passed through
 # runtime_env): no usage statistics leave the customer's machines.
@@ -126,6 +127,22 @@ class ModelConfig(BaseModel):
         return {**args, **self.engine_kwargs}
 
 
+class LicenseConfig(BaseModel):
+    """The customer's license: checked at start, counted and reported by the license actor."""
+
+    model_config = _FROZEN
+
+    key: SecretStr = Field(description="The license key the vendor sent (MTL1....).")
+    public_key: str = Field(description="The vendor's Ed25519 public key (base64url or PEM).")
+    ledger_path: str = Field(description="Usage ledger (SQLite) on the head node.")
+    report_interval_s: float = Field(60.0, gt=0, description="How often usage is reported.")
+    max_instances: int | None = Field(
+        None, ge=1, description="The customer's own cap on LLM replicas (caps autoscaling)."
+    )
+    actor_name: str = Field("serve_app_license", description="Name of the singleton actor.")
+    namespace: str = Field("serve_app", description="Ray namespace of the singleton actor.")
+
+
 class AppConfig(BaseModel):
     """The whole application: models behind one ingress, and the ingress's own limits."""
 
@@ -142,6 +159,9 @@ class AppConfig(BaseModel):
     model_cache_dir: str = Field(DEFAULT_CACHE_DIR, description="Where converted models live.")
     ingress_max_ongoing_requests: int = Field(
         2048, ge=1, description="In-flight requests the ingress replica accepts."
+    )
+    license: LicenseConfig | None = Field(
+        None, description="Without one the app runs unlicensed (development only)."
     )
 
     @field_validator("models")
@@ -181,6 +201,11 @@ class Settings(BaseSettings):
     max_replicas: int = 1
     max_body_bytes: int = 1 << 20
     model_cache_dir: str = DEFAULT_CACHE_DIR
+    license_key: SecretStr | None = Field(None, description="License key (MTL1....).")
+    license_public_key: str | None = Field(None, description="Vendor public key.")
+    ledger_path: str = Field(DEFAULT_LEDGER_PATH, description="Usage ledger file.")
+    report_interval_s: float = 60.0
+    max_instances: int | None = None
 
     @field_validator("api_keys", mode="before")
     @classmethod
@@ -206,11 +231,23 @@ class Settings(BaseSettings):
             max_replicas=max(self.max_replicas, self.min_replicas),
             **model_kwargs,
         )
+        license = None
+        if self.license_key is not None:
+            if not self.license_public_key:
+                raise ValueError("SERVE_APP_LICENSE_PUBLIC_KEY is required with a license key")
+            license = LicenseConfig(
+                key=self.license_key,
+                public_key=self.license_public_key,
+                ledger_path=str(Path(self.ledger_path).expanduser().resolve()),
+                report_interval_s=self.report_interval_s,
+                max_instances=self.max_instances,
+            )
         return AppConfig(
             models=(model,),
             api_keys=tuple(SecretStr(k) for k in self.api_keys),
             max_body_bytes=self.max_body_bytes,
             model_cache_dir=self.model_cache_dir,
+            license=license,
         )
 
 

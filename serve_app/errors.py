@@ -6,7 +6,9 @@
     ├── AuthenticationError         401     authentication_error   invalid_api_key
     ├── ModelNotFoundError          404     invalid_request_error  model_not_found
     ├── PayloadTooLargeError        413     invalid_request_error  request_too_large
-    └── OverloadedError             503     server_overloaded      overloaded (with Retry-After)
+    ├── OverloadedError             503     server_overloaded      overloaded (with Retry-After)
+    └── LicenseRefusedError         403/503 license_error          license_revoked, license_expired,
+                                                                   license_checkin_overdue, ...
 
 OpenAI clients pick their exception class from the status, so statuses matter most; ``code`` is a
 stable machine-readable string, ``param`` names the offending field when there is one.
@@ -71,6 +73,15 @@ class OverloadedError(ServeError):
     status = 503
     type = "server_overloaded"
     code = "overloaded"
+
+
+class LicenseRefusedError(ServeError):
+    type = "license_error"
+
+    def __init__(self, message: str, *, status: int, code: str) -> None:
+        super().__init__(message, code=code,
+                         headers={"Retry-After": "60"} if status == 503 else None)
+        self.status = status
 
 
 def error_body(

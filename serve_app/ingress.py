@@ -11,8 +11,8 @@ import contextlib
 import hmac
 import logging
 import time
-from collections.abc import AsyncIterator, Mapping
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.applications import Starlette
@@ -26,6 +26,7 @@ from serve_app.config import AppConfig, ModelConfig
 from serve_app.errors import (
     AuthenticationError,
     BadRequestError,
+    LicenseRefusedError,
     ModelNotFoundError,
     OverloadedError,
     PayloadTooLargeError,
@@ -35,6 +36,9 @@ from serve_app.errors import (
     to_error_body,
 )
 from serve_app.validation import check_generation_body, parse_json_object
+
+if TYPE_CHECKING:
+    from serve_app.license_actor import LicenseGate
 
 logger = logging.getLogger("ray.serve")
 
@@ -94,15 +98,23 @@ def _map_handle_error(exc: Exception) -> ServeError:
 class IngressApp:
     """Builds the starlette app; holds per-process state (readiness, metrics, in-flight)."""
 
-    def __init__(self, config: AppConfig, handles: Mapping[str, Any]) -> None:
+    def __init__(
+        self,
+        config: AppConfig,
+        handles: Mapping[str, Any],
+        *,
+        license_gate: LicenseGate | None = None,
+        license_status: Callable[[], Awaitable[dict[str, Any]]] | None = None,
+    ) -> None:
         self._config = config
+        self._gate = license_gate
+        self._license_status = license_status
         self._models = {m.name: _Model(m, handles[m.name]) for m in config.models}
         self._default = config.models[0].name
         self._keys = [k.get_secret_value().encode() for k in config.api_keys]
         self._metrics = _Metrics()
         self._in_flight = 0
         self._created = int(time.time())
-        self._ready_task: asyncio.Task[None] | None = None
 
     # -- plumbing ------------------------------------------------------------------------------
 
@@ -111,6 +123,7 @@ class IngressApp:
             Route("/", self.status, methods=["GET"]),
             Route("/health", self.health, methods=["GET"]),
             Route("/metrics", self.metrics, methods=["GET"]),
+            Route("/license", self.license, methods=["GET"]),
             Route("/v1/models", self.list_models, methods=["GET"]),
             Route("/v1/models/{model:path}", self.get_model, methods=["GET"]),
             Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
@@ -130,11 +143,14 @@ class IngressApp:
 
     @contextlib.asynccontextmanager
     async def _lifespan(self, app: Starlette) -> AsyncIterator[None]:
-        self._ready_task = asyncio.create_task(self._watch_readiness())
+        tasks = [asyncio.create_task(self._watch_readiness())]
+        if self._gate is not None:
+            tasks.append(asyncio.create_task(self._gate.run()))
         try:
             yield
         finally:
-            self._ready_task.cancel()
+            for task in tasks:
+                task.cancel()
 
     async def _watch_readiness(self) -> None:
         for model in self._models.values():
@@ -193,6 +209,15 @@ class IngressApp:
             chunks.append(chunk)
         return b"".join(chunks)
 
+    def _check_license(self) -> None:
+        """Memory only: the gate's decision was fetched in the background."""
+        if self._gate is None:
+            return
+        refusal = self._gate.refusal()
+        if refusal is not None:
+            raise LicenseRefusedError(refusal["message"], status=refusal["status"],
+                                      code=refusal["code"])
+
     def _model(self, name: Any) -> _Model:
         if name is not None and not isinstance(name, str):
             raise BadRequestError("'model' must be a string.", param="model")
@@ -234,6 +259,16 @@ class IngressApp:
                 logger.warning("No engine metrics from %s", model.config.name)
         return Response("".join(parts), media_type="text/plain; version=0.0.4")
 
+    async def license(self, request: Request) -> Response:
+        """The customer's view of the license: id, expiry, grace, instances, pending usage."""
+        self._authorize(request)
+        if self._license_status is None:
+            return JSONResponse({"state": "unlicensed", "message": "No license configured."})
+        try:
+            return JSONResponse(await asyncio.wait_for(self._license_status(), 10.0))
+        except Exception as exc:
+            raise _map_handle_error(exc) from None
+
     async def list_models(self, request: Request) -> Response:
         self._authorize(request)
         return JSONResponse({"object": "list", "data": [self._card(m) for m in self._models.values()]})
@@ -262,6 +297,7 @@ class IngressApp:
     async def _openai(self, request: Request, endpoint: str) -> Response:
         started = time.perf_counter()
         self._authorize(request)
+        self._check_license()
         raw = await self._read_body(request)
         body = parse_json_object(raw)
         model = self._model(body.get("model"))
@@ -330,6 +366,7 @@ class IngressApp:
     async def _maritalk(self, request: Request, kind: str) -> Response:
         started = time.perf_counter()
         self._authorize(request)
+        self._check_license()
         raw = await self._read_body(request)
         body = parse_json_object(raw)
         model = self._model(body.get("model"))
@@ -345,8 +382,8 @@ class IngressApp:
         return Response(text, status_code=status, media_type=JSON)
 
 
-def build_ingress(config: AppConfig, handles: Mapping[str, Any]) -> Starlette:
-    return IngressApp(config, handles).build()
+def build_ingress(config: AppConfig, handles: Mapping[str, Any], **kwargs: Any) -> Starlette:
+    return IngressApp(config, handles, **kwargs).build()
 
 
 class Ingress:
@@ -355,7 +392,14 @@ class Ingress:
     def __init__(self, config: AppConfig, handles: dict[str, Any]) -> None:
         if any(m.device == "cpu" for m in config.models):
             pin_to_frontend()
-        self._app = build_ingress(config, handles)
+        kwargs: dict[str, Any] = {}
+        if config.license is not None:
+            from serve_app.license_actor import LicenseGate, get_license_actor
+
+            actor = get_license_actor(config.license)
+            kwargs["license_gate"] = LicenseGate(lambda: actor.state.remote())
+            kwargs["license_status"] = lambda: actor.status.remote()
+        self._app = build_ingress(config, handles, **kwargs)
 
     async def __serve_build_asgi_app__(self) -> Starlette:
         return self._app

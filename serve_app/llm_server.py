@@ -22,7 +22,7 @@ from pydantic import ValidationError
 from starlette.datastructures import State
 
 from serve_app.affinity import all_cpus_for_children, pin_to_frontend
-from serve_app.config import ModelConfig
+from serve_app.config import LicenseConfig, ModelConfig
 from serve_app.errors import error_body, from_vllm_error
 from serve_app.maritalk import ChatGenerateRequest, GenerateRequest, GenerateResponse, timings
 from serve_app.models import resolve_model
@@ -37,7 +37,9 @@ Result = tuple[int, str]
 class LLMServer:
     """One vLLM engine. Constructed by Serve on a GPU (or, on CPU boxes, ``num_cpus: 0``)."""
 
-    async def __init__(self, config: ModelConfig, model_cache_dir: str) -> None:
+    async def __init__(
+        self, config: ModelConfig, model_cache_dir: str, license: LicenseConfig | None = None
+    ) -> None:
         # vLLM is imported here, not at module level: the ingress and the driver import this
         # package too and must stay light.
         from vllm.engine.arg_utils import AsyncEngineArgs
@@ -49,6 +51,14 @@ class LLMServer:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         self._config = config
+        self._reporter = None
+        if license is not None:
+            from serve_app.license_actor import InstanceReporter, get_license_actor
+
+            # Before loading anything: a replica past the license's cap must not start.
+            gpus = float(config.tensor_parallel_size) if config.device == "gpu" else 0.0
+            self._reporter = InstanceReporter(get_license_actor(license), config.name, gpus)
+            await self._reporter.start()
         path = await asyncio.to_thread(resolve_model, config.source, model_cache_dir)
         engine_args = AsyncEngineArgs(**config.engine_args(str(path)))
         vllm_config = engine_args.create_engine_config(UsageContext.OPENAI_API_SERVER)
@@ -224,6 +234,9 @@ class LLMServer:
         return "\n".join(lines) + "\n"
 
     def __del__(self) -> None:
+        reporter = getattr(self, "_reporter", None)
+        if reporter is not None:
+            reporter.stop()
         engine = getattr(self, "_engine", None)
         if engine is not None:
             engine.shutdown()

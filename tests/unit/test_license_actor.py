@@ -1,0 +1,235 @@
+"""The license actor's logic as a plain object: injected clock, the real license server app
+behind an in-process transport that tests can cut or watch."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import pytest
+from pydantic import SecretStr
+
+from infra.license_server.app import IssueRequest, LicenseService, build_app
+from infra.license_server.db import LicenseStore
+from serve_app.config import LicenseConfig
+from serve_app.license_actor import LicenseActor, LicenseGate
+from serve_app.licensing import new_private_key, public_key_text
+
+T0 = 1_800_000_000.0
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = T0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+class Network(httpx.AsyncBaseTransport):
+    """The wire between actor and server: can be cut, and records every byte sent."""
+
+    def __init__(self, app) -> None:
+        self._inner = httpx.ASGITransport(app=app)
+        self.up = True
+        self.sent: list[bytes] = []
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if not self.up:
+            raise httpx.ConnectError("license server unreachable")
+        body = await request.aread()
+        self.sent.append(request.url.raw_path + b" " + body)
+        return await self._inner.handle_async_request(request)
+
+
+@pytest.fixture
+def world(tmp_path):
+    clock = Clock()
+    store = LicenseStore(f"sqlite:///{tmp_path / 'server.db'}", now=clock).start()
+    service = LicenseService(store, new_private_key(), "http://license.test", now=clock)
+    network = Network(build_app(service, "admin"))
+
+    def make(**issue_kw):
+        lic, key = service.issue(IssueRequest(customer="ACME", heartbeat_interval_s=10,
+                                              grace_period_s=3600, **issue_kw))
+        config = LicenseConfig(key=SecretStr(key), public_key=public_key_text(
+            service.signing_key.public_key()), ledger_path=str(tmp_path / "ledger.db"),
+            report_interval_s=60)
+        return lic, config
+
+    def actor(config, key_override=None):
+        if key_override:
+            config = config.model_copy(update={"key": SecretStr(key_override)})
+        return LicenseActor(config, now=clock, transport=network, autostart=False)
+
+    return clock, store, service, network, make, actor
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_serves_reports_and_bills_exactly(world):
+    clock, store, service, network, make, actor_of = world
+    lic, config = make()
+    actor = actor_of(config)
+    assert run(actor.register("r1", "m", 1.0))["ok"]
+    run(actor._tick())
+    assert run(actor.state())["allowed"]
+    for _ in range(6):
+        clock.t += 10
+        run(actor.heartbeat("r1", "m", 1.0))
+    clock.t += 1
+    totals = run(actor.flush())
+    assert totals["instance_seconds"] == 60 and totals["pending_seconds"] == 0
+    assert store.total_instance_seconds(lic.license_id) == 60
+    status = run(actor.status())
+    assert (status["instances_now"], status["license_id"], status["customer"]) == (
+        1, lic.license_id, "ACME")
+    assert store.active_instances(lic.license_id, fresh_s=1e9) == 1
+
+
+def test_outage_grace_then_refusal_then_full_delivery(world):
+    clock, store, service, network, make, actor_of = world
+    lic, config = make()
+    actor = actor_of(config)
+    run(actor.register("r1", "m", 0.0))
+    run(actor._tick())
+    network.up = False
+    for _ in range(359):  # 3590 s of outage: still inside the 1 h grace
+        clock.t += 10
+        run(actor.heartbeat("r1", "m", 0.0))
+        with pytest.raises(httpx.ConnectError):
+            run(actor._tick())
+    assert run(actor.state())["allowed"]
+    clock.t += 10
+    run(actor.heartbeat("r1", "m", 0.0))
+    state = run(actor.state())
+    assert (state["allowed"], state["status"], state["code"]) == (False, 503,
+                                                                   "license_checkin_overdue")
+    assert run(actor.status())["seconds_pending_delivery"] == 3600
+    network.up = True
+    run(actor._tick())
+    run(actor.flush())
+    assert run(actor.state())["allowed"]
+    assert store.total_instance_seconds(lic.license_id) == 3600  # every second, once
+
+
+def test_actor_restart_resends_undelivered_report_once(world):
+    clock, store, service, network, make, actor_of = world
+    lic, config = make()
+    actor = actor_of(config)
+    run(actor.register("r1", "m", 0.0))
+    clock.t += 30
+    run(actor.heartbeat("r1", "m", 0.0))
+    report = actor._ledger.seal_report()
+    # Delivered, but the actor "died" before recording it.
+    run(actor._client().post("/v1/usage", json={
+        "cluster_id": actor._cluster_id, "report_id": report.report_id,
+        "intervals": report.intervals}))
+    actor._ledger.close()
+    reborn = actor_of(config)
+    assert reborn._cluster_id == actor._cluster_id
+    run(reborn.flush())
+    assert store.total_instance_seconds(lic.license_id) == 30
+    assert reborn._ledger.pending_reports() == []
+
+
+def test_revocation_expiry_and_invalid_keys(world):
+    clock, store, service, network, make, actor_of = world
+    lic, config = make(days=1)
+    actor = actor_of(config)
+    run(actor._tick())
+    store.revoke(lic.license_id)
+    run(actor._tick())
+    assert (run(actor.state())["status"], run(actor.state())["code"]) == (403, "license_revoked")
+    lic2, config2 = make(days=1)
+    fresh = actor_of(config2)
+    clock.t += 86400
+    assert run(fresh.state())["code"] == "license_expired"
+    broken = actor_of(config2, key_override=config2.key.get_secret_value()[:-8])
+    state = run(broken.state())
+    assert (state["status"], state["code"]) == (403, "license_invalid")
+    assert "truncated" in state["message"] or "signature" in state["message"]
+    assert not run(broken.register("r", "m", 0))["ok"]
+
+
+def test_caps_and_entitlements(world):
+    clock, store, service, network, make, actor_of = world
+    lic, config = make(max_instances=2, models=("m",))
+    actor = actor_of(config)
+    assert run(actor.register("a", "m", 0))["ok"]
+    assert run(actor.register("b", "m", 0))["ok"]
+    refused = run(actor.register("c", "m", 0))
+    assert not refused["ok"] and "cap" in refused["reason"]
+    assert run(actor.register("a", "m", 0))["ok"]  # a running replica re-registering is fine
+    assert "does not cover" in run(actor.register("d", "other", 0))["reason"]
+    run(actor.deregister("b"))
+    assert run(actor.register("c", "m", 0))["ok"]
+    customer_cap = config.model_copy(update={"max_instances": 1,
+                                             "ledger_path": config.ledger_path + "2"})
+    small = actor_of(customer_cap)
+    assert run(small.register("x", "m", 0))["ok"]
+    assert not run(small.register("y", "m", 0))["ok"]
+
+
+def test_dead_replica_stops_counting_within_two_intervals(world):
+    clock, store, service, network, make, actor_of = world
+    lic, config = make()
+    actor = actor_of(config)
+    run(actor.register("a", "m", 0))
+    run(actor.register("b", "m", 0))
+    clock.t += 10
+    run(actor.heartbeat("a", "m", 0))
+    clock.t += 10
+    run(actor.heartbeat("a", "m", 0))  # b is silent for 2 intervals
+    run(actor._tick())
+    assert run(actor.status())["instances_now"] == 1
+
+
+def test_reports_carry_no_prompt_data(world):
+    clock, store, service, network, make, actor_of = world
+    lic, config = make()
+    actor = actor_of(config)
+    run(actor.register("r1", "m", 1.0))
+    clock.t += 10
+    run(actor.heartbeat("r1", "m", 1.0))
+    run(actor._tick())
+    run(actor.flush())
+    import json
+
+    for sent in network.sent:
+        path, _, body = sent.partition(b" ")
+        if not body:
+            continue
+        keys = set(json.loads(body))
+        assert keys <= {"cluster_id", "instances", "report_id", "intervals"}, keys
+        for item in json.loads(body).get("intervals", []):
+            assert set(item) == {"instance_id", "start", "end", "gpus"}
+
+
+def test_gate_refuses_until_first_state_and_keeps_last_on_errors():
+    calls = []
+
+    async def fetch():
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("actor restarting")
+        return {"allowed": len(calls) < 3, "status": 403, "code": "license_revoked",
+                "message": "revoked"}
+
+    gate = LicenseGate(fetch, refresh_s=0.01)
+    assert gate.refusal()["code"] == "license_pending"
+
+    async def main():
+        task = asyncio.create_task(gate.run())
+        while len(calls) < 2:
+            await asyncio.sleep(0.005)
+        assert gate.refusal() is None  # the error kept the last (allowed) decision
+        while len(calls) < 3:
+            await asyncio.sleep(0.005)
+        await asyncio.sleep(0.001)
+        task.cancel()
+
+    asyncio.run(main())
+    assert gate.refusal()["code"] == "license_revoked"

@@ -85,7 +85,9 @@ def instance_cap(config: AppConfig) -> int | None:
     return min(caps) if caps else None
 
 
-def build_app_from_config(config: AppConfig) -> Application:
+def build_app_from_config(config: AppConfig, llm_cls: type = LLMServer) -> Application:
+    """``llm_cls`` is the LLM deployment's class: ``LLMServer``, or a stand-in with the same
+    methods in tests of the serving graph that need no vLLM."""
     env = config.runtime_env_vars()
     cap = instance_cap(config)
     models = []
@@ -97,7 +99,7 @@ def build_app_from_config(config: AppConfig) -> Application:
                                      "min_replicas": min(m.min_replicas, cap)})
         models.append(m)
     handles = {
-        m.name: serve.deployment(LLMServer)
+        m.name: serve.deployment(llm_cls)
         .options(**deployment_options(m, env))
         .bind(m, config.model_cache_dir, config.license)
         for m in models

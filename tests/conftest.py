@@ -39,3 +39,77 @@ def _no_cloud_credentials(monkeypatch):
     for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
                 "GOOGLE_APPLICATION_CREDENTIALS", "OCI_CONFIG_FILE"):
         monkeypatch.delenv(var, raising=False)
+
+
+class LicenseServerProcess:
+    """The real license server (uvicorn, SQLite under ``data_dir``) on a loopback port, in a
+    thread of the test process. Records every byte it receives, for the privacy test.
+    Can be stopped and started again on the same port and database."""
+
+    def __init__(self, data_dir, port: int | None = None) -> None:
+        from infra.license_server.cli import LicenseServerSettings, build_service
+
+        self.port = port or free_port()
+        self.settings = LicenseServerSettings(data_dir=str(data_dir), port=self.port,
+                                              admin_token="admin-token")
+        self.service, self.admin_token = build_service(self.settings)
+        self.received: list[bytes] = []
+        self._server = None
+        self._thread = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _app(self):
+        from infra.license_server.app import build_app
+
+        inner = build_app(self.service, self.admin_token)
+        received = self.received
+
+        async def capture(scope, receive, send):
+            if scope["type"] == "http":
+                received.append(scope["path"].encode() + b" " + b" ".join(
+                    k + b": " + v for k, v in scope["headers"]))
+
+                async def recv():
+                    message = await receive()
+                    if message.get("body"):
+                        received.append(message["body"])
+                    return message
+
+                return await inner(scope, recv, send)
+            return await inner(scope, receive, send)
+
+        return capture
+
+    def start(self) -> LicenseServerProcess:
+        import threading
+
+        import uvicorn
+
+        config = uvicorn.Config(self._app(), host="127.0.0.1", port=self.port,
+                                log_level="warning", lifespan="off")
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._server.run, daemon=True)
+        self._thread.start()
+        wait_for(lambda: httpx.get(f"{self.url}/health", timeout=1).status_code == 200,
+                 timeout=20, interval=0.1, what="the license server")
+        return self
+
+    def stop(self) -> None:
+        self._server.should_exit = True
+        self._thread.join(timeout=20)
+
+    def issue(self, **kw):
+        from infra.license_server.app import IssueRequest
+
+        return self.service.issue(IssueRequest(customer=kw.pop("customer", "ACME"), **kw))
+
+    def license_config(self, key: str, ledger_path, **kw):
+        from pydantic import SecretStr
+
+        from serve_app.config import LicenseConfig
+
+        return LicenseConfig(key=SecretStr(key), public_key=self.service.public_key,
+                             ledger_path=str(ledger_path), **kw)

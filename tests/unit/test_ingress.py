@@ -215,3 +215,34 @@ def test_maritalk_routes_pass_kind(client):
     c.post("/chat/generate", json={"messages": [{"role": "user", "content": "x"}], "model": "b"})
     assert servers["a"].calls[0][1][0] == "raw"
     assert servers["b"].calls[0][1][0] == "chat"
+
+
+def test_license_gate_refuses_with_the_right_status_and_keeps_status_routes_open():
+    from serve_app.license_actor import LicenseGate
+
+    gate = LicenseGate(lambda: None)
+    servers = {"a": FakeLLMServer("a"), "b": FakeLLMServer("b")}
+    config = AppConfig(models=(ModelConfig(name="a", device="cpu"),
+                               ModelConfig(name="b", device="cpu")))
+
+    async def license_status():
+        return {"state": "license_checkin_overdue", "license_id": "lic_1"}
+
+    app = build_ingress(config, {k: FakeLLMHandle(v) for k, v in servers.items()},
+                        license_gate=gate, license_status=license_status)
+    c = TestClient(app)
+    gate.state = {"allowed": False, "status": 503, "code": "license_checkin_overdue",
+                  "message": "overdue"}
+    resp = c.post("/v1/chat/completions", json=CHAT)
+    err = assert_openai_error(resp, 503, "license_checkin_overdue")
+    assert err["type"] == "license_error" and resp.headers["retry-after"] == "60"
+    gate.state = {"allowed": False, "status": 403, "code": "license_revoked", "message": "r"}
+    for path, body in [("/v1/completions", {"prompt": "x"}), ("/generate", {"prompt": "x"}),
+                       ("/chat/generate", {"messages": [{"role": "user", "content": "x"}]})]:
+        assert_openai_error(c.post(path, json=body), 403, "license_revoked")
+    assert not servers["a"].calls
+    assert c.get("/health").status_code == 200
+    assert c.get("/v1/models").status_code == 200
+    assert c.get("/license").json()["license_id"] == "lic_1"
+    gate.state = {"allowed": True, "status": 200, "code": "ok", "message": "ok"}
+    assert c.post("/v1/chat/completions", json=CHAT).status_code == 200

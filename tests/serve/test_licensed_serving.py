@@ -1,0 +1,174 @@
+"""Ray Serve in-process with the real license actor and a real license server on loopback; the
+LLM deployment is a stand-in (no vLLM) so faults can be injected quickly. Each fault test
+compares ledger and server totals before and after."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+
+import httpx
+import pytest
+
+from serve_app.config import RAY_SERVE_ENV, TELEMETRY_OFF_ENV, AppConfig, ModelConfig
+from tests.conftest import LicenseServerProcess, free_port, wait_for
+from tests.fakes import FakeLLMServer
+
+pytestmark = pytest.mark.serve
+
+CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+INTERVAL = 1.0
+
+
+class LicensedFakeLLM(FakeLLMServer):
+    """Same methods as LLMServer; registers and heartbeats exactly as LLMServer does."""
+
+    async def __init__(self, config, model_cache_dir, license=None):
+        super().__init__(config.name)
+        self._reporter = None
+        if license is not None:
+            from serve_app.license_actor import InstanceReporter, get_license_actor
+
+            self._reporter = InstanceReporter(get_license_actor(license), config.name, 0.0)
+            await self._reporter.start()
+
+    async def openai_stream(self, endpoint, body):
+        yield 200, 'data: {"n": 0}\n\n'
+        for i in range(1, 30):
+            await asyncio.sleep(0.1)
+            yield f'data: {{"n": {i}}}\n\n'
+        yield "data: [DONE]\n\n"
+
+    def __del__(self):
+        if self._reporter is not None:
+            self._reporter.stop()
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    import ray
+    from ray import serve
+
+    from serve_app.builder import build_app_from_config
+
+    for key, value in RAY_SERVE_ENV.items():
+        os.environ.setdefault(key, value)
+    data = tmp_path_factory.mktemp("licensing")
+    server = LicenseServerProcess(data / "server").start()
+    lic, key = server.issue(heartbeat_interval_s=INTERVAL, grace_period_s=3600)
+    license = server.license_config(key, data / "ledger.db", report_interval_s=1.0,
+                                    actor_name=f"license_{os.getpid()}")
+    config = AppConfig(models=(ModelConfig(name="m", device="cpu"),), license=license)
+    port = free_port()
+    ray.init(include_dashboard=False, num_cpus=4, runtime_env={"env_vars": dict(TELEMETRY_OFF_ENV)})
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build_app_from_config(config, llm_cls=LicensedFakeLLM), name="licensed",
+                  route_prefix="/", blocking=False)
+        url = f"http://127.0.0.1:{port}"
+        wait_for(lambda: httpx.post(f"{url}/v1/chat/completions", json=CHAT).status_code == 200,
+                 timeout=120, what="the licensed app")
+        actor = ray.get_actor(license.actor_name, namespace=license.namespace)
+        yield {"url": url, "server": server, "license": lic, "actor": actor, "config": config}
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        server.stop()
+
+
+def totals(cluster):
+    """(ledger total, server total) after delivering everything now."""
+    import ray
+
+    ledger = ray.get(cluster["actor"].flush.remote(), timeout=30)
+    assert ledger["pending_seconds"] == 0
+    server = cluster["server"].service.store.total_instance_seconds(cluster["license"].license_id)
+    return ledger["instance_seconds"], server
+
+
+def status(cluster):
+    return httpx.get(f"{cluster['url']}/license", timeout=10).json()
+
+
+def test_a_serves_counts_and_reports(cluster):
+    st = status(cluster)
+    assert (st["license_id"], st["customer"], st["state"]) == (cluster["license"].license_id,
+                                                               "ACME", "ok")
+    assert st["instances_now"] == 1
+    assert st["grace_left_s"] > 3500
+    time.sleep(2.5)
+    ledger, server = totals(cluster)
+    assert ledger > 0 and server == pytest.approx(ledger)
+    assert cluster["server"].service.store.active_instances(cluster["license"].license_id,
+                                                            fresh_s=10) == 1
+
+
+def test_b_killing_the_actor_loses_and_doubles_nothing(cluster):
+    import ray
+
+    before, _ = totals(cluster)
+    t0 = time.monotonic()
+    ray.kill(cluster["actor"], no_restart=False)
+    wait_for(lambda: ray.get(cluster["actor"].status.remote(), timeout=5)["instances_now"] == 1,
+             timeout=60, what="the restarted actor")
+    assert httpx.post(f"{cluster['url']}/v1/chat/completions", json=CHAT).status_code == 200
+    time.sleep(2 * INTERVAL + 0.5)
+    after, server = totals(cluster)
+    elapsed = time.monotonic() - t0
+    assert server == pytest.approx(after)
+    # The replica ran throughout: the outage is billed once, on the next heartbeat.
+    assert after - before == pytest.approx(elapsed, abs=2 * INTERVAL + 0.5)
+
+
+def test_c_killing_a_replica_stops_its_count_and_the_new_one_counts(cluster):
+    import ray
+
+    before, _ = totals(cluster)
+    first = status(cluster)
+    replicas = [a for a in ray.util.list_named_actors(all_namespaces=True)
+                if "SERVE_REPLICA" in a["name"] and "LLM" in a["name"]]
+    assert len(replicas) == 1
+    ray.kill(ray.get_actor(replicas[0]["name"], namespace=replicas[0]["namespace"]),
+             no_restart=True)
+    wait_for(lambda: httpx.post(f"{cluster['url']}/v1/chat/completions",
+                                json=CHAT).status_code == 200, timeout=60, what="a new replica")
+    wait_for(lambda: status(cluster)["instances_now"] == 1 and
+             status(cluster)["instance_seconds_total"] > first["instance_seconds_total"],
+             timeout=30, what="the dead replica to expire")
+    after, server = totals(cluster)
+    assert server == pytest.approx(after) and after > before
+
+
+def test_d_license_server_restart_loses_nothing(cluster):
+    server = cluster["server"]
+    before, _ = totals(cluster)
+    server.stop()
+    time.sleep(3 * INTERVAL)
+    # Grace: still serving while the server is down, still accruing locally.
+    assert httpx.post(f"{cluster['url']}/v1/chat/completions", json=CHAT).status_code == 200
+    assert status(cluster)["seconds_pending_delivery"] > 0
+    server.start()
+    after, delivered = totals(cluster)
+    assert delivered == pytest.approx(after) and after > before
+
+
+def test_z_revocation_refuses_new_requests_but_finishes_running_ones(cluster):
+    url = cluster["url"]
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json={**CHAT, "stream": True},
+                      timeout=60) as stream:
+        lines = stream.iter_lines()
+        assert next(lines).startswith("data: ")
+        cluster["server"].service.store.revoke(cluster["license"].license_id)
+
+        def refused():
+            resp = httpx.post(f"{url}/v1/chat/completions", json=CHAT)
+            return resp.status_code == 403 and resp.json()["error"]["code"] == "license_revoked"
+
+        wait_for(refused, timeout=20, interval=0.2, what="revocation to take effect")
+        rest = [line for line in lines if line]
+    assert rest[-1] == "data: [DONE]"  # the running stream was not cut
+    assert status(cluster)["state"] == "license_revoked"
+    resp = httpx.post(f"{url}/generate", json={"prompt": "x"})
+    assert resp.status_code == 403
+    assert resp.json()["error"]["type"] == "license_error"

@@ -220,7 +220,10 @@ def test_maritalk_routes_pass_kind(client):
 def test_license_gate_refuses_with_the_right_status_and_keeps_status_routes_open():
     from serve_app.license_actor import LicenseGate
 
-    gate = LicenseGate(lambda: None)
+    async def current():  # the background refresh re-reads what the test sets
+        return gate.state
+
+    gate = LicenseGate(current, refresh_s=0.01)
     servers = {"a": FakeLLMServer("a"), "b": FakeLLMServer("b")}
     config = AppConfig(models=(ModelConfig(name="a", device="cpu"),
                                ModelConfig(name="b", device="cpu")))
@@ -230,7 +233,11 @@ def test_license_gate_refuses_with_the_right_status_and_keeps_status_routes_open
 
     app = build_ingress(config, {k: FakeLLMHandle(v) for k, v in servers.items()},
                         license_gate=gate, license_status=license_status)
-    c = TestClient(app)
+    with TestClient(app) as c:
+        _check_gate(c, gate, servers)
+
+
+def _check_gate(c, gate, servers):
     gate.state = {"allowed": False, "status": 503, "code": "license_checkin_overdue",
                   "message": "overdue"}
     resp = c.post("/v1/chat/completions", json=CHAT)

@@ -27,7 +27,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 serve: $(STAMP)
-	$(BIN)/python -m serve_app
+	$(BIN)/python -m serve_app --dev-license
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

@@ -10,9 +10,13 @@ import argparse
 import logging
 import os
 import signal
+import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
+
+from pydantic import SecretStr
 
 from serve_app.affinity import pin_to_frontend
 from serve_app.config import RAY_SERVE_ENV, TELEMETRY_OFF_ENV, Settings
@@ -43,12 +47,72 @@ Serving {model!r} at {url}
               -d '{{"model": "{model}", "messages": [{{"role": "user", "content": "Hi!"}}]}}'
             openai.OpenAI(base_url="{url}/v1", api_key="...")
   MariTalk: maritalk.MariTalkLocal(host="{host}", port={port}).generate("Hi!")
-  Status:   {url}/   Health: {url}/health   Metrics: {url}/metrics
+  Status:   {url}/   Health: {url}/health   Metrics: {url}/metrics   License: {url}/license
 Press Ctrl-C to stop.
 """
 
 
-def run(settings: Settings) -> int:
+class DevLicenseServer:
+    """``make serve``'s local license server: SQLite under ``data_dir``, a development license
+    issued on start. Customers get theirs from the vendor instead."""
+
+    def __init__(self, data_dir: Path, port: int) -> None:
+        self.data_dir = data_dir / "license_server"
+        self.port = port
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> tuple[str, str]:
+        """Start the server and return (license key, vendor public key)."""
+        from infra.license_server.app import IssueRequest
+        from infra.license_server.cli import LicenseServerSettings, build_service
+
+        env = {**os.environ, "LICENSE_SERVER_DATA_DIR": str(self.data_dir)}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "infra.license_server", "serve", "--port", str(self.port)],
+            env=env)
+        service, _ = build_service(LicenseServerSettings(data_dir=str(self.data_dir),
+                                                         port=self.port))
+        lic, key = service.issue(IssueRequest(customer="local-development", days=30))
+        url = f"http://127.0.0.1:{self.port}"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2):
+                    break
+            except OSError:
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    raise RuntimeError("the local license server did not start") from None
+                time.sleep(0.3)
+        print(f"License server at {url}; development license {lic.license_id} "
+              f"(data in {self.data_dir})", flush=True)
+        return key, service.public_key
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+def run(settings: Settings, dev_license: bool = False) -> int:
+    license_server = None
+    if dev_license and settings.license_key is None:
+        data_dir = Path(settings.data_dir).resolve()
+        license_server = DevLicenseServer(data_dir, settings.license_server_port)
+        key, public_key = license_server.start()
+        settings = settings.model_copy(update={
+            "license_key": SecretStr(key), "license_public_key": public_key,
+            "ledger_path": str(data_dir / "usage_ledger.db"), "report_interval_s": 30.0})
+    try:
+        return _run(settings)
+    finally:
+        if license_server is not None:
+            license_server.stop()
+
+
+def _run(settings: Settings) -> int:
     # Set before Ray starts so every process it spawns (and vLLM's) inherits them.
     os.environ.update(TELEMETRY_OFF_ENV)
     for key, value in RAY_SERVE_ENV.items():
@@ -95,12 +159,42 @@ def run(settings: Settings) -> int:
             ray.shutdown()
 
 
+def status(argv: list[str]) -> None:
+    """``python -m serve_app status``: the license as the running app sees it."""
+    import json
+
+    parser = argparse.ArgumentParser(prog="python -m serve_app status")
+    parser.add_argument("--url", default="http://127.0.0.1:9000")
+    parser.add_argument("--api-key", help="if the app requires one")
+    ns = parser.parse_args(argv)
+    request = urllib.request.Request(f"{ns.url}/license")
+    if ns.api_key:
+        request.add_header("Authorization", f"Bearer {ns.api_key}")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as resp:
+            data = json.load(resp)
+    except OSError as exc:
+        sys.exit(f"cannot reach {ns.url}: {exc}")
+    width = max(len(k) for k in data)
+    for key, value in data.items():
+        if key.endswith("_at") and isinstance(value, (int, float)):
+            value = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(value))
+        print(f"{key:<{width}}  {value}")
+
+
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["status"]:
+        status(argv[1:])
+        return
     parser = argparse.ArgumentParser(prog="python -m serve_app", description=__doc__)
     parser.add_argument("--port", type=int, help="HTTP port (default 9000).")
     parser.add_argument("--host", help="HTTP host (default 127.0.0.1).")
     parser.add_argument("--model", help="Model source (default the builtin SmolLM2).")
+    parser.add_argument("--dev-license", action="store_true",
+                        help="start a local license server and run with a development license")
     ns = parser.parse_args(argv)
-    overrides = {k: v for k, v in vars(ns).items() if v is not None}
+    dev_license = ns.dev_license
+    overrides = {k: v for k, v in vars(ns).items() if v is not None and k != "dev_license"}
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    sys.exit(run(Settings(**overrides)))
+    sys.exit(run(Settings(**overrides), dev_license=dev_license))

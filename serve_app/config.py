@@ -186,6 +186,8 @@ class Settings(BaseSettings):
 
     host: str = Field("127.0.0.1", description="HTTP host of `python -m serve_app`.")
     port: int = Field(9000, description="HTTP port of `python -m serve_app` (MariTalk Local's).")
+    data_dir: str = Field(".data", description="`--dev-license`: license server and ledger.")
+    license_server_port: int = Field(9100, description="`--dev-license`: its port.")
     model: str = Field(DEFAULT_MODEL_SOURCE, description="Model source.")
     model_name: str | None = Field(None, description="Served name (default: derived).")
     api_keys: Annotated[tuple[str, ...], NoDecode] = Field(

@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from serve_app.config import RAY_SERVE_ENV, TELEMETRY_OFF_ENV, AppConfig, ModelConfig
-from tests.conftest import free_port, wait_for
+from tests.conftest import LicenseServerProcess, free_port, wait_for
 
 MODEL = "smollm2-135m-instruct"
 
@@ -19,9 +19,18 @@ E2E_MODEL = ModelConfig(max_ongoing_requests=4, max_queued_requests=4)
 
 
 class Stack:
-    def __init__(self, url: str, config: AppConfig) -> None:
+    def __init__(self, url: str, config: AppConfig, license_server: LicenseServerProcess) -> None:
         self.url = url
         self.config = config
+        self.license_server = license_server
+
+    def flush_usage(self) -> dict:
+        """Make the license actor seal and deliver everything now."""
+        import ray
+
+        lic = self.config.license
+        actor = ray.get_actor(lic.actor_name, namespace=lic.namespace)
+        return ray.get(actor.flush.remote(), timeout=60)
 
     def redeploy(self, config: AppConfig) -> None:
         """Replace the app's config in place; Serve keeps replicas whose config is unchanged."""
@@ -41,27 +50,32 @@ class Stack:
 
 
 @pytest.fixture(scope="module")
-def stack():
+def stack(tmp_path_factory):
     import ray
     from ray import serve
 
     from serve_app.builder import build_app_from_config
 
+    data = tmp_path_factory.mktemp("e2e")
+    license_server = LicenseServerProcess(data / "license_server").start()
+    _, key = license_server.issue(heartbeat_interval_s=2.0)
+    license = license_server.license_config(key, data / "ledger.db", report_interval_s=2.0)
     port = free_port()
     for key, value in RAY_SERVE_ENV.items():  # test what `make serve` ships
         os.environ.setdefault(key, value)
     ray.init(include_dashboard=False, runtime_env={"env_vars": dict(TELEMETRY_OFF_ENV)})
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        config = AppConfig(models=(E2E_MODEL,))
+        config = AppConfig(models=(E2E_MODEL,), license=license)
         serve.run(build_app_from_config(config), name="serve_app", route_prefix="/",
                   blocking=False)
         url = f"http://127.0.0.1:{port}"
         wait_for(lambda: httpx.get(f"{url}/health", timeout=5).status_code == 200,
                  timeout=600, what="the app to become healthy")
-        yield Stack(url, config)
+        yield Stack(url, config, license_server)
     finally:
         try:
             serve.shutdown()
         finally:
             ray.shutdown()
+            license_server.stop()

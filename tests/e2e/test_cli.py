@@ -4,6 +4,7 @@ it, answers the MariTalk client, and leaves no Ray or vLLM process behind after 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -18,7 +19,8 @@ from tests.conftest import free_port, wait_for
 
 pytestmark = pytest.mark.e2e
 
-STACK_PROCESS = ("raylet", "gcs_server", "ray::", "EngineCore", "VLLM", "serve_app")
+STACK_PROCESS = ("raylet", "gcs_server", "ray::", "EngineCore", "VLLM", "serve_app",
+                 "license_server")
 
 
 def stack_pids() -> set[int]:
@@ -33,12 +35,15 @@ def stack_pids() -> set[int]:
     return pids
 
 
-def test_serve_command_runs_and_stops_cleanly():
+def test_serve_command_runs_and_stops_cleanly(tmp_path):
+    """What `make serve` runs: a local license server, a development license, the app."""
     before = stack_pids()
     port = free_port()
+    env = {**os.environ, "SERVE_APP_DATA_DIR": str(tmp_path),
+           "SERVE_APP_LICENSE_SERVER_PORT": str(free_port())}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "serve_app", "--port", str(port)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [sys.executable, "-m", "serve_app", "--port", str(port), "--dev-license"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
     )
     output: list[str] = []
     reader = threading.Thread(target=lambda: output.extend(proc.stdout), daemon=True)
@@ -54,6 +59,15 @@ def test_serve_command_runs_and_stops_cleanly():
         answer = maritalk.MariTalkLocal(host="127.0.0.1", port=port).generate(
             "What is the capital of France?", do_sample=False, max_tokens=30)
         assert "Paris" in answer["output"]
+
+        status = subprocess.run([sys.executable, "-m", "serve_app", "status", "--url",
+                                 f"http://127.0.0.1:{port}"], capture_output=True, text=True,
+                                timeout=60)
+        assert status.returncode == 0, status.stderr
+        assert "local-development" in status.stdout
+        assert re.search(r"instances_now\s+1", status.stdout), status.stdout
+        assert (tmp_path / "license_server" / "licenses.db").exists()
+        assert (tmp_path / "usage_ledger.db").exists()
 
         started = time.monotonic()
         proc.send_signal(signal.SIGINT)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import uuid
 
 import httpx
 import maritalk
@@ -192,6 +193,37 @@ def test_metrics_and_health(stack):
     assert "vllm:generation_tokens_total" in text
 
 
+def test_license_status_route(stack):
+    status = httpx.get(f"{stack.url}/license", timeout=10).json()
+    assert status["state"] == "ok" and status["customer"] == "ACME"
+    assert status["instances_now"] == 1
+    assert status["license_id"].startswith("lic_")
+
+
+def test_privacy_canary_never_reaches_the_license_server(stack, client):
+    """Prompts and outputs stay on the customer's machines: only usage time is reported."""
+    canary = f"CANARY-{uuid.uuid4().hex}"
+    client.chat.completions.create(model=MODEL, max_tokens=5, messages=[
+        {"role": "user", "content": f"Repeat after me: {canary}"}])
+    list(client.completions.create(model=MODEL, prompt=f"{canary} {canary}", max_tokens=5,
+                                   stream=True))
+    httpx.post(f"{stack.url}/generate", json={"prompt": canary, "max_tokens": 5}, timeout=60)
+    httpx.post(f"{stack.url}/v1/completions", content=canary.encode(), timeout=60)  # a bad one
+    received_before = len(stack.license_server.received)
+    totals = stack.flush_usage()
+    assert totals["pending_seconds"] == 0 and totals["instance_seconds"] > 0
+    wire = stack.license_server.received
+    assert len(wire) > received_before  # the flush reached the server: the capture sees traffic
+    assert any(b"/v1/usage" in chunk for chunk in wire)
+    for chunk in wire:
+        assert canary.encode() not in chunk
+        assert b"Repeat after me" not in chunk
+    # The server billed exactly what the ledger holds.
+    license_id = httpx.get(f"{stack.url}/license").json()["license_id"]
+    server_total = stack.license_server.service.store.total_instance_seconds(license_id)
+    assert server_total == pytest.approx(totals["instance_seconds"])
+
+
 def test_zz_auth_on_every_route(stack):
     """Runs last: redeploys the ingress with keys (the vLLM replica is kept)."""
     keyed = stack.config.model_copy(update={"api_keys": (SecretStr("sk-test-1"),)})
@@ -199,6 +231,7 @@ def test_zz_auth_on_every_route(stack):
     wait_for(lambda: httpx.get(f"{stack.url}/v1/models").status_code == 401, timeout=120,
              what="the keyed ingress")
     routes = [
+        ("GET", "/license", None),
         ("GET", "/v1/models", None),
         ("GET", f"/v1/models/{MODEL}", None),
         ("POST", "/v1/chat/completions",

@@ -23,3 +23,38 @@ def test_the_embedded_gguf_is_installed():
     assert path.stat().st_size > 50_000_000
     with open(path, "rb") as f:
         assert f.read(4) == b"GGUF"
+
+
+def test_racing_conversions_convert_once_and_publish_atomically(tmp_path, monkeypatch):
+    """Replicas starting together: one converts under the lock, the others wait and reuse."""
+    import threading
+    import time
+
+    from serve_app import models
+
+    calls = []
+
+    def slow_convert(gguf, out):
+        calls.append(out)
+        (out / "config.json").write_text("{}")
+        time.sleep(0.3)  # a reader must never see this half-written folder
+        (out / "model.safetensors").write_bytes(b"weights")
+
+    monkeypatch.setattr(models, "_convert_gguf", slow_convert)
+    results, seen_partial = [], []
+
+    def resolve():
+        target = tmp_path / models.SMOLLM2
+        if target.exists() and not (target / "model.safetensors").exists():
+            seen_partial.append(True)
+        results.append(models.resolve_model("builtin:smollm2-135m-instruct", tmp_path))
+
+    threads = [threading.Thread(target=resolve) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1
+    assert len(set(results)) == 1 and (results[0] / "model.safetensors").read_bytes() == b"weights"
+    assert not seen_partial
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(f".{models.SMOLLM2}-")]

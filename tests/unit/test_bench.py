@@ -1,0 +1,89 @@
+"""The benchmark's arithmetic on fixed inputs (no server, no timing)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from serve_app.bench import (
+    RequestResult,
+    build_prompts,
+    per_request_rates,
+    summary,
+    system_tokens,
+    tables,
+    write_outputs,
+)
+
+
+def results():
+    # concurrency 1: two bursts of one request; concurrency 2: one burst of two (+ one failure)
+    return [
+        RequestResult(1, 0, prompt_tokens=500, generated_tokens=100, ttft=0.5, decode_time=2.0,
+                      wall=2.5),
+        RequestResult(1, 1, prompt_tokens=500, generated_tokens=100, ttft=0.5, decode_time=4.0,
+                      wall=5.0),
+        RequestResult(2, 0, prompt_tokens=500, generated_tokens=100, ttft=1.0, decode_time=5.0,
+                      wall=6.0),
+        RequestResult(2, 0, prompt_tokens=500, generated_tokens=100, ttft=2.0, decode_time=8.0,
+                      wall=10.0),
+        RequestResult(2, 0, 0, 0, 0.0, 0.0, 0.0, error="boom"),
+    ]
+
+
+def test_per_request_rates():
+    gen, total = per_request_rates(results()[0])
+    assert gen == 50.0  # 100 tokens over 2 s of decoding
+    assert total == 240.0  # 600 tokens over 2.5 s of wall time
+
+
+def test_system_tokens_use_the_burst_median_request_time():
+    sys_tps = system_tokens(results())
+    assert sys_tps[(1, 0)] == 600 / 2.5
+    assert sys_tps[(1, 1)] == 600 / 5.0
+    assert sys_tps[(2, 0)] == 1200 / 8.0  # median of 6 s and 10 s; the failure is left out
+
+
+def test_tables_match_the_seeds_layout():
+    per_request, system = tables(results())
+    assert list(per_request.columns) == [("generated_tps", "mean"), ("generated_tps", "median"),
+                                         ("generated_tps", "std"), ("total_tps", "mean"),
+                                         ("total_tps", "median"), ("total_tps", "std")]
+    assert per_request.loc[1, ("generated_tps", "mean")] == 37.5  # (50 + 25) / 2
+    assert per_request.loc[2, ("total_tps", "median")] == 80.0  # (100 + 60) / 2
+    assert list(system.columns) == ["median", "std"]
+    assert system.loc[1, "median"] == 180.0 and system.loc[2, "median"] == 150.0
+    assert system.loc[2, "std"] == 0.0  # one burst: no spread
+    text = per_request.to_string()
+    assert "generated_tps" in text and "concurrency" in text
+
+
+def test_summary_counts_errors_and_takes_medians():
+    s = summary(results())
+    assert s[1]["ttft_p50"] == 0.5 and s[2]["errors"] == 1
+    assert s[2]["generated_tps"] == pytest.approx((20 + 12.5) / 2)
+
+
+def test_outputs(tmp_path):
+    paths = write_outputs(results(), tmp_path, "fixed")
+    assert [p.name for p in paths] == ["results.csv", "results.json", "results.png"]
+    assert json.loads(paths[1].read_text())["summary"]["1"]["system_tps"] == 180.0
+    assert paths[2].read_bytes()[:4] == b"\x89PNG"
+    assert paths[0].read_text().splitlines()[0].startswith("concurrency,repeat,prompt_tokens")
+
+
+class WordTokenizer:
+    def encode(self, text, add_special_tokens=False):
+        return text.split()
+
+    def decode(self, ids):
+        return " ".join(ids)
+
+
+def test_prompts_have_the_size_and_random_prefixes():
+    prompts = build_prompts(4, 50, WordTokenizer(), unique=True)
+    assert len(set(prompts)) == 4
+    assert all(len(p.split()) == 50 for p in prompts)
+    same = build_prompts(4, 50, WordTokenizer(), unique=False)
+    assert len(set(same)) == 1

@@ -44,19 +44,27 @@ def pin_to_frontend() -> None:
 
 
 @contextlib.contextmanager
-def all_cpus_for_children() -> Iterator[None]:
-    """Let processes started inside the block see every core (vLLM sizes and binds its engine
-    from the affinity it inherits), then restore the caller's own."""
-    try:
-        saved = os.sched_getaffinity(0)
-        os.sched_setaffinity(0, _all_cpus())
-    except (AttributeError, OSError):
+def engine_launch() -> Iterator[None]:
+    """Processes started inside the block (vLLM's engine) see every core, since vLLM sizes and
+    binds its engine from the affinity it inherits, and run at normal priority: Ray starts its
+    workers at niceness 15 (``worker_niceness``), which children inherit, and a niced engine
+    loses its core to every ordinary process that wakes up (measured: ~9% slower decoding at
+    concurrency 1). Both are per-thread on Linux and restored for the caller afterwards."""
+    with contextlib.ExitStack() as stack:
+        try:
+            saved = os.sched_getaffinity(0)
+            os.sched_setaffinity(0, _all_cpus())
+            stack.callback(os.sched_setaffinity, 0, saved)
+        except (AttributeError, OSError):
+            pass
+        try:
+            niceness = os.getpriority(os.PRIO_PROCESS, 0)
+            if niceness > 0:
+                os.setpriority(os.PRIO_PROCESS, 0, 0)  # needs CAP_SYS_NICE (root); else skipped
+                stack.callback(os.setpriority, os.PRIO_PROCESS, 0, niceness)
+        except (AttributeError, OSError):
+            pass
         yield
-        return
-    try:
-        yield
-    finally:
-        os.sched_setaffinity(0, saved)
 
 
 def _all_cpus() -> set[int]:

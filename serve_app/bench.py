@@ -284,7 +284,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--compare", action="store_true",
                    help="start raw vLLM and this app on the same model and compare them")
     p.add_argument("--compare-model", default="builtin:smollm2-135m-instruct",
-                   help="with --compare: model source for both servers")
+                   help="with --compare: model source for both servers, or random-1.5m")
     p.add_argument("--modes", default="stream,unary",
                    help="with --compare: stream, unary or both")
     p.add_argument("--contenders", default="vllm,serve_app",

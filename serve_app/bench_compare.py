@@ -16,13 +16,14 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import httpx
 import psutil
 
 from serve_app.bench import build_prompts, run_bench, summary
-from serve_app.config import DEFAULT_CACHE_DIR, TELEMETRY_OFF_ENV
+from serve_app.config import DEFAULT_CACHE_DIR, DEFAULT_MODEL_SOURCE, TELEMETRY_OFF_ENV
 from serve_app.models import resolve_model
 
 NAME = "bench-model"
@@ -45,6 +46,40 @@ serve.run(build_openai_app({"llm_configs": [config]}), blocking=False)
 while True:
     time.sleep(1)
 """
+
+
+RANDOM_MODEL = "random-1.5m"
+
+
+def ensure_random_model(cache_dir: str) -> Path:
+    """A 1.5M-parameter Llama with random weights and SmolLM2's tokenizer: decoding costs almost
+    nothing, so the benchmark measures the serving stack, not the model."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    out = Path(cache_dir) / RANDOM_MODEL
+    if (out / "config.json").is_file():
+        return out
+    tokenizer_dir = resolve_model(DEFAULT_MODEL_SOURCE, cache_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=1, num_key_value_heads=1, head_dim=32, max_position_embeddings=4096,
+        tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, torch_dtype="float32")
+    model = LlamaForCausalLM(config)
+    tmp = out.with_name(out.name + ".tmp")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.rename(out)
+    return out
+
+
+def model_path_for(source: str, cache_dir: str) -> str:
+    if source == RANDOM_MODEL:
+        return str(ensure_random_model(cache_dir))
+    return str(resolve_model(source, cache_dir))
 
 
 def contender_command(name: str, model_path: str, port: int) -> list[str]:
@@ -150,7 +185,7 @@ def compare(args: argparse.Namespace) -> None:
     from transformers import AutoTokenizer
 
     os.makedirs(args.out, exist_ok=True)
-    model_path = str(resolve_model(args.compare_model, DEFAULT_CACHE_DIR))
+    model_path = model_path_for(args.compare_model, DEFAULT_CACHE_DIR)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     prompts = build_prompts(max(args.concurrency) * (args.n_repeats + 1), args.prompt_size,
                             tokenizer, unique=not args.same_prompt)

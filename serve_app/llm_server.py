@@ -21,7 +21,7 @@ from typing import Any
 from pydantic import ValidationError
 from starlette.datastructures import State
 
-from serve_app.affinity import all_cpus_for_children, pin_to_frontend
+from serve_app.affinity import engine_launch, pin_to_frontend
 from serve_app.config import LicenseConfig, ModelConfig
 from serve_app.errors import error_body, from_vllm_error
 from serve_app.maritalk import ChatGenerateRequest, GenerateRequest, GenerateResponse, timings
@@ -63,7 +63,7 @@ class LLMServer:
         engine_args = AsyncEngineArgs(**config.engine_args(str(path)))
         vllm_config = engine_args.create_engine_config(UsageContext.OPENAI_API_SERVER)
         cpu = config.device == "cpu"
-        with all_cpus_for_children() if cpu else contextlib.nullcontext():
+        with engine_launch() if cpu else contextlib.nullcontext():
             self._engine = AsyncLLM.from_vllm_config(
                 vllm_config, usage_context=UsageContext.OPENAI_API_SERVER, disable_log_stats=False
             )

@@ -224,6 +224,31 @@ def test_privacy_canary_never_reaches_the_license_server(stack, client):
     assert server_total == pytest.approx(totals["instance_seconds"])
 
 
+@pytest.mark.parametrize("api", ["openai", "maritalk"])
+def test_bench_cli_runs_against_the_stack(stack, tmp_path, api):
+    import subprocess
+    import sys
+
+    out = tmp_path / api
+    run = subprocess.run(
+        [sys.executable, "-m", "serve_app.bench", "--url", stack.url, "--api", api,
+         "--concurrency", "1,2", "--n-repeats", "2", "--prompt-size", "40", "--max-tokens", "8",
+         "--out", str(out), "--no-progress"],
+        capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    text = run.stdout
+    assert "generated_tps" in text and "total_tps" in text and "System tokens" in text
+    assert "random prefix" in text and "failed" not in text
+    data = json.loads((out / "results.json").read_text())
+    ok = [r for r in data["requests"] if r["error"] is None]
+    assert len(ok) == 2 * 1 + 2 * 2
+    # OpenAI requests ignore EOS, so they generate exactly max_tokens; MariTalk's may stop early.
+    expected = range(8, 9) if api == "openai" else range(1, 9)
+    assert all(r["generated_tokens"] in expected and 35 <= r["prompt_tokens"] <= 45 for r in ok)
+    assert all(r["decode_time"] >= 0 and r["wall"] >= r["ttft"] > 0 for r in ok)
+    assert (out / "results.png").stat().st_size > 1000
+
+
 def test_zz_auth_on_every_route(stack):
     """Runs last: redeploys the ingress with keys (the vLLM replica is kept)."""
     keyed = stack.config.model_copy(update={"api_keys": (SecretStr("sk-test-1"),)})

@@ -34,13 +34,21 @@ def test_pinning_moves_every_thread_and_widening_restores():
         affinity.pin_to_frontend()
         target = affinity.frontend_cpus(affinity._all_cpus())
         assert os.sched_getaffinity(0) == target
-        with affinity.all_cpus_for_children():
+        os.setpriority(os.PRIO_PROCESS, 0, 5)
+        with affinity.engine_launch():
             assert os.sched_getaffinity(0) == affinity._all_cpus()
+            if os.geteuid() == 0:
+                assert os.getpriority(os.PRIO_PROCESS, 0) == 0
+        assert os.getpriority(os.PRIO_PROCESS, 0) == 5
         assert os.sched_getaffinity(0) == target
         done.set()
         thread.join()
         assert seen["worker"] == target  # a thread that existed before was moved too
     finally:
+        try:
+            os.setpriority(os.PRIO_PROCESS, 0, 0)
+        except OSError:
+            pass
         for tid in os.listdir("/proc/self/task"):
             try:
                 os.sched_setaffinity(int(tid), original)

@@ -8,6 +8,9 @@ export RAY_USAGE_STATS_ENABLED=0
 export HF_HUB_OFFLINE=1
 # Ray Serve without the proxy hop (see serve_app/config.py, RAY_SERVE_ENV).
 export RAY_SERVE_THROUGHPUT_OPTIMIZED ?= 1
+export RAY_worker_niceness ?= 0
+export RAY_enable_worker_prestart ?= 0
+export RAY_prestart_worker_first_driver ?= 0
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed

@@ -310,7 +310,8 @@ def main(argv: list[str] | None = None) -> None:
         compare(args)
         return
     tokenizer = load_tokenizer(args.tokenizer)
-    prompts = build_prompts(max(args.concurrency) * args.n_repeats, args.prompt_size, tokenizer,
+    # One fresh prompt per request: a repeated prompt is served from the prefix cache.
+    prompts = build_prompts(sum(args.concurrency) * args.n_repeats, args.prompt_size, tokenizer,
                             unique=not args.same_prompt)
     print(f"# {args.url} api={args.api} stream={not args.no_stream} prompt={args.prompt_size} "
           f"max_tokens={args.max_tokens} prompts={'identical' if args.same_prompt else 'random prefix'}")

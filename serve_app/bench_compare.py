@@ -1,7 +1,7 @@
 """``--compare``: the same load against raw vLLM and this app (and Ray Serve's own LLM app), one
 after the other on the same model, in one run; prints per-concurrency ratios and memory.
 
-Each contender runs as a child process on a loopback port; its memory is the peak summed RSS of
+Each contender runs as a child process on a loopback port; its memory is the peak summed PSS of
 its whole process tree (for Ray: GCS, raylet, proxy, replicas, vLLM's engine core).
 """
 
@@ -96,7 +96,10 @@ def contender_command(name: str, model_path: str, port: int) -> list[str]:
 
 
 class TreeMemory:
-    """Peak summed RSS of a process and all its descendants, sampled every half second."""
+    """Peak summed PSS of a process and all its descendants, sampled every second.
+
+    PSS, not RSS: Ray's dozen processes map the same libraries, and summing RSS would count
+    those shared pages once per process."""
 
     def __init__(self, pid: int) -> None:
         self._root = psutil.Process(pid)
@@ -106,13 +109,14 @@ class TreeMemory:
         self._thread.start()
 
     def _run(self) -> None:
-        while not self._stop.wait(0.5):
+        while not self._stop.wait(1.0):
             try:
                 procs = [self._root, *self._root.children(recursive=True)]
                 total = 0
                 for proc in procs:
                     try:
-                        total += proc.memory_info().rss
+                        info = proc.memory_full_info()
+                        total += getattr(info, "pss", info.rss)
                     except psutil.Error:
                         pass
                 self.peak = max(self.peak, total)
@@ -142,7 +146,7 @@ def _stop_tree(proc: subprocess.Popen[Any]) -> None:
             pass
 
 
-def measure(name: str, model_path: str, args: argparse.Namespace, prompts: list[str],
+def measure(name: str, model_path: str, args: argparse.Namespace, tokenizer: Any,
             port: int) -> dict[str, Any]:
     env = {**os.environ, **TELEMETRY_OFF_ENV, "VLLM_CPU_KVCACHE_SPACE": "1",
            "SERVE_APP_MODEL_NAME": NAME}
@@ -153,11 +157,12 @@ def measure(name: str, model_path: str, args: argparse.Namespace, prompts: list[
     memory = TreeMemory(proc.pid)
     try:
         deadline = time.monotonic() + 900
-        while True:
+        while True:  # ready = a completion succeeds (routes may answer before the engine does)
             if proc.poll() is not None:
                 raise RuntimeError(f"{name} exited with {proc.returncode}; see {log.name}")
             try:
-                if httpx.get(f"{url}/v1/models", timeout=2).status_code == 200:
+                if httpx.post(f"{url}/v1/completions", timeout=30, json={
+                        "model": NAME, "prompt": "Hi", "max_tokens": 1}).status_code == 200:
                     break
             except httpx.HTTPError:
                 pass
@@ -165,10 +170,18 @@ def measure(name: str, model_path: str, args: argparse.Namespace, prompts: list[
                 raise RuntimeError(f"{name} did not start; see {log.name}")
             time.sleep(1)
         runs: dict[str, Any] = {}
-        for stream in args.modes:
+        per_run = sum(args.concurrency) * args.n_repeats
+        for i, stream in enumerate(args.modes):
+            # Fresh prompts for every request of every run, the same for every contender: a
+            # reused prompt would be served from vLLM's prefix cache and measure nothing.
+            def fresh(n: int, seed: int) -> list[str]:
+                return build_prompts(n, args.prompt_size, tokenizer,
+                                     unique=not args.same_prompt, seed=seed)
+
             # Warm-up outside the measurement (first requests pay for lazy initialisation).
-            asyncio.run(run_bench(url, concurrencies=[2], n_repeats=1, prompts=prompts,
+            asyncio.run(run_bench(url, concurrencies=[2], n_repeats=1, prompts=fresh(2, 1000 + i),
                                   max_tokens=8, model=NAME, stream=stream, progress=False))
+            prompts = fresh(per_run, i)
             results = asyncio.run(run_bench(
                 url, concurrencies=args.concurrency, n_repeats=args.n_repeats, prompts=prompts,
                 max_tokens=args.max_tokens, model=NAME, stream=stream,
@@ -187,8 +200,6 @@ def compare(args: argparse.Namespace) -> None:
     os.makedirs(args.out, exist_ok=True)
     model_path = model_path_for(args.compare_model, DEFAULT_CACHE_DIR)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    prompts = build_prompts(max(args.concurrency) * (args.n_repeats + 1), args.prompt_size,
-                            tokenizer, unique=not args.same_prompt)
     modes = [m.strip() for m in args.modes.split(",")]
     args.modes = [False] if args.no_stream else [m == "stream" for m in modes]
     names = [n.strip() for n in args.contenders.split(",") if n.strip()]
@@ -198,7 +209,7 @@ def compare(args: argparse.Namespace) -> None:
     measured = {}
     for i, name in enumerate(names):
         print(f"## {name}", flush=True)
-        measured[name] = measure(name, model_path, args, prompts, port=18000 + i)
+        measured[name] = measure(name, model_path, args, tokenizer, port=18000 + i)
     print_comparison(measured, names[0])
 
 
@@ -219,6 +230,6 @@ def print_comparison(measured: dict[str, Any], base: str) -> None:
                     cells[-1] += f" !{row['errors']:.0f} errors"
             print(" ".join(cells))
     base_mem = measured[base]["memory"]
-    print("\n### memory (peak RSS of the whole process tree)")
+    print("\n### memory (peak PSS of the whole process tree)")
     for name, m in measured.items():
         print(f"{name:>14}: {m['memory'] / 2**30:5.2f} GiB ({m['memory'] / base_mem:4.2f}x)")

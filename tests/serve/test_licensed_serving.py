@@ -153,6 +153,31 @@ def test_d_license_server_restart_loses_nothing(cluster):
     assert delivered == pytest.approx(after) and after > before
 
 
+def test_e_scaling_up_and_down_shows_in_the_count(cluster):
+    """Serve changing the replica count (what autoscaling does) is what the actor counts."""
+    from ray import serve
+
+    from serve_app.builder import build_app_from_config
+
+    def scale(n):
+        config = cluster["config"]
+        model = config.models[0].model_copy(update={"min_replicas": n, "max_replicas": n})
+        serve.run(build_app_from_config(config.model_copy(update={"models": (model,)}),
+                                        llm_cls=LicensedFakeLLM),
+                  name="licensed", route_prefix="/", blocking=False)
+
+    scale(2)
+    wait_for(lambda: status(cluster)["instances_now"] == 2, timeout=60, what="two instances")
+    assert cluster["server"].service.store.active_instances(
+        cluster["license"].license_id, fresh_s=10) in (1, 2)  # reported at the next heartbeat
+    wait_for(lambda: cluster["server"].service.store.active_instances(
+        cluster["license"].license_id, fresh_s=10) == 2, timeout=20, what="the server's count")
+    scale(1)
+    wait_for(lambda: status(cluster)["instances_now"] == 1, timeout=60, what="one instance")
+    ledger, server = totals(cluster)
+    assert server == pytest.approx(ledger)
+
+
 def test_z_revocation_refuses_new_requests_but_finishes_running_ones(cluster):
     url = cluster["url"]
     with httpx.stream("POST", f"{url}/v1/chat/completions", json={**CHAT, "stream": True},

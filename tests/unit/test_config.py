@@ -77,3 +77,29 @@ def test_deployment_options_gpu_pinning_and_autoscaling():
 def test_ingress_takes_no_cpu():
     opts = ingress_options(AppConfig())
     assert opts["ray_actor_options"]["num_cpus"] == 0
+
+
+def test_license_and_customer_caps_bound_autoscaling(caplog):
+    from pydantic import SecretStr
+
+    from serve_app.builder import build_app_from_config, instance_cap
+    from serve_app.config import LicenseConfig
+    from serve_app.licensing import License, new_private_key, public_key_text, sign_license
+
+    vendor = new_private_key()
+    lic = License(license_id="l", customer="c", issued_at=0, expires_at=4e9, max_instances=3,
+                  server_url="http://x")
+    license = LicenseConfig(key=SecretStr(sign_license(lic, vendor)),
+                            public_key=public_key_text(vendor.public_key()), ledger_path="/tmp/l")
+    model = ModelConfig(device="cpu", min_replicas=1, max_replicas=8)
+    config = AppConfig(models=(model,), license=license)
+    assert instance_cap(config) == 3
+    customer = config.model_copy(update={"license": license.model_copy(
+        update={"max_instances": 2})})
+    assert instance_cap(customer) == 2
+    with caplog.at_level("WARNING"):
+        app = build_app_from_config(config)
+    llm = app._bound_deployment.init_args[1][model.name]._bound_deployment
+    assert llm._deployment_config.autoscaling_config.max_replicas == 3
+    assert "Capping" in caplog.text
+    assert instance_cap(AppConfig(models=(model,))) is None

@@ -294,18 +294,25 @@ class IngressApp:
     async def completions(self, request: Request) -> Response:
         return await self._openai(request, "completions")
 
-    async def _openai(self, request: Request, endpoint: str) -> Response:
-        started = time.perf_counter()
+    async def _admit(self, request: Request) -> tuple[bytes, dict[str, Any], _Model]:
+        """Checks every generation request passes, in order: key, license, body, model."""
         self._authorize(request)
         self._check_license()
         raw = await self._read_body(request)
         body = parse_json_object(raw)
-        model = self._model(body.get("model"))
+        return raw, body, self._model(body.get("model"))
+
+    def _acquire(self) -> None:
+        self._in_flight += 1
+        self._metrics.in_flight.inc()
+
+    async def _openai(self, request: Request, endpoint: str) -> Response:
+        started = time.perf_counter()
+        raw, body, model = await self._admit(request)
         stream = check_generation_body(
             body, max_n=self._config.max_n, max_model_len=model.config.max_model_len
         )
-        self._in_flight += 1
-        self._metrics.in_flight.inc()
+        self._acquire()
         release = True
         try:
             if not stream:
@@ -365,13 +372,8 @@ class IngressApp:
 
     async def _maritalk(self, request: Request, kind: str) -> Response:
         started = time.perf_counter()
-        self._authorize(request)
-        self._check_license()
-        raw = await self._read_body(request)
-        body = parse_json_object(raw)
-        model = self._model(body.get("model"))
-        self._in_flight += 1
-        self._metrics.in_flight.inc()
+        raw, _, model = await self._admit(request)
+        self._acquire()
         try:
             status, text = await model.maritalk.remote(kind, raw)
         except Exception as exc:

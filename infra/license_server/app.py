@@ -114,8 +114,9 @@ class LicenseService:
             row = self.store.get_license(lid)
             if row is None:
                 continue
+            lic = License.model_validate_json(_payload(row["key"]))
             # An instance counts as active while its cluster's heartbeats are fresh.
-            rows += self.store.usage_per_day(lid, fresh_s=3 * 30.0)
+            rows += self.store.usage_per_day(lid, fresh_s=3 * lic.heartbeat_interval_s)
         return rows
 
 

@@ -24,7 +24,14 @@ import httpx
 
 from serve_app.config import LicenseConfig
 from serve_app.ledger import UsageLedger
-from serve_app.licensing import License, LicenseError, decide, load_public_key, verify_key
+from serve_app.licensing import (
+    Decision,
+    License,
+    LicenseError,
+    decide,
+    load_public_key,
+    verify_key,
+)
 
 logger = logging.getLogger("ray.serve")
 
@@ -106,19 +113,14 @@ class LicenseActor:
     async def state(self) -> dict[str, Any]:
         """The decision for new requests, computed now."""
         self._ensure_running()
-        d = decide(self._license, now=self._now(), last_checkin=self._last_checkin,
-                   revoked=self._server_status == "revoked", invalid_reason=self._invalid,
-                   started_at=self._started_at)
+        d = self._decision()
         return {"allowed": d.allowed, "status": d.status, "code": d.code, "message": d.message}
 
     async def status(self) -> dict[str, Any]:
         """The customer's view: what the status route and CLI print."""
         self._ensure_running()
         lic = self._license
-        now = self._now()
-        d = decide(lic, now=now, last_checkin=self._last_checkin,
-                   revoked=self._server_status == "revoked", invalid_reason=self._invalid,
-                   started_at=self._started_at)
+        d = self._decision()
         totals = self._ledger.totals()
         live = self._ledger.live()
         return {
@@ -143,6 +145,11 @@ class LicenseActor:
         """Seal and deliver now (tests and shutdown); returns the ledger totals."""
         await self._report(force=True)
         return self._ledger.totals()
+
+    def _decision(self) -> Decision:
+        return decide(self._license, now=self._now(), last_checkin=self._last_checkin,
+                      revoked=self._server_status == "revoked", invalid_reason=self._invalid,
+                      started_at=self._started_at)
 
     # -- the loop ------------------------------------------------------------------------------
 

@@ -1,4 +1,5 @@
-"""Bind the Serve graph: one ingress in front of one LLM deployment per configured model."""
+"""Bind the Serve graph: the first model's replicas serving HTTP themselves (colocated, the
+default) or a router ingress in front of every model; see ``deployments.py``."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from ray import serve
 from ray.serve import Application
 
 from serve_app.config import AppConfig, ModelConfig, Settings
-from serve_app.ingress import Ingress
+from serve_app.deployments import Ingress, colocated
 from serve_app.llm_server import LLMServer
 
 logger = logging.getLogger(__name__)
@@ -67,6 +68,15 @@ def ingress_options(config: AppConfig) -> dict[str, Any]:
     }
 
 
+def colocated_options(model: ModelConfig, config: AppConfig) -> dict[str, Any]:
+    """The first model's deployment when it is also the ingress: its resources and scaling, but
+    Serve's per-replica limit sized for all HTTP traffic (the app admits generation itself)."""
+    options = deployment_options(model, config.runtime_env_vars())
+    options["max_ongoing_requests"] = config.ingress_max_ongoing_requests
+    options["max_queued_requests"] = -1
+    return options
+
+
 def instance_cap(config: AppConfig) -> int | None:
     """The fewest replicas any one model may scale to: the customer's cap and the license's
     (read offline from the key; an invalid key is the license actor's to report)."""
@@ -98,14 +108,19 @@ def build_app_from_config(config: AppConfig, llm_cls: type = LLMServer) -> Appli
             m = m.model_copy(update={"max_replicas": cap,
                                      "min_replicas": min(m.min_replicas, cap)})
         models.append(m)
+    config = config.model_copy(update={"models": tuple(models)})
+    behind = models[1:] if config.colocate_ingress else models
     handles = {
         m.name: serve.deployment(llm_cls)
         .options(**deployment_options(m, env))
         .bind(m, config.model_cache_dir, config.license)
-        for m in models
+        for m in behind
     }
-    ingress = serve.deployment(serve.ingress()(Ingress)).options(**ingress_options(config))
-    return ingress.bind(config, handles)
+    if config.colocate_ingress:
+        cls, options = colocated(llm_cls), colocated_options(models[0], config)
+    else:
+        cls, options = Ingress, ingress_options(config)
+    return serve.deployment(serve.ingress()(cls)).options(**options).bind(config, handles)
 
 
 def build_app(args: dict[str, Any] | None = None) -> Application:

@@ -168,7 +168,13 @@ class AppConfig(BaseModel):
     max_n: int = Field(16, ge=1, description="Largest `n` (choices per request) accepted.")
     model_cache_dir: str = Field(DEFAULT_CACHE_DIR, description="Where converted models live.")
     ingress_max_ongoing_requests: int = Field(
-        2048, ge=1, description="In-flight requests the ingress replica accepts."
+        2048, ge=1, description="In-flight HTTP requests an ingress replica accepts."
+    )
+    colocate_ingress: bool = Field(
+        True,
+        description="Serve HTTP from the first model's own replicas (no Ray hop between the "
+        "HTTP server and the engine). False puts a CPU-only router replica in front: "
+        "load-aware balancing across many replicas and scale-to-zero, at one hop per message.",
     )
     license: LicenseConfig | None = Field(
         None, description="Without one the app runs unlicensed (development only)."
@@ -181,6 +187,15 @@ class AppConfig(BaseModel):
         if len(set(names)) != len(names):
             raise ValueError(f"model names must be unique, got {names}")
         return models
+
+    @model_validator(mode="after")
+    def _colocated_needs_a_replica(self) -> AppConfig:
+        if self.colocate_ingress and self.models[0].min_replicas < 1:
+            raise ValueError(
+                "with colocate_ingress the first model's replicas serve HTTP, so its "
+                "min_replicas must be at least 1 (or set colocate_ingress to false)"
+            )
+        return self
 
     def runtime_env_vars(self) -> dict[str, str]:
         return dict(TELEMETRY_OFF_ENV)
@@ -218,6 +233,7 @@ class Settings(BaseSettings):
     ledger_path: str = Field(DEFAULT_LEDGER_PATH, description="Usage ledger file.")
     report_interval_s: float = 60.0
     max_instances: int | None = None
+    colocate_ingress: bool = True
 
     @field_validator("api_keys", mode="before")
     @classmethod
@@ -260,6 +276,7 @@ class Settings(BaseSettings):
             max_body_bytes=self.max_body_bytes,
             model_cache_dir=self.model_cache_dir,
             license=license,
+            colocate_ingress=self.colocate_ingress,
         )
 
 

@@ -1,7 +1,8 @@
 """The HTTP face of the app: OpenAI and MariTalk Local routes, auth, limits, errors, metrics.
 
-The request path touches memory and one handle call only. Replicas are reached through
-``DeploymentHandle``s injected by ``build_ingress`` (tests pass fakes with the same methods).
+The request path touches memory and one handle call only. Models are reached through
+``DeploymentHandle``s injected by ``build_ingress``, or a ``LocalHandle`` for the model whose
+engine lives in this very process (see ``deployments.py``); tests pass fakes with the same methods.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from serve_app.affinity import pin_to_frontend
 from serve_app.config import AppConfig, ModelConfig
 from serve_app.errors import (
     AuthenticationError,
@@ -49,9 +49,12 @@ RETRY_AFTER_S = "1"
 class _Model:
     """A served model as the ingress sees it: its config and pre-built handle variants."""
 
-    def __init__(self, config: ModelConfig, handle: Any) -> None:
+    def __init__(self, config: ModelConfig, handle: Any, limit: int | None) -> None:
         self.config = config
         self.handle = handle
+        # Requests admitted at once; None when Serve's handle queue enforces the bound.
+        self.limit = limit
+        self.in_flight = 0
         # Building handle options once keeps per-request work to a single .remote() call.
         self.unary = handle.options(method_name="openai")
         self.stream = handle.options(method_name="openai_stream", stream=True)
@@ -105,11 +108,15 @@ class IngressApp:
         *,
         license_gate: LicenseGate | None = None,
         license_status: Callable[[], Awaitable[dict[str, Any]]] | None = None,
+        limits: Mapping[str, int] | None = None,
     ) -> None:
         self._config = config
         self._gate = license_gate
         self._license_status = license_status
-        self._models = {m.name: _Model(m, handles[m.name]) for m in config.models}
+        limits = limits or {}
+        self._models = {
+            m.name: _Model(m, handles[m.name], limits.get(m.name)) for m in config.models
+        }
         self._default = config.models[0].name
         self._keys = [k.get_secret_value().encode() for k in config.api_keys]
         self._metrics = _Metrics()
@@ -302,7 +309,12 @@ class IngressApp:
         body = parse_json_object(raw)
         return raw, body, self._model(body.get("model"))
 
-    def _acquire(self) -> None:
+    def _acquire(self, model: _Model) -> None:
+        if model.limit is not None and model.in_flight >= model.limit:
+            raise OverloadedError(
+                "The server is at capacity; retry shortly.", headers={"Retry-After": RETRY_AFTER_S}
+            )
+        model.in_flight += 1
         self._in_flight += 1
         self._metrics.in_flight.inc()
 
@@ -312,7 +324,7 @@ class IngressApp:
         stream = check_generation_body(
             body, max_n=self._config.max_n, max_model_len=model.config.max_model_len
         )
-        self._acquire()
+        self._acquire(model)
         release = True
         try:
             if not stream:
@@ -333,19 +345,20 @@ class IngressApp:
                 return Response(text, status_code=status, media_type=JSON)
             release = False  # the stream releases when it ends
             return StreamingResponse(
-                self._relay(gen, text),
+                self._relay(gen, text, model),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
         finally:
             if release:
-                self._release()
+                self._release(model)
 
-    def _release(self) -> None:
+    def _release(self, model: _Model) -> None:
+        model.in_flight -= 1
         self._in_flight -= 1
         self._metrics.in_flight.dec()
 
-    async def _relay(self, gen: Any, first: str) -> AsyncIterator[str]:
+    async def _relay(self, gen: Any, first: str, model: _Model) -> AsyncIterator[str]:
         done = False
         try:
             yield first
@@ -362,7 +375,7 @@ class IngressApp:
         finally:
             if not done:
                 gen.cancel()  # client went away: Serve cancels the replica, vLLM aborts
-            self._release()
+            self._release(model)
 
     async def generate(self, request: Request) -> Response:
         return await self._maritalk(request, "raw")
@@ -373,35 +386,16 @@ class IngressApp:
     async def _maritalk(self, request: Request, kind: str) -> Response:
         started = time.perf_counter()
         raw, _, model = await self._admit(request)
-        self._acquire()
+        self._acquire(model)
         try:
             status, text = await model.maritalk.remote(kind, raw)
         except Exception as exc:
             raise _map_handle_error(exc) from None
         finally:
-            self._release()
+            self._release(model)
         self._count(f"maritalk_{kind}", status, started)
         return Response(text, status_code=status, media_type=JSON)
 
 
 def build_ingress(config: AppConfig, handles: Mapping[str, Any], **kwargs: Any) -> Starlette:
     return IngressApp(config, handles, **kwargs).build()
-
-
-class Ingress:
-    """The Serve ingress deployment; the ASGI app is built after Serve injects the handles."""
-
-    def __init__(self, config: AppConfig, handles: dict[str, Any]) -> None:
-        if any(m.device == "cpu" for m in config.models):
-            pin_to_frontend()
-        kwargs: dict[str, Any] = {}
-        if config.license is not None:
-            from serve_app.license_actor import LicenseGate, get_license_actor
-
-            actor = get_license_actor(config.license)
-            kwargs["license_gate"] = LicenseGate(lambda: actor.state.remote())
-            kwargs["license_status"] = lambda: actor.status.remote()
-        self._app = build_ingress(config, handles, **kwargs)
-
-    async def __serve_build_asgi_app__(self) -> Starlette:
-        return self._app

@@ -37,6 +37,9 @@ Result = tuple[int, str]
 class LLMServer:
     """One vLLM engine. Constructed by Serve on a GPU (or, on CPU boxes, ``num_cpus: 0``)."""
 
+    # Streams cross a Ray hop to the router ingress; ``ColocatedIngress`` turns this off.
+    _coalesce_streams = True
+
     async def __init__(
         self, config: ModelConfig, model_cache_dir: str, license: LicenseConfig | None = None
     ) -> None:
@@ -133,7 +136,7 @@ class LLMServer:
             yield 200, f"data: {result.model_dump_json()}\n\ndata: [DONE]\n\n"
             return
         first = True
-        async for text in coalesce(result):
+        async for text in coalesce(result) if self._coalesce_streams else result:
             yield (200, text) if first else text
             first = False
 

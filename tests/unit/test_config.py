@@ -99,7 +99,8 @@ def test_license_and_customer_caps_bound_autoscaling(caplog):
     assert instance_cap(customer) == 2
     with caplog.at_level("WARNING"):
         app = build_app_from_config(config)
-    llm = app._bound_deployment.init_args[1][model.name]._bound_deployment
+    llm = app._bound_deployment  # colocated: the model's deployment is the ingress
+    assert llm.name == f"LLM:{model.name}"
     assert llm._deployment_config.autoscaling_config.max_replicas == 3
     assert "Capping" in caplog.text
     assert instance_cap(AppConfig(models=(model,))) is None

@@ -16,17 +16,22 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _deployments(app: Application) -> dict[str, object]:
-    # The ingress is bound with the LLM applications as its `handles` argument.
+    # The ingress is bound with the other LLM applications as its `handles` argument.
     ingress = app._bound_deployment
     config, handles = ingress.init_args
-    return {"ingress": ingress, "config": config, "llms": handles}
+    llms = {name: h._bound_deployment for name, h in handles.items()}
+    if config.colocate_ingress:
+        llms = {config.models[0].name: ingress, **llms}
+    return {"ingress": ingress, "config": config, "llms": llms, "handles": handles}
 
 
 def test_serve_run_default_import_path():
     app = import_attr("serve_app:app")
     assert isinstance(app, Application)
     parts = _deployments(app)
-    assert parts["ingress"].name == "Ingress"
+    # Colocated: the model's own replicas serve HTTP, nothing sits behind a handle.
+    assert parts["ingress"].name == "LLM:smollm2-135m-instruct"
+    assert parts["handles"] == {}
     assert list(parts["llms"]) == ["smollm2-135m-instruct"]
 
 
@@ -51,5 +56,39 @@ def test_serve_config_yaml_is_valid_and_builds():
     app = import_attr(app_schema.import_path)(app_schema.args)
     parts = _deployments(app)
     assert [m.name for m in parts["config"].models] == ["smollm2-135m-instruct"]
-    llm = parts["llms"]["smollm2-135m-instruct"]._bound_deployment
+    llm = parts["llms"]["smollm2-135m-instruct"]
     assert llm.ray_actor_options["num_cpus"] == 0
+
+
+def test_layouts_bind_the_right_deployments():
+    from serve_app.builder import build_app_from_config
+    from serve_app.config import AppConfig, ModelConfig
+
+    a = ModelConfig(name="a", device="gpu", max_ongoing_requests=8, max_queued_requests=4)
+    b = ModelConfig(name="b", device="cpu")
+    colocated = _deployments(build_app_from_config(AppConfig(models=(a, b))))
+    ingress = colocated["ingress"]
+    assert ingress.name == "LLM:a" and list(colocated["handles"]) == ["b"]
+    assert ingress.ray_actor_options["num_gpus"] == 1  # the ingress is the GPU replica
+    # Serve's own limit is for all HTTP traffic; the app admits max_ongoing + max_queued.
+    assert ingress._deployment_config.max_ongoing_requests == 2048
+    assert ingress._deployment_config.max_queued_requests == -1
+    assert colocated["llms"]["b"].name == "LLM:b"
+
+    split = _deployments(build_app_from_config(
+        AppConfig(models=(a, b), colocate_ingress=False)))
+    assert split["ingress"].name == "Ingress"
+    assert split["ingress"].ray_actor_options["num_cpus"] == 0
+    assert "num_gpus" not in split["ingress"].ray_actor_options
+    assert list(split["handles"]) == ["a", "b"]
+    assert split["llms"]["a"]._deployment_config.max_ongoing_requests == 8
+
+
+def test_colocated_layout_refuses_scale_to_zero():
+    from serve_app.config import AppConfig, ModelConfig, Settings
+
+    with pytest.raises(ValidationError, match="colocate_ingress"):
+        AppConfig(models=(ModelConfig(min_replicas=0, max_replicas=2),))
+    config = Settings(min_replicas="0", max_replicas="2",
+                      colocate_ingress="false").to_app_config()
+    assert config.models[0].min_replicas == 0 and not config.colocate_ingress

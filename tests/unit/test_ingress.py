@@ -253,3 +253,86 @@ def _check_gate(c, gate, servers):
     assert c.get("/license").json()["license_id"] == "lic_1"
     gate.state = {"allowed": True, "status": 200, "code": "ok", "message": "ok"}
     assert c.post("/v1/chat/completions", json=CHAT).status_code == 200
+
+
+class _AsyncGenServer(FakeLLMServer):
+    """Streams from a real async generator, as LLMServer does, and records its closing."""
+
+    def __init__(self, name: str = "a") -> None:
+        super().__init__(name)
+        self.closed = 0
+
+    async def openai_stream(self, endpoint, body):
+        import asyncio
+
+        try:
+            yield 200, 'data: {"n": 0}\n\n'
+            for i in range(1, 4):
+                await asyncio.sleep(self.stream_delay)
+                yield f'data: {{"n": {i}}}\n\n'
+            yield "data: [DONE]\n\n"
+        finally:
+            self.closed += 1
+
+
+def test_local_model_streams_through_local_handle_and_is_admitted_up_to_its_limit():
+    """The colocated layout: the model lives in this process, the app bounds it itself."""
+    import threading
+
+    from serve_app.deployments import LocalHandle
+
+    server = _AsyncGenServer("a")
+    server.stream_delay = 0.3
+    config = AppConfig(models=(ModelConfig(name="a", device="cpu"),))
+    app = build_ingress(config, {"a": LocalHandle(server)}, limits={"a": 1})
+    with TestClient(app) as c:
+        holding = threading.Event()
+        results = {}
+
+        def long_stream():
+            with c.stream("POST", "/v1/chat/completions", json={**CHAT, "stream": True}) as r:
+                lines = r.iter_lines()
+                results["first"] = next(lines)
+                holding.set()
+                results["rest"] = [ln for ln in lines if ln]
+
+        t = threading.Thread(target=long_stream)
+        t.start()
+        assert holding.wait(10)
+        err = assert_openai_error(c.post("/v1/completions", json={"prompt": "x"}), 503,
+                                  "overloaded")
+        assert "capacity" in err["message"]
+        assert c.post("/generate", json={"prompt": "x"}).status_code == 503
+        t.join(10)
+        assert results["first"] == 'data: {"n": 0}'
+        assert results["rest"][-1] == "data: [DONE]" and len(results["rest"]) == 4
+        # The slot came back: the next request is served, its unary call ran locally.
+        resp = c.post("/v1/completions", json={"prompt": "x"})
+        assert resp.status_code == 200 and resp.json()["object"] == "completions"
+        assert c.get("/").json()["status"] == "idle"
+    assert server.closed == 1
+
+
+def test_local_stream_cancel_closes_the_generator():
+    import asyncio
+
+    from serve_app.deployments import LocalHandle
+
+    server = _AsyncGenServer("a")
+
+    async def scenario():
+        stream = LocalHandle(server).options(method_name="openai_stream", stream=True).remote(
+            "chat", b"{}")
+        assert await stream.__anext__() == (200, 'data: {"n": 0}\n\n')
+        stream.cancel()
+        stream.cancel()  # idempotent
+        await asyncio.sleep(0.05)
+        assert server.closed == 1
+        finished = LocalHandle(server).options(method_name="openai_stream", stream=True).remote(
+            "chat", b"{}")
+        assert len([x async for x in finished]) == 5
+        finished.cancel()  # a finished stream has nothing left to close
+        assert server.closed == 2
+        assert await LocalHandle(server).ready.remote() == "a"
+
+    asyncio.run(scenario())

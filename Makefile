@@ -6,8 +6,11 @@ export VLLM_NO_USAGE_STATS=1
 export DO_NOT_TRACK=1
 export RAY_USAGE_STATS_ENABLED=0
 export HF_HUB_OFFLINE=1
-# Ray Serve without the proxy hop (see serve_app/config.py, RAY_SERVE_ENV).
+# Ray Serve's throughput switches: direct ingress behind HAProxy (see serve_app/config.py).
 export RAY_SERVE_THROUGHPUT_OPTIMIZED ?= 1
+export RAY_SERVE_ENABLE_HA_PROXY ?= 1
+export RAY_SERVE_HAPROXY_METRICS_ENABLED ?= 0
+export RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S ?= 2
 export RAY_worker_niceness ?= 0
 export RAY_enable_worker_prestart ?= 0
 export RAY_prestart_worker_first_driver ?= 0

@@ -90,7 +90,10 @@ async def openai_request(
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
             event = json.loads(line[6:])
-            if event.get("choices") and event["choices"][0].get("text"):
+            # Any event with a choice carries a generated token, even when its text is empty
+            # (a special token, or bytes of a character not yet complete): timing by text
+            # would date the first token late on models that emit such tokens.
+            if event.get("choices"):
                 last = time.perf_counter()
                 first = first or last
             if event.get("usage"):
@@ -288,7 +291,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--modes", default="stream,unary",
                    help="with --compare: stream, unary or both")
     p.add_argument("--contenders", default="vllm,serve_app",
-                   help="with --compare: any of vllm, serve_app, ray_serve_llm")
+                   help="with --compare: any of vllm, serve_app, serve_app_licensed, "
+                   "serve_app_router, ray_serve_llm")
     return p
 
 

@@ -86,17 +86,37 @@ def model_path_for(source: str, cache_dir: str) -> str:
     return str(resolve_model(source, cache_dir))
 
 
-def contender_command(name: str, model_path: str, port: int) -> list[str]:
+CONTENDERS = ("vllm", "serve_app", "serve_app_licensed", "serve_app_router", "ray_serve_llm",
+              "ray_serve_llm_haproxy")
+
+
+def contender_command(name: str, model_path: str, port: int,
+                      out: str = ".") -> tuple[list[str], dict[str, str]]:
+    """The command line and extra environment of one contender.
+
+    ``serve_app`` runs unlicensed in its default (colocated) layout; ``serve_app_licensed`` is
+    the same with ``--dev-license`` (a local license server, the license actor, heartbeats and
+    usage reports), for the licensing on/off comparison; ``serve_app_router`` is the router
+    layout (``colocate_ingress=false``); ``ray_serve_llm`` is Ray Serve's own LLM app in
+    throughput-optimized mode, ``ray_serve_llm_haproxy`` the same behind HAProxy."""
     if name == "vllm":
         return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_path,
                 "--served-model-name", NAME, "--dtype", "float32", "--max-model-len", "2048",
-                "--enforce-eager", "--host", "127.0.0.1", "--port", str(port)]
+                "--enforce-eager", "--host", "127.0.0.1", "--port", str(port)], {}
+    ours = [sys.executable, "-m", "serve_app", "--port", str(port), "--model", model_path]
     if name == "serve_app":
-        return [sys.executable, "-m", "serve_app", "--port", str(port), "--model", model_path]
-    if name == "ray_serve_llm":
+        return ours, {}
+    if name == "serve_app_licensed":
+        return ours + ["--dev-license"], {
+            "SERVE_APP_DATA_DIR": os.path.join(os.path.abspath(out), "licensed-data"),
+            "SERVE_APP_LICENSE_SERVER_PORT": str(port + 100)}
+    if name == "serve_app_router":
+        return ours, {"SERVE_APP_COLOCATE_INGRESS": "false"}
+    if name in ("ray_serve_llm", "ray_serve_llm_haproxy"):
+        haproxy = {"RAY_SERVE_ENABLE_HA_PROXY": "1" if name.endswith("haproxy") else "0"}
         return [sys.executable, "-c", _RAY_SERVE_LLM, model_path, str(port), NAME,
-                json.dumps(TELEMETRY_OFF_ENV)]
-    raise ValueError(f"unknown contender {name!r}")
+                json.dumps(TELEMETRY_OFF_ENV)], haproxy
+    raise ValueError(f"unknown contender {name!r}; known: {', '.join(CONTENDERS)}")
 
 
 class TreeMemory:
@@ -152,11 +172,12 @@ def _stop_tree(proc: subprocess.Popen[Any]) -> None:
 
 def measure(name: str, model_path: str, args: argparse.Namespace, tokenizer: Any,
             port: int) -> dict[str, Any]:
+    command, extra_env = contender_command(name, model_path, port, args.out)
     env = {**os.environ, **TELEMETRY_OFF_ENV, "VLLM_CPU_KVCACHE_SPACE": "1",
-           "SERVE_APP_MODEL_NAME": NAME}
+           "SERVE_APP_MODEL_NAME": NAME, **extra_env}
     log = open(os.path.join(args.out, f"{name}.log"), "w")  # noqa: SIM115 (closed below)
-    proc = subprocess.Popen(contender_command(name, model_path, port), env=env, stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     memory = TreeMemory(proc.pid)
     try:
@@ -215,6 +236,9 @@ def compare(args: argparse.Namespace) -> None:
         print(f"## {name}", flush=True)
         measured[name] = measure(name, model_path, args, tokenizer, port=18000 + i)
     print_comparison(measured, names[0])
+    path = Path(args.out) / "compare.json"
+    path.write_text(json.dumps({"model": args.compare_model, "measured": measured}, indent=2))
+    print(f"wrote {path}")
 
 
 def print_comparison(measured: dict[str, Any], base: str) -> None:

@@ -87,3 +87,36 @@ def test_prompts_have_the_size_and_random_prefixes():
     assert all(len(p.split()) == 50 for p in prompts)
     same = build_prompts(4, 50, WordTokenizer(), unique=False)
     assert len(set(same)) == 1
+
+
+def test_stream_timing_counts_tokens_whose_text_is_empty():
+    """A first token with no text yet (a special token, half a character) is still the first
+    token: TTFT must not wait for the first visible text."""
+    import asyncio
+
+    import httpx
+
+    from serve_app.bench import openai_request
+
+    events = [{"choices": [{"text": ""}]}, {"choices": [{"text": ""}]},
+              {"choices": [{"text": "hi"}]},
+              {"choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 3}}]
+
+    async def body():
+        for event in events:
+            yield f"data: {json.dumps(event)}\n\n".encode()
+            await asyncio.sleep(0.05)
+        yield b"data: [DONE]\n\n"
+
+    def handler(request):
+        assert json.loads(request.content)["stream_options"] == {"include_usage": True}
+        return httpx.Response(200, content=body(), headers={"content-type": "text/event-stream"})
+
+    async def run():
+        async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
+            return await openai_request(client, "http://x", "m", "p", 3, True)
+
+    prompt, generated, ttft, decode, wall = asyncio.run(run())
+    assert (prompt, generated) == (5, 3)
+    assert ttft < 0.04  # the first (empty-text) event, not the third
+    assert 0.08 < decode < wall

@@ -290,6 +290,8 @@ def parser() -> argparse.ArgumentParser:
                    help="with --compare: model source for both servers, or random-1.5m")
     p.add_argument("--modes", default="stream,unary",
                    help="with --compare: stream, unary or both")
+    p.add_argument("--settle-s", type=float, default=10.0,
+                   help="with --compare: seconds each server idles after it answers, before load")
     p.add_argument("--contenders", default="vllm,serve_app",
                    help="with --compare: any of vllm, serve_app, serve_app_licensed, "
                    "serve_app_router, ray_serve_llm")

@@ -194,6 +194,9 @@ def measure(name: str, model_path: str, args: argparse.Namespace, tokenizer: Any
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{name} did not start; see {log.name}")
             time.sleep(1)
+        # Measure the steady state every contender reaches: Ray's agents and Serve's controller
+        # finish their start-up work in the first seconds after the app answers.
+        time.sleep(args.settle_s)
         runs: dict[str, Any] = {}
         per_run = sum(args.concurrency) * args.n_repeats
         for i, stream in enumerate(args.modes):

@@ -317,8 +317,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     tokenizer = load_tokenizer(args.tokenizer)
     # One fresh prompt per request: a repeated prompt is served from the prefix cache.
+    # A fresh seed per run too: the server's prefix cache outlives one run of this tool.
     prompts = build_prompts(sum(args.concurrency) * args.n_repeats, args.prompt_size, tokenizer,
-                            unique=not args.same_prompt)
+                            unique=not args.same_prompt, seed=random.SystemRandom().randrange(2**32))
     print(f"# {args.url} api={args.api} stream={not args.no_stream} prompt={args.prompt_size} "
           f"max_tokens={args.max_tokens} prompts={'identical' if args.same_prompt else 'random prefix'}")
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else None

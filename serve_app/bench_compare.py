@@ -14,7 +14,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -120,36 +119,30 @@ def contender_command(name: str, model_path: str, port: int,
 
 
 class TreeMemory:
-    """Peak summed PSS of a process and all its descendants, sampled every second.
+    """Peak summed PSS of a process and all its descendants, over explicit samples.
 
     PSS, not RSS: Ray's dozen processes map the same libraries, and summing RSS would count
-    those shared pages once per process."""
+    those shared pages once per process. Samples are taken between runs, never during one:
+    reading a process's memory map takes its mmap lock, and sampling every second stalled the
+    servers under load into bursty, slower streams (both contenders, at random)."""
 
     def __init__(self, pid: int) -> None:
         self._root = psutil.Process(pid)
         self.peak = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
 
-    def _run(self) -> None:
-        while not self._stop.wait(1.0):
+    def sample(self) -> int:
+        try:
+            procs = [self._root, *self._root.children(recursive=True)]
+        except psutil.Error:
+            return self.peak
+        total = 0
+        for proc in procs:
             try:
-                procs = [self._root, *self._root.children(recursive=True)]
-                total = 0
-                for proc in procs:
-                    try:
-                        info = proc.memory_full_info()
-                        total += getattr(info, "pss", info.rss)
-                    except psutil.Error:
-                        pass
-                self.peak = max(self.peak, total)
+                info = proc.memory_full_info()
+                total += getattr(info, "pss", info.rss)
             except psutil.Error:
-                return
-
-    def stop(self) -> int:
-        self._stop.set()
-        self._thread.join()
+                pass
+        self.peak = max(self.peak, total)
         return self.peak
 
 
@@ -176,8 +169,12 @@ def measure(name: str, model_path: str, args: argparse.Namespace, tokenizer: Any
     env = {**os.environ, **TELEMETRY_OFF_ENV, "VLLM_CPU_KVCACHE_SPACE": "1",
            "SERVE_APP_MODEL_NAME": NAME, **extra_env}
     log = open(os.path.join(args.out, f"{name}.log"), "w")  # noqa: SIM115 (closed below)
+    # Same session as this load generator, as a server started from a shell would be towards
+    # its clients. A session of its own puts the server in its own scheduler autogroup (Linux's
+    # default), which shares the CPU between groups, not threads: measured here, every
+    # contender's streams then came in bursts at c=16, 5x slower, at random.
     proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+                            stdin=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     memory = TreeMemory(proc.pid)
     try:
@@ -197,6 +194,7 @@ def measure(name: str, model_path: str, args: argparse.Namespace, tokenizer: Any
         # Measure the steady state every contender reaches: Ray's agents and Serve's controller
         # finish their start-up work in the first seconds after the app answers.
         time.sleep(args.settle_s)
+        memory.sample()
         runs: dict[str, Any] = {}
         per_run = sum(args.concurrency) * args.n_repeats
         for i, stream in enumerate(args.modes):
@@ -215,9 +213,9 @@ def measure(name: str, model_path: str, args: argparse.Namespace, tokenizer: Any
                 max_tokens=args.max_tokens, model=NAME, stream=stream,
                 progress=not args.no_progress))
             runs["stream" if stream else "unary"] = summary(results)
-        return {"runs": runs, "memory": memory.stop()}
+            memory.sample()  # KV cache and buffers are at their high-water mark after a run
+        return {"runs": runs, "memory": memory.peak}
     finally:
-        memory.stop()
         _stop_tree(proc)
         log.close()
 

@@ -120,3 +120,22 @@ def test_stream_timing_counts_tokens_whose_text_is_empty():
     assert (prompt, generated) == (5, 3)
     assert ttft < 0.04  # the first (empty-text) event, not the third
     assert 0.08 < decode < wall
+
+
+def test_compare_contenders_differ_only_where_they_should():
+    from serve_app.bench_compare import CONTENDERS, contender_command
+
+    commands = {name: contender_command(name, "/m", 18000, "/out") for name in CONTENDERS}
+    vllm, _ = commands["vllm"]
+    assert vllm[1:3] == ["-m", "vllm.entrypoints.openai.api_server"]
+    ours, env = commands["serve_app"]
+    assert ours[1:3] == ["-m", "serve_app"] and env == {}
+    licensed, env = commands["serve_app_licensed"]
+    assert licensed == ours + ["--dev-license"]
+    assert env["SERVE_APP_DATA_DIR"] == "/out/licensed-data"
+    assert env["SERVE_APP_LICENSE_SERVER_PORT"] == "18100"
+    assert commands["serve_app_router"] == (ours, {"SERVE_APP_COLOCATE_INGRESS": "false"})
+    assert commands["ray_serve_llm"][1] == {"RAY_SERVE_ENABLE_HA_PROXY": "0"}
+    assert commands["ray_serve_llm_haproxy"][1] == {"RAY_SERVE_ENABLE_HA_PROXY": "1"}
+    with pytest.raises(ValueError, match="known"):
+        contender_command("tgi", "/m", 1)

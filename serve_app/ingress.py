@@ -343,9 +343,11 @@ class IngressApp:
             self._count(endpoint, status, started)
             if status != 200:
                 return Response(text, status_code=status, media_type=JSON)
-            release = False  # the stream releases when it ends
-            return StreamingResponse(
-                self._relay(gen, text, model),
+            release = False  # the response releases when it is over
+            relay = _Relay(gen, text, lambda: self._release(model))
+            return _StreamResponse(
+                relay.chunks(),
+                on_close=relay.close,
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
@@ -357,25 +359,6 @@ class IngressApp:
         model.in_flight -= 1
         self._in_flight -= 1
         self._metrics.in_flight.dec()
-
-    async def _relay(self, gen: Any, first: str, model: _Model) -> AsyncIterator[str]:
-        done = False
-        try:
-            yield first
-            async for text in gen:
-                yield text
-            done = True
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            # Headers are gone; report in-band the way vLLM does.
-            err = _map_handle_error(exc)
-            done = True
-            yield sse_error(err.status, to_error_body(err))
-        finally:
-            if not done:
-                gen.cancel()  # client went away: Serve cancels the replica, vLLM aborts
-            self._release(model)
 
     async def generate(self, request: Request) -> Response:
         return await self._maritalk(request, "raw")
@@ -395,6 +378,55 @@ class IngressApp:
             self._release(model)
         self._count(f"maritalk_{kind}", status, started)
         return Response(text, status_code=status, media_type=JSON)
+
+
+class _Relay:
+    """Relays a replica's stream to the client; ``close`` runs once, however the response ends."""
+
+    def __init__(self, gen: Any, first: str, release: Callable[[], None]) -> None:
+        self._gen = gen
+        self._first = first
+        self._release = release
+        self._finished = False
+        self._closed = False
+
+    async def chunks(self) -> AsyncIterator[str]:
+        yield self._first
+        try:
+            async for text in self._gen:
+                yield text
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            # Headers are gone; report in-band the way vLLM does.
+            err = _map_handle_error(exc)
+            yield sse_error(err.status, to_error_body(err))
+        self._finished = True
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if not self._finished:
+            self._gen.cancel()  # client went away: the replica's generator is closed, vLLM aborts
+        self._release()
+
+
+class _StreamResponse(StreamingResponse):
+    """A client that leaves before the first chunk is read never starts the body iterator, so
+    cleanup inside it would never run: the admission slot would leak and the engine would keep
+    generating. The response's own ``finally`` always runs."""
+
+    def __init__(self, content: AsyncIterator[str], on_close: Callable[[], None],
+                 **kwargs: Any) -> None:
+        super().__init__(content, **kwargs)
+        self._on_close = on_close
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._on_close()
 
 
 def build_ingress(config: AppConfig, handles: Mapping[str, Any], **kwargs: Any) -> Starlette:

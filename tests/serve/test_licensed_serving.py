@@ -178,6 +178,43 @@ def test_e_scaling_up_and_down_shows_in_the_count(cluster):
     assert server == pytest.approx(ledger)
 
 
+def test_y_router_layout_serves_streams_and_counts(cluster):
+    """``colocate_ingress=false``: a router replica in front, the model behind a handle."""
+    import ray
+    from ray import serve
+
+    from serve_app.builder import build_app_from_config
+
+    def deploy(colocate):
+        config = cluster["config"].model_copy(update={"colocate_ingress": colocate})
+        serve.run(build_app_from_config(config, llm_cls=LicensedFakeLLM), name="licensed",
+                  route_prefix="/", blocking=False)
+
+    def deployments():
+        return {a["name"].split("#")[1] for a in ray.util.list_named_actors(all_namespaces=True)
+                if a["name"].startswith("SERVE_REPLICA::licensed#")}
+
+    url = cluster["url"]
+    deploy(False)
+    try:
+        wait_for(lambda: deployments() == {"Ingress", "LLM:m"}, timeout=60,
+                 what="the router layout")
+        wait_for(lambda: httpx.post(f"{url}/v1/chat/completions", json=CHAT).status_code == 200,
+                 timeout=60, what="the router layout to serve")
+        with httpx.stream("POST", f"{url}/v1/chat/completions", json={**CHAT, "stream": True},
+                          timeout=60) as stream:
+            lines = [line for line in stream.iter_lines() if line]
+        assert lines[0] == 'data: {"n": 0}' and lines[-1] == "data: [DONE]"
+        assert len(lines) == 31
+        wait_for(lambda: status(cluster)["instances_now"] == 1, timeout=30,
+                 what="one counted instance (the router is not one)")
+    finally:
+        deploy(True)
+        wait_for(lambda: deployments() == {"LLM:m"}, timeout=60, what="the colocated layout")
+        wait_for(lambda: httpx.post(f"{url}/v1/chat/completions", json=CHAT).status_code == 200,
+                 timeout=60, what="the colocated layout to serve")
+
+
 def test_z_revocation_refuses_new_requests_but_finishes_running_ones(cluster):
     url = cluster["url"]
     with httpx.stream("POST", f"{url}/v1/chat/completions", json={**CHAT, "stream": True},

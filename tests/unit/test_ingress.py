@@ -336,3 +336,41 @@ def test_local_stream_cancel_closes_the_generator():
         assert await LocalHandle(server).ready.remote() == "a"
 
     asyncio.run(scenario())
+
+
+def test_a_client_gone_before_the_first_chunk_frees_its_slot_and_cancels():
+    """The body iterator never starts when sending the headers already fails: the slot and the
+    replica's stream must be released anyway, or the admission limit leaks shut."""
+    import asyncio
+
+    server = FakeLLMServer("a")
+    config = AppConfig(models=(ModelConfig(name="a", device="cpu"),))
+    app = build_ingress(config, {"a": FakeLLMHandle(server)}, limits={"a": 1})
+    body = json.dumps({**CHAT, "stream": True}).encode()
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+             "scheme": "http", "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions",
+             "root_path": "", "query_string": b"", "server": ("t", 80), "client": ("c", 1),
+             "headers": [(b"content-type", b"application/json"),
+                         (b"content-length", str(len(body)).encode())]}
+
+    async def scenario():
+        sent = []
+
+        async def receive():
+            if not sent:
+                sent.append("body")
+                return {"type": "http.request", "body": body, "more_body": False}
+            await asyncio.sleep(3600)
+
+        async def send(message):
+            if message["type"] == "http.response.start":
+                raise OSError("connection reset by peer")
+
+        with pytest.raises(OSError):
+            await app(scope, receive, send)
+
+    asyncio.run(scenario())
+    assert server.streams and server.streams[0].cancelled
+    with TestClient(app) as c:  # the one slot is free again
+        assert c.get("/").json()["status"] == "idle"
+        assert c.post("/v1/chat/completions", json=CHAT).status_code == 200

@@ -168,8 +168,8 @@ def test_e_scaling_up_and_down_shows_in_the_count(cluster):
 
     scale(2)
     wait_for(lambda: status(cluster)["instances_now"] == 2, timeout=60, what="two instances")
-    assert cluster["server"].service.store.active_instances(
-        cluster["license"].license_id, fresh_s=10) in (1, 2)  # reported at the next heartbeat
+    # The server counts what heartbeated within fresh_s: the replica test_c killed may still be
+    # in that window (replicas now drain in 2 s, so tests follow each other quickly).
     wait_for(lambda: cluster["server"].service.store.active_instances(
         cluster["license"].license_id, fresh_s=10) == 2, timeout=20, what="the server's count")
     scale(1)

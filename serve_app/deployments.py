@@ -1,9 +1,10 @@
 """The two ways the HTTP face meets the engines, as Serve deployment classes.
 
 ``ColocatedIngress`` (the default) serves HTTP from the replicas that run the first model's
-engine: a request goes client -> uvicorn in the replica -> vLLM, the same path as `vllm serve`,
-and Serve's direct ingress lets every replica on a node share the port (SO_REUSEPORT). Other
-models, if any, sit behind handles as usual. ``Ingress`` is a CPU-only router replica in front of
+engine: a request goes client -> HAProxy -> uvicorn in the replica -> vLLM, the path of
+`vllm serve` plus one relay in C. Serve's direct ingress gives each replica its own HTTP port and
+HAProxy, on Serve's port, balances over them (``RAY_SERVE_ENV`` in ``config.py``). Other models,
+if any, sit behind handles as usual. ``Ingress`` is a CPU-only router replica in front of
 every model: load-aware balancing over many replicas and scale-to-zero, at the price of one Ray
 hop per streamed message. Measured on this 2-core box (1.5M-parameter model, streaming, c=1):
 the router layout reached 0.63x raw vLLM's tokens/s with +34 ms TTFT, the colocated one

@@ -120,7 +120,6 @@ class IngressApp:
         self._default = config.models[0].name
         self._keys = [k.get_secret_value().encode() for k in config.api_keys]
         self._metrics = _Metrics()
-        self._in_flight = 0
         self._created = int(time.time())
 
     # -- plumbing ------------------------------------------------------------------------------
@@ -242,12 +241,15 @@ class IngressApp:
 
     # -- status routes -------------------------------------------------------------------------
 
+    def _busy(self) -> bool:
+        return any(m.in_flight for m in self._models.values())
+
     def _loading(self) -> bool:
         return not all(m.ready for m in self._models.values())
 
     async def status(self, request: Request) -> Response:
         """MariTalk Local's status route: ``loading`` until every model answers."""
-        state = "loading" if self._loading() else ("busy" if self._in_flight else "idle")
+        state = "loading" if self._loading() else ("busy" if self._busy() else "idle")
         return JSONResponse({"status": state, "models": list(self._models)})
 
     async def health(self, request: Request) -> Response:
@@ -315,7 +317,6 @@ class IngressApp:
                 "The server is at capacity; retry shortly.", headers={"Retry-After": RETRY_AFTER_S}
             )
         model.in_flight += 1
-        self._in_flight += 1
         self._metrics.in_flight.inc()
 
     async def _openai(self, request: Request, endpoint: str) -> Response:
@@ -357,7 +358,6 @@ class IngressApp:
 
     def _release(self, model: _Model) -> None:
         model.in_flight -= 1
-        self._in_flight -= 1
         self._metrics.in_flight.dec()
 
     async def generate(self, request: Request) -> Response:

@@ -74,6 +74,10 @@ def colocated_options(model: ModelConfig, config: AppConfig) -> dict[str, Any]:
     options = deployment_options(model, config.runtime_env_vars())
     options["max_ongoing_requests"] = config.ingress_max_ongoing_requests
     options["max_queued_requests"] = -1
+    if "autoscaling_config" in options:
+        # Serve does not see requests that arrive on the replica's own listener.
+        options["autoscaling_config"]["policy"] = {
+            "policy_function": "serve_app.autoscaling:in_flight_policy"}
     return options
 
 

@@ -1,7 +1,8 @@
 """``python -m serve_app``: the whole stack in the foreground, stopped cleanly by Ctrl-C.
 
-Starts a local Ray instance, Serve's HTTP proxy on ``SERVE_APP_HOST:SERVE_APP_PORT``
-(127.0.0.1:9000 by default, MariTalk Local's port) and the app; prints how to call it.
+Starts a local Ray instance and the app, served on ``SERVE_APP_HOST:SERVE_APP_PORT``
+(127.0.0.1:9000 by default, MariTalk Local's port) by the engine replicas themselves (or by
+Serve's HTTP proxy in the router layout); prints how to call it.
 """
 
 from __future__ import annotations
@@ -137,7 +138,11 @@ def _run(settings: Settings) -> int:
         pin_to_frontend()  # every Ray process inherits this; see affinity.py
     ray.init(include_dashboard=False, runtime_env={"env_vars": dict(TELEMETRY_OFF_ENV)})
     try:
-        serve.start(http_options={"host": settings.host, "port": settings.port})
+        if config.http_port is not None:
+            # The replicas listen on the port themselves (listener.py): no proxy to start.
+            serve.start(proxy_location="Disabled")
+        else:
+            serve.start(http_options={"host": settings.host, "port": settings.port})
         serve.run(build_app_from_config(config), name="serve_app", route_prefix="/", blocking=False)
         url = f"http://{settings.host}:{settings.port}"
         print("Starting vLLM replicas ...", flush=True)

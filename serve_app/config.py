@@ -186,6 +186,13 @@ class AppConfig(BaseModel):
         "HTTP server and the engine). False puts a CPU-only router replica in front: "
         "load-aware balancing across many replicas and scale-to-zero, at one hop per message.",
     )
+    http_host: str = Field("127.0.0.1", description="Address of `http_port`.")
+    http_port: int | None = Field(
+        None, ge=1, le=65535,
+        description="With colocate_ingress: the first model's replicas serve HTTP on this port "
+        "themselves (SO_REUSEPORT, so the replicas of one node share it); Serve's own HTTP "
+        "proxy is then not needed. None: HTTP only through Serve's proxy (and HAProxy).",
+    )
     license: LicenseConfig | None = Field(
         None, description="Without one the app runs unlicensed (development only)."
     )
@@ -205,6 +212,9 @@ class AppConfig(BaseModel):
                 "with colocate_ingress the first model's replicas serve HTTP, so its "
                 "min_replicas must be at least 1 (or set colocate_ingress to false)"
             )
+        if self.http_port is not None and not self.colocate_ingress:
+            raise ValueError("http_port is where colocated replicas listen; with "
+                             "colocate_ingress false, HTTP goes through Serve's proxy only")
         return self
 
     def runtime_env_vars(self) -> dict[str, str]:
@@ -244,6 +254,9 @@ class Settings(BaseSettings):
     report_interval_s: float = 60.0
     max_instances: int | None = None
     colocate_ingress: bool = True
+    replica_http: bool = Field(
+        True, description="Colocated replicas listen on host:port themselves (see "
+        "AppConfig.http_port); false leaves the port to Serve's HTTP proxy.")
 
     @field_validator("api_keys", mode="before")
     @classmethod
@@ -287,6 +300,8 @@ class Settings(BaseSettings):
             model_cache_dir=self.model_cache_dir,
             license=license,
             colocate_ingress=self.colocate_ingress,
+            http_host=self.host,
+            http_port=self.port if self.replica_http and self.colocate_ingress else None,
         )
 
 

@@ -22,7 +22,8 @@ from starlette.applications import Starlette
 
 from serve_app.affinity import pin_to_frontend
 from serve_app.config import AppConfig
-from serve_app.ingress import build_ingress
+from serve_app.ingress import IngressApp, build_ingress
+from serve_app.listener import ReplicaListener
 
 
 def license_kwargs(config: AppConfig) -> dict[str, Any]:
@@ -101,29 +102,63 @@ class Ingress:
 
 class ColocatedIngress:
     """Mixed in before the LLM class (``colocated(LLMServer)``): the engine's replica serves
-    HTTP itself. Requests for the local model are admitted up to its ``max_ongoing_requests +
-    max_queued_requests`` (vLLM queues them) and refused with 503 beyond that, in OpenAI's error
-    format; the deployment's own Serve limit is sized for all HTTP traffic so that health and
-    metrics probes never queue behind generation."""
+    HTTP itself, on ``config.http_port`` (``listener.py``) and, if Serve's proxy runs, through
+    Serve's direct ingress too; both reach the same app. Requests for the local model are
+    admitted up to its ``max_ongoing_requests + max_queued_requests`` (vLLM queues them) and
+    refused with 503 beyond that, in OpenAI's error format; the deployment's own Serve limit is
+    sized for all HTTP traffic so that health and metrics probes never queue behind generation.
+    """
 
     # Within one process there is no hop whose messages coalescing would save.
     _coalesce_streams = False
+    # Serve stops a replica after its graceful_shutdown_timeout_s; drain within it.
+    _drain_s = 25.0
 
     async def __init__(self, config: AppConfig, handles: dict[str, Any]) -> None:
+        self._listener: ReplicaListener | None = None
         local = config.models[0]
+        self._local_name = local.name
         started = super().__init__(local, config.model_cache_dir, config.license)  # type: ignore[call-arg]
         if inspect.isawaitable(started):
             await started
         queued = max(local.max_queued_requests, 0)
-        self._app = build_ingress(
+        self._ingress = IngressApp(
             config,
             {local.name: LocalHandle(self), **handles},
             limits={local.name: local.max_ongoing_requests + queued},
             **license_kwargs(config),
         )
+        self._app = self._ingress.build()
+        if config.http_port is not None:
+            # Only now: the kernel hands connections to a socket as soon as it listens, and
+            # this replica's engine is up only from here on.
+            self._listener = ReplicaListener(self._app, config.http_host, config.http_port,
+                                             self._drain_s)
+            await self._listener.start()
 
     async def __serve_build_asgi_app__(self) -> Starlette:
         return self._app
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Serve's autoscaler counts only requests that pass through Serve; ours mostly come
+        through the replica's own listener (``autoscaling.py`` reads this)."""
+        return {"in_flight": float(self._ingress.in_flight(self._local_name))}
+
+    async def check_health(self) -> None:
+        if self._listener is not None and not self._listener.alive:
+            raise RuntimeError("the replica's HTTP server stopped")
+        probe = getattr(super(), "check_health", None)
+        if probe is not None:
+            await probe()
+
+    async def __del__(self) -> None:
+        if self._listener is not None:
+            await self._listener.stop()
+        super_del = getattr(super(), "__del__", None)
+        if super_del is not None:
+            result = super_del()
+            if inspect.isawaitable(result):
+                await result
 
 
 def colocated(llm_cls: type) -> type:

@@ -121,6 +121,8 @@ class IngressApp:
         self._keys = [k.get_secret_value().encode() for k in config.api_keys]
         self._metrics = _Metrics()
         self._created = int(time.time())
+        self._lifespans = 0
+        self._tasks: list[asyncio.Task[None]] = []
 
     # -- plumbing ------------------------------------------------------------------------------
 
@@ -149,14 +151,20 @@ class IngressApp:
 
     @contextlib.asynccontextmanager
     async def _lifespan(self, app: Starlette) -> AsyncIterator[None]:
-        tasks = [asyncio.create_task(self._watch_readiness())]
-        if self._gate is not None:
-            tasks.append(asyncio.create_task(self._gate.run()))
+        # A colocated replica may run the app under two servers (its own listener and Serve's
+        # direct ingress): the background work starts with the first, stops with the last.
+        if self._lifespans == 0:
+            self._tasks = [asyncio.create_task(self._watch_readiness())]
+            if self._gate is not None:
+                self._tasks.append(asyncio.create_task(self._gate.run()))
+        self._lifespans += 1
         try:
             yield
         finally:
-            for task in tasks:
-                task.cancel()
+            self._lifespans -= 1
+            if self._lifespans == 0:
+                for task in self._tasks:
+                    task.cancel()
 
     async def _watch_readiness(self) -> None:
         for model in self._models.values():
@@ -241,8 +249,14 @@ class IngressApp:
 
     # -- status routes -------------------------------------------------------------------------
 
+    def in_flight(self, model: str | None = None) -> int:
+        """Generation requests this process is serving, for one model or all."""
+        if model is not None:
+            return self._models[model].in_flight
+        return sum(m.in_flight for m in self._models.values())
+
     def _busy(self) -> bool:
-        return any(m.in_flight for m in self._models.values())
+        return self.in_flight() > 0
 
     def _loading(self) -> bool:
         return not all(m.ready for m in self._models.values())

@@ -142,9 +142,15 @@ class LicenseActor:
         }
 
     async def flush(self) -> dict[str, float]:
-        """Seal and deliver now (tests and shutdown); returns the ledger totals."""
-        await self._report(force=True)
-        return self._ledger.totals()
+        """Seal and deliver now (tests and shutdown); returns the ledger totals. A heartbeat
+        handled while a report is on the wire accrues new time, so deliver until none is
+        pending (a few rounds at most: heartbeats are seconds apart, reports milliseconds)."""
+        for _ in range(5):
+            await self._report(force=True)
+            totals = self._ledger.totals()
+            if not totals.get("pending_seconds"):
+                break
+        return totals
 
     def _decision(self) -> Decision:
         return decide(self._license, now=self._now(), last_checkin=self._last_checkin,

@@ -65,8 +65,9 @@ def stack(tmp_path_factory):
         os.environ.setdefault(key, value)
     ray.init(include_dashboard=False, runtime_env={"env_vars": dict(TELEMETRY_OFF_ENV)})
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        config = AppConfig(models=(E2E_MODEL,), license=license)
+        # As `python -m serve_app` runs it: the replica listens on the port, no Serve proxy.
+        serve.start(proxy_location="Disabled")
+        config = AppConfig(models=(E2E_MODEL,), license=license, http_port=port)
         serve.run(build_app_from_config(config), name="serve_app", route_prefix="/",
                   blocking=False)
         url = f"http://127.0.0.1:{port}"

@@ -59,18 +59,21 @@ def cluster(tmp_path_factory):
     lic, key = server.issue(heartbeat_interval_s=INTERVAL, grace_period_s=3600)
     license = server.license_config(key, data / "ledger.db", report_interval_s=1.0,
                                     actor_name=f"license_{os.getpid()}")
-    config = AppConfig(models=(ModelConfig(name="m", device="cpu"),), license=license)
-    port = free_port()
+    # The replicas listen on `port` themselves; Serve's proxy (for the router layout) on its own.
+    port, serve_port = free_port(), free_port()
+    config = AppConfig(models=(ModelConfig(name="m", device="cpu"),), license=license,
+                       http_port=port)
     ray.init(include_dashboard=False, num_cpus=4, runtime_env={"env_vars": dict(TELEMETRY_OFF_ENV)})
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.start(http_options={"host": "127.0.0.1", "port": serve_port})
         serve.run(build_app_from_config(config, llm_cls=LicensedFakeLLM), name="licensed",
                   route_prefix="/", blocking=False)
         url = f"http://127.0.0.1:{port}"
         wait_for(lambda: httpx.post(f"{url}/v1/chat/completions", json=CHAT).status_code == 200,
                  timeout=120, what="the licensed app")
         actor = ray.get_actor(license.actor_name, namespace=license.namespace)
-        yield {"url": url, "server": server, "license": lic, "actor": actor, "config": config}
+        yield {"url": url, "serve_url": f"http://127.0.0.1:{serve_port}", "port": port,
+               "server": server, "license": lic, "actor": actor, "config": config}
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -91,6 +94,14 @@ def status(cluster):
     return httpx.get(f"{cluster['url']}/license", timeout=10).json()
 
 
+def listeners(port):
+    """Processes listening on ``port`` (replicas share it with SO_REUSEPORT)."""
+    import psutil
+
+    return sorted(c.pid for c in psutil.net_connections(kind="tcp")
+                  if c.status == psutil.CONN_LISTEN and c.laddr.port == port)
+
+
 def test_a_serves_counts_and_reports(cluster):
     st = status(cluster)
     assert (st["license_id"], st["customer"], st["state"]) == (cluster["license"].license_id,
@@ -102,6 +113,17 @@ def test_a_serves_counts_and_reports(cluster):
     assert ledger > 0 and server == pytest.approx(ledger)
     assert cluster["server"].service.store.active_instances(cluster["license"].license_id,
                                                             fresh_s=10) == 1
+
+
+def test_a2_the_replica_serves_its_own_port_and_serves_through_serve_too(cluster):
+    assert len(listeners(cluster["port"])) == 1
+    # The same app (same admission, same license gate) behind Serve's proxy and direct ingress.
+    resp = httpx.post(f"{cluster['serve_url']}/v1/chat/completions", json=CHAT, timeout=30)
+    assert resp.status_code == 200
+    with httpx.stream("POST", f"{cluster['url']}/v1/chat/completions",
+                      json={**CHAT, "stream": True}, timeout=60) as stream:
+        lines = [line for line in stream.iter_lines() if line]
+    assert lines[0] == 'data: {"n": 0}' and lines[-1] == "data: [DONE]" and len(lines) == 31
 
 
 def test_b_killing_the_actor_loses_and_doubles_nothing(cluster):
@@ -172,8 +194,25 @@ def test_e_scaling_up_and_down_shows_in_the_count(cluster):
     # in that window (replicas now drain in 2 s, so tests follow each other quickly).
     wait_for(lambda: cluster["server"].service.store.active_instances(
         cluster["license"].license_id, fresh_s=10) == 2, timeout=20, what="the server's count")
-    scale(1)
+    # Both replicas listen on the one port (SO_REUSEPORT); the kernel spreads connections.
+    wait_for(lambda: len(listeners(cluster["port"])) == 2, timeout=30, what="two listeners")
+
+    async def streams(n):
+        async def one():
+            async with httpx.AsyncClient(timeout=60) as client:  # a connection each
+                async with client.stream("POST", f"{cluster['url']}/v1/chat/completions",
+                                         json={**CHAT, "stream": True}) as resp:
+                    return [line async for line in resp.aiter_lines() if line]
+
+        tasks = [asyncio.create_task(one()) for _ in range(n)]
+        await asyncio.sleep(0.5)  # all started
+        await asyncio.to_thread(scale, 1)  # the replica going away stops accepting and finishes its streams
+        return await asyncio.gather(*tasks)
+
+    for lines in asyncio.run(streams(6)):
+        assert lines[-1] == "data: [DONE]" and len(lines) == 31
     wait_for(lambda: status(cluster)["instances_now"] == 1, timeout=60, what="one instance")
+    wait_for(lambda: len(listeners(cluster["port"])) == 1, timeout=30, what="one listener")
     ledger, server = totals(cluster)
     assert server == pytest.approx(ledger)
 
@@ -186,7 +225,8 @@ def test_y_router_layout_serves_streams_and_counts(cluster):
     from serve_app.builder import build_app_from_config
 
     def deploy(colocate):
-        config = cluster["config"].model_copy(update={"colocate_ingress": colocate})
+        config = cluster["config"].model_copy(update={
+            "colocate_ingress": colocate, "http_port": cluster["port"] if colocate else None})
         serve.run(build_app_from_config(config, llm_cls=LicensedFakeLLM), name="licensed",
                   route_prefix="/", blocking=False)
 
@@ -194,7 +234,7 @@ def test_y_router_layout_serves_streams_and_counts(cluster):
         return {a["name"].split("#")[1] for a in ray.util.list_named_actors(all_namespaces=True)
                 if a["name"].startswith("SERVE_REPLICA::licensed#")}
 
-    url = cluster["url"]
+    url = cluster["serve_url"]  # the router layout has no replica listener
     deploy(False)
     try:
         wait_for(lambda: deployments() == {"Ingress", "LLM:m"}, timeout=60,
@@ -206,8 +246,8 @@ def test_y_router_layout_serves_streams_and_counts(cluster):
             lines = [line for line in stream.iter_lines() if line]
         assert lines[0] == 'data: {"n": 0}' and lines[-1] == "data: [DONE]"
         assert len(lines) == 31
-        wait_for(lambda: status(cluster)["instances_now"] == 1, timeout=30,
-                 what="one counted instance (the router is not one)")
+        wait_for(lambda: httpx.get(f"{url}/license", timeout=10).json()["instances_now"] == 1,
+                 timeout=30, what="one counted instance (the router is not one)")
     finally:
         deploy(True)
         wait_for(lambda: deployments() == {"LLM:m"}, timeout=60, what="the colocated layout")

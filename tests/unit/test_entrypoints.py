@@ -92,3 +92,38 @@ def test_colocated_layout_refuses_scale_to_zero():
     config = Settings(min_replicas="0", max_replicas="2",
                       colocate_ingress="false").to_app_config()
     assert config.models[0].min_replicas == 0 and not config.colocate_ingress
+
+
+def test_replica_http_follows_settings_and_needs_the_colocated_layout():
+    from serve_app.config import AppConfig, ModelConfig, Settings
+
+    config = Settings(port="9123", host="0.0.0.0").to_app_config()
+    assert (config.http_host, config.http_port) == ("0.0.0.0", 9123)
+    assert Settings(replica_http="false").to_app_config().http_port is None
+    assert Settings(colocate_ingress="false").to_app_config().http_port is None
+    with pytest.raises(ValidationError, match="http_port"):
+        AppConfig(models=(ModelConfig(),), colocate_ingress=False, http_port=9000)
+
+
+def test_colocated_autoscaling_scales_on_what_the_replicas_report():
+    from types import SimpleNamespace
+
+    from ray.serve.config import AutoscalingConfig
+
+    from serve_app.autoscaling import desired_replicas, in_flight_policy
+    from serve_app.builder import colocated_options
+    from serve_app.config import AppConfig, ModelConfig
+
+    model = ModelConfig(min_replicas=1, max_replicas=4, target_ongoing_requests=8)
+    options = colocated_options(model, AppConfig(models=(model,)))
+    auto = AutoscalingConfig(**options["autoscaling_config"])
+    policy = auto.policy.get_policy()
+    assert (policy.__module__, policy.__qualname__) == ("serve_app.autoscaling", "in_flight_policy")
+    assert in_flight_policy.__doc__ == policy.__doc__
+    ctx = SimpleNamespace(aggregated_metrics={"in_flight": {"r1": 20.0, "r2": 4.0}},
+                          config=auto, target_num_replicas=2)
+    assert policy(ctx) == (3.0, {})  # 24 in flight / 8 per replica
+    assert desired_replicas({}, 8, current_target=2) == 2  # nothing reported yet: hold
+    assert desired_replicas({"r1": 0.0}, 8, current_target=2) == 0  # Serve clamps to min
+    fixed = colocated_options(ModelConfig(), AppConfig())
+    assert "autoscaling_config" not in fixed and fixed["num_replicas"] == 1

@@ -119,24 +119,29 @@ def contender_command(name: str, model_path: str, port: int,
 
 
 class TreeMemory:
-    """Peak summed PSS of a process and all its descendants, over explicit samples.
+    """Peak summed PSS of a process and all its descendants, over explicit samples, and their
+    summed CPU time.
 
     PSS, not RSS: Ray's dozen processes map the same libraries, and summing RSS would count
     those shared pages once per process. Samples are taken between runs, never during one:
     reading a process's memory map takes its mmap lock, and sampling every second stalled the
-    servers under load into bursty, slower streams (both contenders, at random)."""
+    servers under load into bursty, slower streams (both contenders, at random). CPU time
+    (``/proc/<pid>/stat``, no lock) measures each side's cost per token far more steadily than
+    throughput does on a noisy box."""
 
     def __init__(self, pid: int) -> None:
         self._root = psutil.Process(pid)
         self.peak = 0
 
-    def sample(self) -> int:
+    def _procs(self) -> list[psutil.Process]:
         try:
-            procs = [self._root, *self._root.children(recursive=True)]
+            return [self._root, *self._root.children(recursive=True)]
         except psutil.Error:
-            return self.peak
+            return []
+
+    def sample(self) -> int:
         total = 0
-        for proc in procs:
+        for proc in self._procs():
             try:
                 info = proc.memory_full_info()
                 total += getattr(info, "pss", info.rss)
@@ -144,6 +149,16 @@ class TreeMemory:
                 pass
         self.peak = max(self.peak, total)
         return self.peak
+
+    def cpu_seconds(self) -> float:
+        total = 0.0
+        for proc in self._procs():
+            try:
+                t = proc.cpu_times()
+                total += t.user + t.system
+            except psutil.Error:
+                pass
+        return total
 
 
 def _stop_tree(proc: subprocess.Popen[Any]) -> None:
@@ -196,6 +211,7 @@ def measure(name: str, model_path: str, args: argparse.Namespace, tokenizer: Any
         time.sleep(args.settle_s)
         memory.sample()
         runs: dict[str, Any] = {}
+        cpu: dict[str, dict[str, float]] = {}
         per_run = sum(args.concurrency) * args.n_repeats
         for i, stream in enumerate(args.modes):
             # Fresh prompts for every request of every run, the same for every contender: a
@@ -208,13 +224,17 @@ def measure(name: str, model_path: str, args: argparse.Namespace, tokenizer: Any
             asyncio.run(run_bench(url, concurrencies=[2], n_repeats=1, prompts=fresh(2, 1000 + i),
                                   max_tokens=8, model=NAME, stream=stream, progress=False))
             prompts = fresh(per_run, i)
+            cpu_before = memory.cpu_seconds()
             results = asyncio.run(run_bench(
                 url, concurrencies=args.concurrency, n_repeats=args.n_repeats, prompts=prompts,
                 max_tokens=args.max_tokens, model=NAME, stream=stream,
                 progress=not args.no_progress))
-            runs["stream" if stream else "unary"] = summary(results)
+            mode = "stream" if stream else "unary"
+            runs[mode] = summary(results)
+            cpu[mode] = {"cpu_s": memory.cpu_seconds() - cpu_before,
+                         "generated_tokens": sum(r.generated_tokens for r in results)}
             memory.sample()  # KV cache and buffers are at their high-water mark after a run
-        return {"runs": runs, "memory": memory.peak}
+        return {"runs": runs, "memory": memory.peak, "cpu": cpu}
     finally:
         _stop_tree(proc)
         log.close()
@@ -258,7 +278,21 @@ def print_comparison(measured: dict[str, Any], base: str) -> None:
                 if row["errors"]:
                     cells[-1] += f" !{row['errors']:.0f} errors"
             print(" ".join(cells))
+    print("\n### server CPU seconds per 1,000 generated tokens (every process of each side, "
+          "whole run; lower is better)")
+    for mode in measured[base].get("cpu", {}):
+        cells = []
+        ref = cpu_per_1k(measured[base]["cpu"][mode])
+        for name, m in measured.items():
+            value = cpu_per_1k(m.get("cpu", {}).get(mode, {}))
+            cells.append(f"{name} {value:.3f} ({value / ref if ref else 0:4.2f}x)")
+        print(f"{mode:>7}: " + ", ".join(cells))
     base_mem = measured[base]["memory"]
     print("\n### memory (peak PSS of the whole process tree)")
     for name, m in measured.items():
         print(f"{name:>14}: {m['memory'] / 2**30:5.2f} GiB ({m['memory'] / base_mem:4.2f}x)")
+
+
+def cpu_per_1k(cpu: dict[str, float]) -> float:
+    tokens = cpu.get("generated_tokens", 0)
+    return 1000 * cpu["cpu_s"] / tokens if tokens else 0.0

@@ -34,11 +34,11 @@ TELEMETRY_OFF_ENV = {
 # Ray Serve switches read when Ray starts (set them before `ray start` / `serve run`; the CLI
 # does). Throughput-optimized mode runs user code on the replica's main loop, uses gRPC between
 # replicas and turns on direct ingress: ingress replicas run their own HTTP server. With HAProxy
-# on, Serve's HTTP port is an HAProxy (C, ~10 MB) that balances over those replica servers
-# instead of Ray's Python proxy actor; with the colocated layout a token then goes engine ->
-# replica's uvicorn -> HAProxy -> client, the same path as `vllm serve` plus one spliced TCP
-# relay. Measured on this 2-core box, 1.5M-parameter model, streaming, c=1: through Serve's
-# proxy 2126 system tok/s, through HAProxy 3031-3111, straight to the replica 2652-3245 (noise).
+# on, Serve's HTTP port (when Serve's proxy runs: `serve run`, the router layout) is an HAProxy
+# (C, ~10 MB) that balances over those replica servers instead of Ray's Python proxy actor.
+# Measured on this 2-core box, 1.5M-parameter model, streaming, c=1: through Serve's proxy 2126
+# system tok/s, through HAProxy 3031-3111. `python -m serve_app` needs neither: its colocated
+# replicas listen on the public port themselves (listener.py).
 # HAProxy's per-request log lines feed Serve's ingress metrics through a Python parser on the
 # frontend core; our /metrics counts requests itself, so those stay off. A stopping ingress
 # replica keeps serving for a drain period so that load balancers notice; Serve tells HAProxy

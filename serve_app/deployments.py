@@ -1,14 +1,13 @@
 """The two ways the HTTP face meets the engines, as Serve deployment classes.
 
 ``ColocatedIngress`` (the default) serves HTTP from the replicas that run the first model's
-engine: a request goes client -> HAProxy -> uvicorn in the replica -> vLLM, the path of
-`vllm serve` plus one relay in C. Serve's direct ingress gives each replica its own HTTP port and
-HAProxy, on Serve's port, balances over them (``RAY_SERVE_ENV`` in ``config.py``). Other models,
-if any, sit behind handles as usual. ``Ingress`` is a CPU-only router replica in front of
-every model: load-aware balancing over many replicas and scale-to-zero, at the price of one Ray
-hop per streamed message. Measured on this 2-core box (1.5M-parameter model, streaming, c=1):
-the router layout reached 0.63x raw vLLM's tokens/s with +34 ms TTFT, the colocated one
-0.94-1.08x with +0-1 ms; see README "Performance".
+engine: a request goes client -> uvicorn in the replica (on the public port, ``listener.py``) ->
+vLLM, the path of `vllm serve`. Under `serve run`, Serve's proxy reaches the same app through
+Serve's direct ingress too. Other models, if any, sit behind handles as usual. ``Ingress`` is a
+CPU-only router replica in front of every model: load-aware balancing over many replicas and
+scale-to-zero, at the price of one Ray hop per streamed message. Measured on this 2-core box
+(1.5M-parameter model, streaming, c=1): the router layout reached 0.63x raw vLLM's tokens/s
+with +34 ms TTFT, the colocated one 0.94-1.08x with +0-1 ms; see README "Performance".
 """
 
 from __future__ import annotations

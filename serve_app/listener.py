@@ -9,7 +9,7 @@ requests: HAProxy in front cost 0.8 s of CPU on the frontend core and the replic
 than vLLM's API server (Serve's direct-ingress wrappers, loopback writes to HAProxy); listening
 here, the replica used 5.4 s against vLLM's 5.0 s and the stack ~270 MB less memory (no proxy
 actor, no HAProxy manager). Across nodes, a load balancer (or DNS) in front of the nodes'
-ports does what HAProxy did; see README "Serving".
+ports does what HAProxy did; see README "How it is built".
 """
 
 from __future__ import annotations

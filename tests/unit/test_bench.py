@@ -139,3 +139,22 @@ def test_compare_contenders_differ_only_where_they_should():
     assert commands["ray_serve_llm_haproxy"][1] == {"RAY_SERVE_ENABLE_HA_PROXY": "1"}
     with pytest.raises(ValueError, match="known"):
         contender_command("tgi", "/m", 1)
+
+
+def test_compare_prints_ratios_cpu_per_token_and_memory(capsys):
+    from serve_app.bench_compare import cpu_per_1k, print_comparison
+
+    row = {"system_tps": 100.0, "ttft_p50": 0.01, "generated_tps": 50.0, "errors": 0.0}
+    measured = {
+        "vllm": {"runs": {"stream": {1: row}}, "memory": 2 << 30,
+                 "cpu": {"stream": {"cpu_s": 3.0, "generated_tokens": 1000}}},
+        "serve_app": {"runs": {"stream": {1: {**row, "system_tps": 90.0}}}, "memory": 3 << 30,
+                      "cpu": {"stream": {"cpu_s": 3.3, "generated_tokens": 1000}}},
+    }
+    assert cpu_per_1k({"cpu_s": 3.3, "generated_tokens": 1500}) == pytest.approx(2.2)
+    assert cpu_per_1k({"cpu_s": 1.0, "generated_tokens": 0}) == 0.0
+    print_comparison(measured, "vllm")
+    out = capsys.readouterr().out
+    assert "90.0 (0.90x)" in out
+    assert "vllm 3.000 (1.00x), serve_app 3.300 (1.10x)" in out
+    assert "serve_app:  3.00 GiB (1.50x)" in out

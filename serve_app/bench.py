@@ -292,6 +292,8 @@ def parser() -> argparse.ArgumentParser:
                    help="with --compare: stream, unary or both")
     p.add_argument("--settle-s", type=float, default=10.0,
                    help="with --compare: seconds each server idles after it answers, before load")
+    p.add_argument("--enforce-eager", action="store_true",
+                   help="with --compare: every contender runs vLLM eager (default: compiled)")
     p.add_argument("--contenders", default="vllm,serve_app",
                    help="with --compare: any of vllm, serve_app, serve_app_licensed, "
                    "serve_app_router, ray_serve_llm")

@@ -27,7 +27,7 @@ from serve_app.models import resolve_model
 
 NAME = "bench-model"
 
-# Ray Serve's own LLM app, configured like the others (float32, eager, 1 GiB KV cache), in its
+# Ray Serve's own LLM app, configured like the others (float32, 1 GiB KV cache), in its
 # best measured configuration (throughput-optimized Serve) and on CPU (a CPU bundle, or it asks
 # for a GPU).
 _RAY_SERVE_LLM = """
@@ -36,13 +36,14 @@ os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
 from ray import serve
 from ray.serve.llm import LLMConfig, build_openai_app
 path, port, NAME, ENV = sys.argv[1], int(sys.argv[2]), sys.argv[3], json.loads(sys.argv[4])
+EAGER = {"enforce_eager": True} if sys.argv[5] == "eager" else {}
 serve.start(http_options={"host": "127.0.0.1", "port": port})
 config = LLMConfig(
     model_loading_config={"model_id": NAME, "model_source": path},
     deployment_config={"num_replicas": 1, "ray_actor_options": {"num_cpus": 0}},
     placement_group_config={"bundles": [{"CPU": 1}]},
-    engine_kwargs={"dtype": "float32", "max_model_len": 2048, "enforce_eager": True,
-                   "kv_cache_memory_bytes": 1 << 30},
+    engine_kwargs={"dtype": "float32", "max_model_len": 2048, "kv_cache_memory_bytes": 1 << 30,
+                   **EAGER},
     runtime_env={"env_vars": ENV},
 )
 serve.run(build_openai_app({"llm_configs": [config]}), blocking=False)
@@ -89,20 +90,23 @@ CONTENDERS = ("vllm", "serve_app", "serve_app_licensed", "serve_app_router", "ra
               "ray_serve_llm_haproxy")
 
 
-def contender_command(name: str, model_path: str, port: int,
-                      out: str = ".") -> tuple[list[str], dict[str, str]]:
+def contender_command(name: str, model_path: str, port: int, out: str = ".",
+                      eager: bool = False) -> tuple[list[str], dict[str, str]]:
     """The command line and extra environment of one contender.
 
     ``serve_app`` runs unlicensed in its default (colocated) layout; ``serve_app_licensed`` is
     the same with ``--dev-license`` (a local license server, the license actor, heartbeats and
     usage reports), for the licensing on/off comparison; ``serve_app_router`` is the router
     layout (``colocate_ingress=false``); ``ray_serve_llm`` is Ray Serve's own LLM app in
-    throughput-optimized mode, ``ray_serve_llm_haproxy`` the same behind HAProxy."""
+    throughput-optimized mode, ``ray_serve_llm_haproxy`` the same behind HAProxy. All run vLLM
+    compiled (its default and ours) or, with ``eager``, all eager."""
     if name == "vllm":
         return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_path,
                 "--served-model-name", NAME, "--dtype", "float32", "--max-model-len", "2048",
-                "--enforce-eager", "--host", "127.0.0.1", "--port", str(port)], {}
+                "--host", "127.0.0.1", "--port", str(port)] + (["--enforce-eager"] if eager else []), {}
     ours = [sys.executable, "-m", "serve_app", "--port", str(port), "--model", model_path]
+    if eager:
+        ours += ["--enforce-eager"]
     if name == "serve_app":
         return ours, {}
     if name == "serve_app_licensed":
@@ -114,7 +118,7 @@ def contender_command(name: str, model_path: str, port: int,
     if name in ("ray_serve_llm", "ray_serve_llm_haproxy"):
         haproxy = {"RAY_SERVE_ENABLE_HA_PROXY": "1" if name.endswith("haproxy") else "0"}
         return [sys.executable, "-c", _RAY_SERVE_LLM, model_path, str(port), NAME,
-                json.dumps(TELEMETRY_OFF_ENV)], haproxy
+                json.dumps(TELEMETRY_OFF_ENV), "eager" if eager else "compiled"], haproxy
     raise ValueError(f"unknown contender {name!r}; known: {', '.join(CONTENDERS)}")
 
 
@@ -180,7 +184,7 @@ def _stop_tree(proc: subprocess.Popen[Any]) -> None:
 
 def measure(name: str, model_path: str, args: argparse.Namespace, tokenizer: Any,
             port: int) -> dict[str, Any]:
-    command, extra_env = contender_command(name, model_path, port, args.out)
+    command, extra_env = contender_command(name, model_path, port, args.out, args.enforce_eager)
     env = {**os.environ, **TELEMETRY_OFF_ENV, "VLLM_CPU_KVCACHE_SPACE": "1",
            "SERVE_APP_MODEL_NAME": NAME, **extra_env}
     log = open(os.path.join(args.out, f"{name}.log"), "w")  # noqa: SIM115 (closed below)
@@ -251,7 +255,8 @@ def compare(args: argparse.Namespace) -> None:
     names = [n.strip() for n in args.contenders.split(",") if n.strip()]
     print(f"# compare on {args.compare_model}: prompt={args.prompt_size} tokens, "
           f"max_tokens={args.max_tokens}, concurrency={args.concurrency}, "
-          f"repeats={args.n_repeats}, prompts={'identical' if args.same_prompt else 'random prefix'}")
+          f"repeats={args.n_repeats}, prompts={'identical' if args.same_prompt else 'random prefix'}, "
+          f"vLLM {'eager' if args.enforce_eager else 'compiled'}")
     measured = {}
     for i, name in enumerate(names):
         print(f"## {name}", flush=True)

@@ -196,6 +196,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, help="HTTP port (default 9000).")
     parser.add_argument("--host", help="HTTP host (default 127.0.0.1).")
     parser.add_argument("--model", help="Model source (default the builtin SmolLM2).")
+    parser.add_argument("--enforce-eager", action="store_true", default=None,
+                        help="run vLLM eager: starts ~3x faster, decodes ~4-10%% slower on CPU")
     parser.add_argument("--dev-license", action="store_true",
                         help="start a local license server and run with a development license")
     ns = parser.parse_args(argv)

@@ -93,8 +93,11 @@ class ModelConfig(BaseModel):
     accelerator_type: str | None = Field(None, description="Ray accelerator type, e.g. `L4`.")
     kv_cache_gib: float = Field(1.0, gt=0, description="KV cache size on CPU, GiB.")
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="vLLM's GPU share.")
-    enforce_eager: bool = Field(
-        True, description="Skip graph compilation: starts in ~20 s instead of ~45 s on CPU."
+    enforce_eager: bool | None = Field(
+        None,
+        description="None: vLLM's default, compiled (torch.compile on CPU, CUDA graphs on GPU). "
+        "Measured on this 2-core box with SmolLM2, raw vLLM: +10% tokens/s at concurrency 1 and "
+        "+4% at 16 over eager, for a start of ~55-70 s instead of ~20 s. True: fast starts.",
     )
     min_replicas: int = Field(1, ge=0, description="Autoscaling lower bound.")
     max_replicas: int = Field(1, ge=1, description="Autoscaling upper bound.")
@@ -130,11 +133,12 @@ class ModelConfig(BaseModel):
             "served_model_name": [self.name],
             "dtype": self.resolved_dtype,
             "max_model_len": self.max_model_len,
-            "enforce_eager": self.enforce_eager,
             "tensor_parallel_size": self.tensor_parallel_size,
             # Same as `vllm serve`: stats feed /metrics and MariTalk's timings.
             "disable_log_stats": False,
         }
+        if self.enforce_eager is not None:
+            args["enforce_eager"] = self.enforce_eager
         if self.device == "cpu":
             # Without an explicit size vLLM's CPU backend sizes the cache from the NUMA node's
             # free memory and refuses to start on these VMs.
@@ -241,6 +245,7 @@ class Settings(BaseSettings):
     max_model_len: int = 2048
     kv_cache_gib: float = 1.0
     dtype: str = "auto"
+    enforce_eager: bool | None = None
     device: Literal["auto", "cpu", "gpu"] = "auto"
     tensor_parallel_size: int = 1
     accelerator_type: str | None = None
@@ -276,6 +281,7 @@ class Settings(BaseSettings):
             dtype=self.dtype,
             max_model_len=self.max_model_len,
             kv_cache_gib=self.kv_cache_gib,
+            enforce_eager=self.enforce_eager,
             tensor_parallel_size=self.tensor_parallel_size,
             accelerator_type=self.accelerator_type,
             min_replicas=self.min_replicas,

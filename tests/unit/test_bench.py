@@ -139,6 +139,11 @@ def test_compare_contenders_differ_only_where_they_should():
     assert commands["ray_serve_llm_haproxy"][1] == {"RAY_SERVE_ENABLE_HA_PROXY": "1"}
     with pytest.raises(ValueError, match="known"):
         contender_command("tgi", "/m", 1)
+    # Compiled (vLLM's default and ours) unless every contender runs eager.
+    assert not any("--enforce-eager" in cmd or "eager" in cmd for cmd, _ in commands.values())
+    eager = {name: contender_command(name, "/m", 18000, "/out", eager=True)[0]
+             for name in CONTENDERS}
+    assert all(("--enforce-eager" in cmd) != (cmd[-1] == "eager") for cmd in eager.values())
 
 
 def test_compare_prints_ratios_cpu_per_token_and_memory(capsys):

@@ -45,7 +45,9 @@ def test_engine_args_cpu_and_gpu():
     cpu = ModelConfig(device="cpu", kv_cache_gib=2, engine_kwargs={"max_num_seqs": 8})
     args = cpu.engine_args("/m")
     assert args["kv_cache_memory_bytes"] == 2 << 30
-    assert args["dtype"] == "float32" and args["enforce_eager"] is True
+    assert args["dtype"] == "float32" and "enforce_eager" not in args  # vLLM's default: compiled
+    assert ModelConfig(enforce_eager=True).engine_args("/m")["enforce_eager"] is True
+    assert Settings(enforce_eager="true").to_app_config().models[0].enforce_eager is True
     assert args["served_model_name"] == [cpu.name] and args["max_num_seqs"] == 8
     assert args["disable_log_stats"] is False
     gpu = ModelConfig(device="gpu", tensor_parallel_size=4).engine_args("/m")

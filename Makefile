@@ -14,6 +14,7 @@ export RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S ?= 2
 export RAY_worker_niceness ?= 0
 export RAY_enable_worker_prestart ?= 0
 export RAY_prestart_worker_first_driver ?= 0
+export RAY_SERVE_CONTROL_LOOP_INTERVAL_S ?= 0.5
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed

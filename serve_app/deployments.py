@@ -20,6 +20,7 @@ from typing import Any
 from starlette.applications import Starlette
 
 from serve_app.affinity import pin_to_frontend
+from serve_app.autoscaling import METRIC
 from serve_app.config import AppConfig
 from serve_app.ingress import IngressApp, build_ingress
 from serve_app.listener import ReplicaListener
@@ -141,7 +142,7 @@ class ColocatedIngress:
     def record_autoscaling_stats(self) -> dict[str, float]:
         """Serve's autoscaler counts only requests that pass through Serve; ours mostly come
         through the replica's own listener (``autoscaling.py`` reads this)."""
-        return {"in_flight": float(self._ingress.in_flight(self._local_name))}
+        return {METRIC: float(self._ingress.in_flight(self._local_name))}
 
     async def check_health(self) -> None:
         if self._listener is not None and not self._listener.alive:

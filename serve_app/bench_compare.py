@@ -122,7 +122,7 @@ def contender_command(name: str, model_path: str, port: int, out: str = ".",
     raise ValueError(f"unknown contender {name!r}; known: {', '.join(CONTENDERS)}")
 
 
-class TreeMemory:
+class ProcessTree:
     """Peak summed PSS of a process and all its descendants, over explicit samples, and their
     summed CPU time.
 
@@ -130,8 +130,8 @@ class TreeMemory:
     those shared pages once per process. Samples are taken between runs, never during one:
     reading a process's memory map takes its mmap lock, and sampling every second stalled the
     servers under load into bursty, slower streams (both contenders, at random). CPU time
-    (``/proc/<pid>/stat``, no lock) measures each side's cost per token far more steadily than
-    throughput does on a noisy box."""
+    (``/proc/<pid>/stat``, no lock) is a second view of each side's cost per token; it includes
+    vLLM's worker waiting busily for the next step, so a slower run also costs more CPU."""
 
     def __init__(self, pid: int) -> None:
         self._root = psutil.Process(pid)
@@ -195,7 +195,7 @@ def measure(name: str, model_path: str, args: argparse.Namespace, tokenizer: Any
     proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
                             stdin=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
-    memory = TreeMemory(proc.pid)
+    memory = ProcessTree(proc.pid)
     try:
         deadline = time.monotonic() + 900
         while True:  # ready = a completion succeeds (routes may answer before the engine does)

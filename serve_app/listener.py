@@ -45,7 +45,10 @@ def reuseport_socket(host: str, port: int) -> socket.socket:
 
 
 class ReplicaListener:
-    """uvicorn on the running loop; ``stop`` drains in-flight responses like `vllm serve`."""
+    """uvicorn on the running loop; ``stop`` drains in-flight responses like `vllm serve`.
+
+    Not Serve's own ``start_asgi_http_server`` (private, and it turns the app's lifespan off:
+    the app's readiness watcher and license gate start there)."""
 
     def __init__(self, app: ASGIApp, host: str, port: int, drain_s: float) -> None:
         self.host, self.port = host, port

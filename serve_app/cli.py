@@ -198,6 +198,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", help="Model source (default the builtin SmolLM2).")
     parser.add_argument("--enforce-eager", action="store_true", default=None,
                         help="run vLLM eager: starts ~3x faster, decodes ~4-10%% slower on CPU")
+    parser.add_argument("--stream-interval-ms", type=float,
+                        help="hand a stream's new tokens on at most this often (default 20; 0: "
+                        "every token, like `vllm serve`)")
     parser.add_argument("--dev-license", action="store_true",
                         help="start a local license server and run with a development license")
     ns = parser.parse_args(argv)

@@ -26,7 +26,7 @@ from serve_app.config import LicenseConfig, ModelConfig
 from serve_app.errors import error_body, from_vllm_error
 from serve_app.maritalk import ChatGenerateRequest, GenerateRequest, GenerateResponse, timings
 from serve_app.models import resolve_model
-from serve_app.streaming import coalesce
+from serve_app.streaming import PacedEngine, coalesce
 from serve_app.validation import validation_error_body
 
 logger = logging.getLogger("ray.serve")
@@ -78,6 +78,10 @@ class LLMServer:
         await init_app_state(
             self._engine, state, args, supported_tasks=await self._engine.get_supported_tasks()
         )
+        if config.stream_interval_ms > 0:
+            paced = PacedEngine(self._engine, config.stream_interval_ms / 1000)
+            state.openai_serving_chat.engine_client = paced
+            state.openai_serving_completion.engine_client = paced
         self._handlers = {
             "chat": (ChatCompletionRequest, state.openai_serving_chat.create_chat_completion),
             "completions": (CompletionRequest, state.openai_serving_completion.create_completion),

@@ -1,6 +1,7 @@
-"""Coalesced streaming: fewer, larger messages across the Ray hop, with no added latency.
+"""Streaming with fewer, larger messages: paced reads from vLLM, coalesced Ray hops.
 
-Every item a replica yields costs an object, a serialization and an RPC on the way to the
+``PacedEngine`` lets vLLM merge a stream's tokens between reads, which cuts the per-token work of
+its OpenAI layer, the HTTP server and the client. Every item a replica yields costs an object, a serialization and an RPC on the way to the
 ingress. ``coalesce`` runs the source in its own task and hands the consumer everything that
 arrived since its last read, joined: while the consumer keeps up, each token still travels alone
 (TTFT unchanged); when it falls behind (many concurrent streams on few cores), tokens ride
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import Any
 
 
 async def coalesce(source: AsyncIterator[str]) -> AsyncIterator[str]:
@@ -58,3 +60,111 @@ async def coalesce(source: AsyncIterator[str]) -> AsyncIterator[str]:
                 await task
             except asyncio.CancelledError:
                 pass
+
+
+class PacedEngine:
+    """vLLM's engine client as its OpenAI layer sees it, pacing what each stream hands on.
+
+    vLLM produces one output per token per request, and its OpenAI layer turns each into an SSE
+    event (a pydantic chunk and its JSON) that the server writes and the client parses. With a
+    small model or many streams that per-token work competes with the engine for the CPU. vLLM
+    already merges the outputs a slow reader has not picked up (its ``RequestOutputCollector``);
+    pacing the reads puts that to use. A stream's first output goes on at once (TTFT unchanged),
+    each next one no sooner than ``interval_s`` after the one before, and the final one (or an
+    error) as soon as vLLM has it, so a stream never ends later than unpaced. A model slower than
+    the interval per token streams exactly as before. Non-streaming requests pass through.
+
+    Measured on this 2-core box, 1.5M-parameter model, streaming, one run each: at 20 ms,
+    concurrency 16 rose from 22,170 to 29,329 system tok/s and 8 from 19,636 to 22,586, with
+    concurrency 1 and TTFT unchanged (README "Performance"). Ray Serve's LLM app batches streams
+    the same way at 50 ms, but holds the first token too.
+    """
+
+    def __init__(self, engine: Any, interval_s: float) -> None:
+        self._engine = engine
+        self._interval = interval_s
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._engine, name)
+
+    async def generate(self, prompt: Any, sampling_params: Any, request_id: str, *args: Any,
+                       **kwargs: Any) -> AsyncIterator[Any]:
+        from vllm.sampling_params import RequestOutputKind
+
+        outputs = self._engine.generate(prompt, sampling_params, request_id, *args, **kwargs)
+        if getattr(sampling_params, "output_kind", None) != RequestOutputKind.DELTA:
+            async for output in outputs:
+                yield output
+            return
+        loop = asyncio.get_running_loop()
+        final: _FinalOutput | None = None
+        try:
+            async for output in outputs:
+                sent = loop.time()
+                yield output
+                if output.finished:
+                    continue
+                if final is None:
+                    final = _FinalOutput.watch(self._engine, request_id)
+                await final.wait(sent + self._interval - loop.time())
+        finally:
+            await outputs.aclose()
+
+
+class _FinalOutput:
+    """Wakes a held stream when its final output or an error reaches vLLM's collector.
+
+    Finds the collector through the output processor's request-id index (vLLM 0.32 internals).
+    Without it, a held stream simply waits out the interval: its end may come up to one interval
+    later, and nothing else changes.
+    """
+
+    def __init__(self, collector: Any) -> None:
+        self._collector = collector
+        self._waiter: asyncio.Future[None] | None = None
+        if collector is None:
+            return
+        put = collector.put
+
+        def put_and_wake(output: Any) -> None:
+            put(output)
+            if self._waiter is not None and not self._waiter.done() and _is_last(output):
+                self._waiter.set_result(None)
+
+        collector.put = put_and_wake
+
+    @classmethod
+    def watch(cls, engine: Any, request_id: str) -> _FinalOutput:
+        processor = getattr(engine, "output_processor", None)
+        internal = getattr(processor, "external_req_ids", {}).get(request_id)
+        states = getattr(processor, "request_states", {})
+        state = states.get(internal[0]) if internal else None
+        return cls(getattr(state, "queue", None))
+
+    @property
+    def found(self) -> bool:
+        return self._collector is not None
+
+    async def wait(self, delay: float) -> None:
+        if delay <= 0:
+            return
+        if self._collector is None:
+            await asyncio.sleep(delay)
+            return
+        if _is_last(self._collector.output):  # arrived while the consumer was busy
+            return
+        loop = asyncio.get_running_loop()
+        self._waiter = waiter = loop.create_future()
+        timer = loop.call_later(delay, lambda: waiter.done() or waiter.set_result(None))
+        try:
+            await waiter
+        finally:
+            timer.cancel()
+            self._waiter = None
+
+
+def _is_last(output: Any) -> bool:
+    if output is None:
+        return False
+    # RequestOutput has `finished`; exceptions and vLLM's end-of-input marker do not.
+    return bool(getattr(output, "finished", True))

@@ -1,11 +1,13 @@
 """Streaming with fewer, larger messages: paced reads from vLLM, coalesced Ray hops.
 
 ``PacedEngine`` lets vLLM merge a stream's tokens between reads, which cuts the per-token work of
-its OpenAI layer, the HTTP server and the client. Every item a replica yields costs an object, a serialization and an RPC on the way to the
-ingress. ``coalesce`` runs the source in its own task and hands the consumer everything that
-arrived since its last read, joined: while the consumer keeps up, each token still travels alone
-(TTFT unchanged); when it falls behind (many concurrent streams on few cores), tokens ride
-together instead of queueing one message each.
+its OpenAI layer, the HTTP server and the client.
+
+Across the router layout's Ray hop, every item a replica yields costs an object, a serialization
+and an RPC on the way to the ingress. ``coalesce`` runs the source in its own task and hands the
+consumer everything that arrived since its last read, joined: while the consumer keeps up, each
+token still travels alone (TTFT unchanged); when it falls behind (many concurrent streams on few
+cores), tokens ride together instead of queueing one message each.
 """
 
 from __future__ import annotations

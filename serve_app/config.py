@@ -110,6 +110,13 @@ class ModelConfig(BaseModel):
         "at once, the last as soon as it exists; see streaming.PacedEngine). 0: every token as "
         "produced, like `vllm serve`.",
     )
+    cpu_reserved_cores: int | None = Field(
+        None,
+        ge=0,
+        description="CPU only: cores vLLM's engine leaves to the serving processes. None: 0 on "
+        "boxes with 2 cores or fewer for models of 100 MB and more, else vLLM's default of 1 "
+        "(see affinity.reserved_cores).",
+    )
     min_replicas: int = Field(1, ge=0, description="Autoscaling lower bound.")
     max_replicas: int = Field(1, ge=1, description="Autoscaling upper bound.")
     target_ongoing_requests: float = Field(
@@ -258,6 +265,7 @@ class Settings(BaseSettings):
     dtype: str = "auto"
     enforce_eager: bool | None = None
     stream_interval_ms: float = 20.0
+    cpu_reserved_cores: int | None = None
     device: Literal["auto", "cpu", "gpu"] = "auto"
     tensor_parallel_size: int = 1
     accelerator_type: str | None = None
@@ -295,6 +303,7 @@ class Settings(BaseSettings):
             kv_cache_gib=self.kv_cache_gib,
             enforce_eager=self.enforce_eager,
             stream_interval_ms=self.stream_interval_ms,
+            cpu_reserved_cores=self.cpu_reserved_cores,
             tensor_parallel_size=self.tensor_parallel_size,
             accelerator_type=self.accelerator_type,
             min_replicas=self.min_replicas,

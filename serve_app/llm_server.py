@@ -21,11 +21,11 @@ from typing import Any
 from pydantic import ValidationError
 from starlette.datastructures import State
 
-from serve_app.affinity import engine_launch, pin_to_frontend
+from serve_app.affinity import cpu_count, engine_launch, pin_to_frontend, reserved_cores
 from serve_app.config import LicenseConfig, ModelConfig
 from serve_app.errors import error_body, from_vllm_error
 from serve_app.maritalk import ChatGenerateRequest, GenerateRequest, GenerateResponse, timings
-from serve_app.models import resolve_model
+from serve_app.models import resolve_model, weight_bytes
 from serve_app.streaming import PacedEngine, coalesce
 from serve_app.validation import validation_error_body
 
@@ -66,7 +66,8 @@ class LLMServer:
         engine_args = AsyncEngineArgs(**config.engine_args(str(path)))
         vllm_config = engine_args.create_engine_config(UsageContext.OPENAI_API_SERVER)
         cpu = config.device == "cpu"
-        with engine_launch() if cpu else contextlib.nullcontext():
+        reserved = reserved_cores(config.cpu_reserved_cores, cpu_count(), weight_bytes(path))
+        with engine_launch(reserved) if cpu else contextlib.nullcontext():
             self._engine = AsyncLLM.from_vllm_config(
                 vllm_config, usage_context=UsageContext.OPENAI_API_SERVER, disable_log_stats=False
             )

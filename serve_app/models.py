@@ -49,6 +49,15 @@ def resolve_model(source: str, cache_dir: str | os.PathLike[str]) -> Path:
     return path.resolve()
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+
+
+def weight_bytes(path: str | os.PathLike[str]) -> int:
+    """Size on disk of a model folder's weight files: what one decoded token reads."""
+    return sum(f.stat().st_size for f in Path(path).iterdir()
+               if f.is_file() and f.name.endswith(WEIGHT_SUFFIXES))
+
+
 def smollm2_gguf_path() -> Path:
     """Locate the GGUF inside the installed wheel without importing it (its __init__ needs
     llama_cpp, which we do not install)."""

@@ -94,17 +94,14 @@ class PacedEngine:
         from vllm.sampling_params import RequestOutputKind
 
         outputs = self._engine.generate(prompt, sampling_params, request_id, *args, **kwargs)
-        if getattr(sampling_params, "output_kind", None) != RequestOutputKind.DELTA:
-            async for output in outputs:
-                yield output
-            return
+        paced = getattr(sampling_params, "output_kind", None) == RequestOutputKind.DELTA
         loop = asyncio.get_running_loop()
         final: _FinalOutput | None = None
         try:
             async for output in outputs:
                 sent = loop.time()
                 yield output
-                if output.finished:
+                if not paced or output.finished:
                     continue
                 if final is None:
                     final = _FinalOutput.watch(self._engine, request_id)

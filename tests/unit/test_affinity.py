@@ -54,3 +54,26 @@ def test_pinning_moves_every_thread_and_widening_restores():
                 os.sched_setaffinity(int(tid), original)
             except OSError:
                 pass
+
+
+def test_reserved_cores_gives_a_two_core_box_to_real_models_only():
+    big, tiny = 540 << 20, 6 << 20  # SmolLM2-135M in float32; the 1.5M benchmark model
+    assert affinity.reserved_cores(None, 2, big) == 0
+    assert affinity.reserved_cores(None, 1, big) == 0
+    assert affinity.reserved_cores(None, 2, tiny) is None  # vLLM's default: one for serving
+    assert affinity.reserved_cores(None, 8, big) is None
+    assert affinity.reserved_cores(2, 2, big) == 2  # an explicit setting always wins
+    assert affinity.reserved_cores(0, 64, tiny) == 0
+
+
+def test_engine_launch_hands_the_reserve_to_the_engine_through_its_environment(monkeypatch):
+    monkeypatch.delenv("VLLM_CPU_NUM_OF_RESERVED_CPU", raising=False)
+    with affinity.engine_launch(0):
+        assert os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "0"
+    assert "VLLM_CPU_NUM_OF_RESERVED_CPU" not in os.environ
+    monkeypatch.setenv("VLLM_CPU_NUM_OF_RESERVED_CPU", "3")
+    with affinity.engine_launch(None):
+        assert os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "3"
+    with affinity.engine_launch(1):
+        assert os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "1"
+    assert os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "3"

@@ -41,6 +41,16 @@ def test_config_is_strict():
         AppConfig(models=())
 
 
+def test_stream_interval_setting():
+    assert ModelConfig().stream_interval_ms == 20
+    assert Settings(stream_interval_ms="0").to_app_config().models[0].stream_interval_ms == 0
+    assert "stream_interval_ms" not in ModelConfig().engine_args("/m")  # ours, not vLLM's
+    with pytest.raises(ValidationError):
+        ModelConfig(stream_interval_ms=-1)
+    assert ModelConfig().cpu_reserved_cores is None  # decided per box and model
+    assert Settings(cpu_reserved_cores="1").to_app_config().models[0].cpu_reserved_cores == 1
+
+
 def test_engine_args_cpu_and_gpu():
     cpu = ModelConfig(device="cpu", kv_cache_gib=2, engine_kwargs={"max_num_seqs": 8})
     args = cpu.engine_args("/m")

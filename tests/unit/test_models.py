@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 
 from serve_app.errors import ConfigError
-from serve_app.models import resolve_model, smollm2_gguf_path
+from serve_app.models import resolve_model, smollm2_gguf_path, weight_bytes
 
 
 def test_local_folder(tmp_path):
@@ -58,3 +58,12 @@ def test_racing_conversions_convert_once_and_publish_atomically(tmp_path, monkey
     assert len(set(results)) == 1 and (results[0] / "model.safetensors").read_bytes() == b"weights"
     assert not seen_partial
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(f".{models.SMOLLM2}-")]
+
+
+def test_weight_bytes_counts_weight_files_only(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "tokenizer.json").write_text("x" * 1000)
+    (tmp_path / "model-00001.safetensors").write_bytes(b"\0" * 300)
+    (tmp_path / "model-00002.safetensors").write_bytes(b"\0" * 200)
+    (tmp_path / "extra").mkdir()
+    assert weight_bytes(tmp_path) == 500

@@ -86,24 +86,28 @@ def model_path_for(source: str, cache_dir: str) -> str:
     return str(resolve_model(source, cache_dir))
 
 
-CONTENDERS = ("vllm", "serve_app", "serve_app_licensed", "serve_app_router", "ray_serve_llm",
-              "ray_serve_llm_haproxy")
+CONTENDERS = ("vllm", "vllm_no_reserve", "serve_app", "serve_app_licensed", "serve_app_per_token",
+              "serve_app_router", "ray_serve_llm", "ray_serve_llm_haproxy")
 
 
 def contender_command(name: str, model_path: str, port: int, out: str = ".",
                       eager: bool = False) -> tuple[list[str], dict[str, str]]:
     """The command line and extra environment of one contender.
 
-    ``serve_app`` runs unlicensed in its default (colocated) layout; ``serve_app_licensed`` is
-    the same with ``--dev-license`` (a local license server, the license actor, heartbeats and
-    usage reports), for the licensing on/off comparison; ``serve_app_router`` is the router
-    layout (``colocate_ingress=false``); ``ray_serve_llm`` is Ray Serve's own LLM app in
-    throughput-optimized mode, ``ray_serve_llm_haproxy`` the same behind HAProxy. All run vLLM
-    compiled (its default and ours) or, with ``eager``, all eager."""
-    if name == "vllm":
-        return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_path,
-                "--served-model-name", NAME, "--dtype", "float32", "--max-model-len", "2048",
-                "--host", "127.0.0.1", "--port", str(port)] + (["--enforce-eager"] if eager else []), {}
+    ``vllm_no_reserve`` is raw vLLM with no core reserved for its API server (what this app does
+    on 2-core boxes for real models, ``affinity.reserved_cores``), to show what that setting
+    alone is worth. ``serve_app`` runs unlicensed in its default (colocated) layout;
+    ``serve_app_per_token`` streams every token as produced (``--stream-interval-ms 0``);
+    ``serve_app_licensed`` is the same with ``--dev-license`` (a local license server, the
+    license actor, heartbeats and usage reports), for the licensing on/off comparison;
+    ``serve_app_router`` is the router layout (``colocate_ingress=false``); ``ray_serve_llm`` is
+    Ray Serve's own LLM app in throughput-optimized mode, ``ray_serve_llm_haproxy`` the same
+    behind HAProxy. All run vLLM compiled (its default and ours) or, with ``eager``, all eager."""
+    if name in ("vllm", "vllm_no_reserve"):
+        cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_path,
+               "--served-model-name", NAME, "--dtype", "float32", "--max-model-len", "2048",
+               "--host", "127.0.0.1", "--port", str(port)] + (["--enforce-eager"] if eager else [])
+        return cmd, {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0"} if name == "vllm_no_reserve" else {}
     ours = [sys.executable, "-m", "serve_app", "--port", str(port), "--model", model_path]
     if eager:
         ours += ["--enforce-eager"]
@@ -113,6 +117,8 @@ def contender_command(name: str, model_path: str, port: int, out: str = ".",
         return ours + ["--dev-license"], {
             "SERVE_APP_DATA_DIR": os.path.join(os.path.abspath(out), "licensed-data"),
             "SERVE_APP_LICENSE_SERVER_PORT": str(port + 100)}
+    if name == "serve_app_per_token":
+        return ours + ["--stream-interval-ms", "0"], {}
     if name == "serve_app_router":
         return ours, {"SERVE_APP_COLOCATE_INGRESS": "false"}
     if name in ("ray_serve_llm", "ray_serve_llm_haproxy"):

@@ -128,6 +128,7 @@ def test_compare_contenders_differ_only_where_they_should():
     commands = {name: contender_command(name, "/m", 18000, "/out") for name in CONTENDERS}
     vllm, _ = commands["vllm"]
     assert vllm[1:3] == ["-m", "vllm.entrypoints.openai.api_server"]
+    assert commands["vllm_no_reserve"] == (vllm, {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0"})
     ours, env = commands["serve_app"]
     assert ours[1:3] == ["-m", "serve_app"] and env == {}
     licensed, env = commands["serve_app_licensed"]
@@ -135,6 +136,7 @@ def test_compare_contenders_differ_only_where_they_should():
     assert env["SERVE_APP_DATA_DIR"] == "/out/licensed-data"
     assert env["SERVE_APP_LICENSE_SERVER_PORT"] == "18100"
     assert commands["serve_app_router"] == (ours, {"SERVE_APP_COLOCATE_INGRESS": "false"})
+    assert commands["serve_app_per_token"] == (ours + ["--stream-interval-ms", "0"], {})
     assert commands["ray_serve_llm"][1] == {"RAY_SERVE_ENABLE_HA_PROXY": "0"}
     assert commands["ray_serve_llm_haproxy"][1] == {"RAY_SERVE_ENABLE_HA_PROXY": "1"}
     with pytest.raises(ValueError, match="known"):

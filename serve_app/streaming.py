@@ -13,8 +13,11 @@ cores), tokens ride together instead of queueing one message each.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
+
+logger = logging.getLogger("ray.serve")
 
 
 async def coalesce(source: AsyncIterator[str]) -> AsyncIterator[str]:
@@ -118,6 +121,8 @@ class _FinalOutput:
     later, and nothing else changes.
     """
 
+    warned = False  # one warning per process, not one per stream
+
     def __init__(self, collector: Any) -> None:
         self._collector = collector
         self._waiter: asyncio.Future[None] | None = None
@@ -138,11 +143,12 @@ class _FinalOutput:
         internal = getattr(processor, "external_req_ids", {}).get(request_id)
         states = getattr(processor, "request_states", {})
         state = states.get(internal[0]) if internal else None
-        return cls(getattr(state, "queue", None))
-
-    @property
-    def found(self) -> bool:
-        return self._collector is not None
+        collector = getattr(state, "queue", None)
+        if collector is None and not _FinalOutput.warned:
+            _FinalOutput.warned = True
+            logger.warning("vLLM's output collector was not found (a vLLM upgrade?): paced "
+                           "streams end up to one interval later")
+        return cls(collector)
 
     async def wait(self, delay: float) -> None:
         if delay <= 0:

@@ -66,13 +66,16 @@ class LLMServer:
         engine_args = AsyncEngineArgs(**config.engine_args(str(path)))
         vllm_config = engine_args.create_engine_config(UsageContext.OPENAI_API_SERVER)
         cpu = config.device == "cpu"
-        reserved = reserved_cores(config.cpu_reserved_cores, cpu_count(), weight_bytes(path))
-        with engine_launch(reserved) if cpu else contextlib.nullcontext():
+        launch: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
+        if cpu:
+            launch = engine_launch(
+                reserved_cores(config.cpu_reserved_cores, cpu_count(), weight_bytes(path)))
+        with launch:
             self._engine = AsyncLLM.from_vllm_config(
                 vllm_config, usage_context=UsageContext.OPENAI_API_SERVER, disable_log_stats=False
             )
         if cpu:
-            pin_to_frontend()  # the engine core now owns the other cores
+            pin_to_frontend()  # off the engine's cores (or onto one shared core, no reserve)
         # init_app_state wants the flat Namespace `vllm serve` builds from both arg groups.
         args = argparse.Namespace(**(vars(FrontendArgs()) | vars(engine_args)))
         state = State()
@@ -80,6 +83,8 @@ class LLMServer:
             self._engine, state, args, supported_tasks=await self._engine.get_supported_tasks()
         )
         if config.stream_interval_ms > 0:
+            # vLLM's OpenAI layer reads every output through `engine_client.generate`; pacing
+            # those reads lets vLLM merge tokens before they become SSE events.
             paced = PacedEngine(self._engine, config.stream_interval_ms / 1000)
             state.openai_serving_chat.engine_client = paced
             state.openai_serving_completion.engine_client = paced

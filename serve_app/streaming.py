@@ -88,18 +88,19 @@ class PacedEngine:
     """
 
     def __init__(self, engine: Any, interval_s: float) -> None:
+        from vllm.sampling_params import RequestOutputKind  # here: the router imports this module
+
         self._engine = engine
         self._interval = interval_s
+        self._delta = RequestOutputKind.DELTA  # streams; whole answers come as FINAL_ONLY
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._engine, name)
 
     async def generate(self, prompt: Any, sampling_params: Any, request_id: str, *args: Any,
                        **kwargs: Any) -> AsyncIterator[Any]:
-        from vllm.sampling_params import RequestOutputKind
-
         outputs = self._engine.generate(prompt, sampling_params, request_id, *args, **kwargs)
-        paced = getattr(sampling_params, "output_kind", None) == RequestOutputKind.DELTA
+        paced = getattr(sampling_params, "output_kind", None) == self._delta
         loop = asyncio.get_running_loop()
         final: _FinalOutput | None = None
         try:

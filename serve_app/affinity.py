@@ -14,7 +14,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +67,20 @@ def reserved_cores(setting: int | None, cpus: int, weight_bytes: int) -> int | N
     if cpus <= 2 and weight_bytes >= SMALL_MODEL_BYTES:
         return 0
     return None
+
+
+def single_worker(world_size: int, engine_kwargs: Mapping[str, Any]) -> bool:
+    """Whether vLLM's CPU model worker runs inside the engine-core process.
+
+    vLLM on CPU always gives its worker a process of its own: three processes per engine (API
+    frontend, engine core, worker) and a shared-memory round trip per step, with both ends
+    busy-waiting on it (``sched_yield`` for up to a second). On a 2-core box those spinning
+    waits take CPU from the frontend and the model. With one worker (no tensor or pipeline
+    parallelism) the engine core can run it itself. Measured here on the 1.5M-parameter model,
+    streaming: +8 % at concurrency 1, +30 % at 8 and 16, half the CPU per token, 0.4 GiB less
+    memory. An explicit ``distributed_executor_backend`` in ``engine_kwargs`` wins.
+    """
+    return world_size == 1 and "distributed_executor_backend" not in engine_kwargs
 
 
 def cpu_count() -> int:

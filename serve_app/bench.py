@@ -296,8 +296,9 @@ def parser() -> argparse.ArgumentParser:
                    help="with --compare: every contender runs vLLM eager (default: compiled)")
     p.add_argument("--contenders", default="vllm,serve_app",
                    help="with --compare: any of vllm, vllm_no_reserve, serve_app, "
-                   "serve_app_licensed, serve_app_per_token, serve_app_router, ray_serve_llm, "
-                   "ray_serve_llm_haproxy (bench_compare.contender_command says what each is)")
+                   "serve_app_licensed, serve_app_per_token, serve_app_worker_process, "
+                   "serve_app_router, ray_serve_llm, ray_serve_llm_haproxy "
+                   "(bench_compare.contender_command says what each is)")
     return p
 
 

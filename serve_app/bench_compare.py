@@ -86,8 +86,9 @@ def model_path_for(source: str, cache_dir: str) -> str:
     return str(resolve_model(source, cache_dir))
 
 
-CONTENDERS = ("vllm", "vllm_no_reserve", "serve_app", "serve_app_licensed", "serve_app_per_token",
-              "serve_app_router", "ray_serve_llm", "ray_serve_llm_haproxy")
+CONTENDERS = ("vllm", "vllm_no_reserve", "serve_app", "serve_app_licensed",
+              "serve_app_per_token", "serve_app_worker_process", "serve_app_router",
+              "ray_serve_llm", "ray_serve_llm_haproxy")
 
 
 def contender_command(name: str, model_path: str, port: int, out: str = ".",
@@ -97,6 +98,8 @@ def contender_command(name: str, model_path: str, port: int, out: str = ".",
     ``vllm_no_reserve`` is raw vLLM with no core reserved for its API server (what this app does
     on 2-core boxes for real models, ``affinity.reserved_cores``), to show what that setting
     alone is worth. ``serve_app`` runs unlicensed in its default (colocated) layout;
+    ``serve_app_worker_process`` gives vLLM's model worker its own process again, as vLLM does
+    (``affinity.single_worker``), to show what running it in the engine core is worth;
     ``serve_app_per_token`` streams every token as produced (``--stream-interval-ms 0``);
     ``serve_app_licensed`` is the same with ``--dev-license`` (a local license server, the
     license actor, heartbeats and usage reports), for the licensing on/off comparison;
@@ -117,6 +120,8 @@ def contender_command(name: str, model_path: str, port: int, out: str = ".",
         return ours + ["--dev-license"], {
             "SERVE_APP_DATA_DIR": os.path.join(os.path.abspath(out), "licensed-data"),
             "SERVE_APP_LICENSE_SERVER_PORT": str(port + 100)}
+    if name == "serve_app_worker_process":
+        return ours, {"SERVE_APP_CPU_INPROC_WORKER": "false"}
     if name == "serve_app_per_token":
         return ours + ["--stream-interval-ms", "0"], {}
     if name == "serve_app_router":

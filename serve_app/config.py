@@ -117,6 +117,12 @@ class ModelConfig(BaseModel):
         "boxes with 2 cores or fewer for models of 100 MB and more, else vLLM's default of 1 "
         "(see affinity.reserved_cores).",
     )
+    cpu_inproc_worker: bool = Field(
+        True,
+        description="CPU only, one worker: vLLM's model worker runs inside its engine-core "
+        "process rather than a process of its own (see affinity.single_worker). False: vLLM's "
+        "own layout.",
+    )
     min_replicas: int = Field(1, ge=0, description="Autoscaling lower bound.")
     max_replicas: int = Field(1, ge=1, description="Autoscaling upper bound.")
     target_ongoing_requests: float = Field(
@@ -266,6 +272,7 @@ class Settings(BaseSettings):
     enforce_eager: bool | None = None
     stream_interval_ms: float = 20.0
     cpu_reserved_cores: int | None = None
+    cpu_inproc_worker: bool = True
     device: Literal["auto", "cpu", "gpu"] = "auto"
     tensor_parallel_size: int = 1
     accelerator_type: str | None = None
@@ -304,6 +311,7 @@ class Settings(BaseSettings):
             enforce_eager=self.enforce_eager,
             stream_interval_ms=self.stream_interval_ms,
             cpu_reserved_cores=self.cpu_reserved_cores,
+            cpu_inproc_worker=self.cpu_inproc_worker,
             tensor_parallel_size=self.tensor_parallel_size,
             accelerator_type=self.accelerator_type,
             min_replicas=self.min_replicas,

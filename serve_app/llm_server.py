@@ -21,7 +21,13 @@ from typing import Any
 from pydantic import ValidationError
 from starlette.datastructures import State
 
-from serve_app.affinity import cpu_count, engine_launch, pin_to_frontend, reserved_cores
+from serve_app.affinity import (
+    cpu_count,
+    engine_launch,
+    pin_to_frontend,
+    reserved_cores,
+    single_worker,
+)
 from serve_app.config import LicenseConfig, ModelConfig
 from serve_app.errors import error_body, from_vllm_error
 from serve_app.maritalk import ChatGenerateRequest, GenerateRequest, GenerateResponse, timings
@@ -66,11 +72,26 @@ class LLMServer:
         engine_args = AsyncEngineArgs(**config.engine_args(str(path)))
         vllm_config = engine_args.create_engine_config(UsageContext.OPENAI_API_SERVER)
         cpu = config.device == "cpu"
-        launch: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
-        if cpu:
-            launch = engine_launch(
-                reserved_cores(config.cpu_reserved_cores, cpu_count(), weight_bytes(path)))
-        with launch:
+        inproc = cpu and config.cpu_inproc_worker and single_worker(
+            vllm_config.parallel_config.world_size, config.engine_kwargs
+        )
+        if inproc:
+            # vLLM's CPU platform rewrites "uni" to "mp" while it builds the config (its model
+            # worker must start in a fresh process, with libgomp preloaded); the engine-core
+            # process it spawns next is such a process, so "uni" is set after the fact.
+            vllm_config.parallel_config.distributed_executor_backend = "uni"
+        with contextlib.ExitStack() as launch:
+            if cpu:
+                launch.enter_context(engine_launch(
+                    reserved_cores(config.cpu_reserved_cores, cpu_count(), weight_bytes(path))))
+            if inproc:
+                from vllm.utils.ompmultiprocessing import OMPProcessManager
+
+                # The OpenMP threads and core binding vLLM's executor gives its worker process,
+                # given to the engine core that runs the worker instead (made after the reserve
+                # is in the environment: the manager reads it).
+                launch.enter_context(
+                    OMPProcessManager(vllm_config).configure_omp_envs(rank=0, local_rank=0))
             self._engine = AsyncLLM.from_vllm_config(
                 vllm_config, usage_context=UsageContext.OPENAI_API_SERVER, disable_log_stats=False
             )

@@ -213,6 +213,22 @@ def test_metrics_and_health(stack):
     assert "vllm:generation_tokens_total" in text
 
 
+def test_the_engine_core_runs_the_model_worker_itself(stack):
+    """On CPU with one worker vLLM's engine core runs it (affinity.single_worker): no separate
+    worker process busy-waiting beside it."""
+    import psutil
+
+    def title(process: psutil.Process) -> str:
+        try:
+            return " ".join(process.cmdline())
+        except psutil.Error:  # ended meanwhile
+            return ""
+
+    titles = [title(p) for p in psutil.Process().children(recursive=True)]
+    assert any(t.startswith("VLLM::EngineCore") for t in titles), titles
+    assert not any(t.startswith("VLLM::Worker") for t in titles), titles
+
+
 def test_license_status_route(stack):
     status = httpx.get(f"{stack.url}/license", timeout=10).json()
     assert status["state"] == "ok" and status["customer"] == "ACME"

@@ -66,6 +66,12 @@ def test_reserved_cores_gives_a_two_core_box_to_real_models_only():
     assert affinity.reserved_cores(0, 64, tiny) == 0
 
 
+def test_single_worker_only_without_parallelism_or_an_explicit_backend():
+    assert affinity.single_worker(1, {})
+    assert not affinity.single_worker(2, {})  # tensor or pipeline parallel: vLLM's processes
+    assert not affinity.single_worker(1, {"distributed_executor_backend": "mp"})
+
+
 def test_engine_launch_hands_the_reserve_to_the_engine_through_its_environment(monkeypatch):
     monkeypatch.delenv("VLLM_CPU_NUM_OF_RESERVED_CPU", raising=False)
     with affinity.engine_launch(0):

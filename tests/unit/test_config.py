@@ -49,6 +49,9 @@ def test_stream_interval_setting():
         ModelConfig(stream_interval_ms=-1)
     assert ModelConfig().cpu_reserved_cores is None  # decided per box and model
     assert Settings(cpu_reserved_cores="1").to_app_config().models[0].cpu_reserved_cores == 1
+    assert ModelConfig().cpu_inproc_worker is True
+    assert Settings(cpu_inproc_worker="false").to_app_config().models[0].cpu_inproc_worker is False
+    assert "cpu_inproc_worker" not in ModelConfig().engine_args("/m")  # applied after vLLM's check
 
 
 def test_engine_args_cpu_and_gpu():

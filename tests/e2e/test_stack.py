@@ -215,7 +215,8 @@ def test_metrics_and_health(stack):
 
 def test_the_engine_core_runs_the_model_worker_itself(stack):
     """On CPU with one worker vLLM's engine core runs it (affinity.single_worker): no separate
-    worker process busy-waiting beside it."""
+    worker process busy-waiting beside it, and the engine core has the OpenMP threads and core
+    binding vLLM gives a worker process (not the one thread Ray sets for its workers)."""
     import psutil
 
     def title(process: psutil.Process) -> str:
@@ -224,9 +225,13 @@ def test_the_engine_core_runs_the_model_worker_itself(stack):
         except psutil.Error:  # ended meanwhile
             return ""
 
-    titles = [title(p) for p in psutil.Process().children(recursive=True)]
-    assert any(t.startswith("VLLM::EngineCore") for t in titles), titles
-    assert not any(t.startswith("VLLM::Worker") for t in titles), titles
+    processes = {p: title(p) for p in psutil.Process().children(recursive=True)}
+    engines = [p for p, t in processes.items() if t.startswith("VLLM::EngineCore")]
+    assert len(engines) == 1, processes.values()
+    assert not any(t.startswith("VLLM::Worker") for t in processes.values())
+    env = engines[0].environ()
+    bound = env["GOMP_CPU_AFFINITY"].split()
+    assert bound and int(env["OMP_NUM_THREADS"]) == len(bound)
 
 
 def test_license_status_route(stack):

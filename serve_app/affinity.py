@@ -70,7 +70,8 @@ def reserved_cores(setting: int | None, cpus: int, weight_bytes: int) -> int | N
 
 
 def single_worker(world_size: int, engine_kwargs: Mapping[str, Any]) -> bool:
-    """Whether vLLM's CPU model worker runs inside the engine-core process.
+    """Whether vLLM's CPU model worker can run inside the engine-core process (the caller also
+    honours ``cpu_inproc_worker``, which turns it off).
 
     vLLM on CPU always gives its worker a process of its own: three processes per engine (API
     frontend, engine core, worker) and a shared-memory round trip per step, with both ends

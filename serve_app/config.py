@@ -11,7 +11,15 @@ import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    create_model,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from serve_app.models import BUILTIN_PREFIX, SMOLLM2
@@ -249,46 +257,45 @@ class AppConfig(BaseModel):
         return dict(TELEMETRY_OFF_ENV)
 
 
-class Settings(BaseSettings):
+# Settings are derived from the config models, so that every field can be set from the
+# environment (or a Serve config's key=value args) under one name. A few are renamed where the
+# plain name would be ambiguous next to the others; a few are read differently (below).
+MODEL_SETTING_NAMES = {"name": "model_name", "source": "model"}
+LICENSE_SETTING_NAMES = {"key": "license_key", "public_key": "license_public_key"}
+# Not derived: `models` and `license` are built from the others; `api_keys` is a comma-separated
+# list in the environment; `http_host`/`http_port` are `host`/`port`, with `replica_http`; the
+# ledger has a default path here; `device` also takes `auto` here (detect from the install).
+_NOT_DERIVED = {
+    "AppConfig": {"models", "license", "api_keys", "http_host", "http_port"},
+    "ModelConfig": {"device"},
+    "LicenseConfig": {"ledger_path"},
+}
+
+
+class _SettingsBase(BaseSettings):
     """Environment (prefix ``SERVE_APP_``) and ``key=value`` args of ``serve run``.
 
     Covers the one-model case; several models go through a Serve config's ``args.models``.
+    Every other field is a field of ``ModelConfig``, ``AppConfig`` or ``LicenseConfig`` (see
+    ``setting_fields``); unset ones keep the model's default.
     """
 
     model_config = SettingsConfigDict(env_prefix="SERVE_APP_", extra="forbid")
 
     host: str = Field("127.0.0.1", description="HTTP host of `python -m serve_app`.")
     port: int = Field(9000, description="HTTP port of `python -m serve_app` (MariTalk Local's).")
-    data_dir: str = Field(".data", description="`--dev-license`: license server and ledger.")
-    license_server_port: int = Field(9100, description="`--dev-license`: its port.")
-    model: str = Field(DEFAULT_MODEL_SOURCE, description="Model source.")
-    model_name: str | None = Field(None, description="Served name (default: derived).")
-    api_keys: Annotated[tuple[str, ...], NoDecode] = Field(
-        (), description="Comma-separated bearer keys."
-    )
-    max_model_len: int = 2048
-    kv_cache_gib: float = 1.0
-    dtype: str = "auto"
-    enforce_eager: bool | None = None
-    stream_interval_ms: float = 20.0
-    cpu_reserved_cores: int | None = None
-    cpu_inproc_worker: bool = True
-    device: Literal["auto", "cpu", "gpu"] = "auto"
-    tensor_parallel_size: int = 1
-    accelerator_type: str | None = None
-    min_replicas: int = 1
-    max_replicas: int = 1
-    max_body_bytes: int = 1 << 20
-    model_cache_dir: str = DEFAULT_CACHE_DIR
-    license_key: SecretStr | None = Field(None, description="License key (MTL1....).")
-    license_public_key: str | None = Field(None, description="Vendor public key.")
-    ledger_path: str = Field(DEFAULT_LEDGER_PATH, description="Usage ledger file.")
-    report_interval_s: float = 60.0
-    max_instances: int | None = None
-    colocate_ingress: bool = True
     replica_http: bool = Field(
         True, description="Colocated replicas listen on host:port themselves (see "
         "AppConfig.http_port); false leaves the port to Serve's HTTP proxy.")
+    data_dir: str = Field(".data", description="`--dev-license`: license server and ledger.")
+    license_server_port: int = Field(9100, description="`--dev-license`: its port.")
+    api_keys: Annotated[tuple[str, ...], NoDecode] = Field(
+        (), description="Comma-separated bearer keys; empty means no authentication."
+    )
+    device: Literal["auto", "cpu", "gpu"] = Field(
+        "auto", description="Where vLLM runs; `auto` detects it from the install."
+    )
+    ledger_path: str = Field(DEFAULT_LEDGER_PATH, description="Usage ledger (SQLite) file.")
 
     @field_validator("api_keys", mode="before")
     @classmethod
@@ -297,48 +304,71 @@ class Settings(BaseSettings):
             return tuple(k.strip() for k in value.split(",") if k.strip())
         return value
 
+    def _picked(self, model: type[BaseModel], names: dict[str, str]) -> dict[str, Any]:
+        """The fields of ``model`` that were set, under the model's own names."""
+        out = {}
+        for field in model.model_fields:
+            if field in _NOT_DERIVED[model.__name__]:
+                continue
+            value = getattr(self, names.get(field, field))
+            if value is not None:
+                out[field] = value
+        return out
+
     def to_app_config(self) -> AppConfig:
-        name = self.model_name or _default_name(self.model)
-        model_kwargs: dict[str, Any] = {}
+        model = self._picked(ModelConfig, MODEL_SETTING_NAMES)
+        model.setdefault("name", _default_name(model.get("source", DEFAULT_MODEL_SOURCE)))
+        if "min_replicas" in model and "max_replicas" not in model:
+            model["max_replicas"] = max(model["min_replicas"],
+                                        ModelConfig.model_fields["max_replicas"].default)
         if self.device != "auto":
-            model_kwargs["device"] = self.device
-        model = ModelConfig(
-            name=name,
-            source=self.model,
-            dtype=self.dtype,
-            max_model_len=self.max_model_len,
-            kv_cache_gib=self.kv_cache_gib,
-            enforce_eager=self.enforce_eager,
-            stream_interval_ms=self.stream_interval_ms,
-            cpu_reserved_cores=self.cpu_reserved_cores,
-            cpu_inproc_worker=self.cpu_inproc_worker,
-            tensor_parallel_size=self.tensor_parallel_size,
-            accelerator_type=self.accelerator_type,
-            min_replicas=self.min_replicas,
-            max_replicas=max(self.max_replicas, self.min_replicas),
-            **model_kwargs,
-        )
+            model["device"] = self.device
         license = None
-        if self.license_key is not None:
-            if not self.license_public_key:
+        picked = self._picked(LicenseConfig, LICENSE_SETTING_NAMES)
+        if "key" in picked:
+            if "public_key" not in picked:
                 raise ValueError("SERVE_APP_LICENSE_PUBLIC_KEY is required with a license key")
             license = LicenseConfig(
-                key=self.license_key,
-                public_key=self.license_public_key,
-                ledger_path=str(Path(self.ledger_path).expanduser().resolve()),
-                report_interval_s=self.report_interval_s,
-                max_instances=self.max_instances,
-            )
+                ledger_path=str(Path(self.ledger_path).expanduser().resolve()), **picked)
         return AppConfig(
-            models=(model,),
+            models=(ModelConfig(**model),),
             api_keys=tuple(SecretStr(k) for k in self.api_keys),
-            max_body_bytes=self.max_body_bytes,
-            model_cache_dir=self.model_cache_dir,
             license=license,
-            colocate_ingress=self.colocate_ingress,
             http_host=self.host,
-            http_port=self.port if self.replica_http and self.colocate_ingress else None,
+            http_port=self.port if self.replica_http and model_colocated(self) else None,
+            **self._picked(AppConfig, {}),
         )
+
+
+def model_colocated(settings: _SettingsBase) -> bool:
+    value = getattr(settings, "colocate_ingress", None)
+    return AppConfig.model_fields["colocate_ingress"].default if value is None else value
+
+
+def setting_fields() -> dict[str, tuple[type[BaseModel], str]]:
+    """Every derived setting: its name -> (the config model, that model's field)."""
+    out: dict[str, tuple[type[BaseModel], str]] = {}
+    for model, names in ((ModelConfig, MODEL_SETTING_NAMES), (AppConfig, {}),
+                         (LicenseConfig, LICENSE_SETTING_NAMES)):
+        for field in model.model_fields:
+            if field not in _NOT_DERIVED[model.__name__]:
+                name = names.get(field, field)
+                if name in out or name in _SettingsBase.model_fields:
+                    raise TypeError(f"setting {name!r} would have two meanings")
+                out[name] = (model, field)
+    return out
+
+
+def _derived_fields() -> dict[str, Any]:
+    fields: dict[str, Any] = {}
+    for name, (model, field) in setting_fields().items():
+        info = model.model_fields[field]
+        # None means "not set": the model's own default and validation then apply.
+        fields[name] = (info.annotation | None, Field(None, description=info.description))
+    return fields
+
+
+Settings = create_model("Settings", __base__=_SettingsBase, **_derived_fields())
 
 
 def _default_name(source: str) -> str:

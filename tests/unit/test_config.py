@@ -119,3 +119,39 @@ def test_license_and_customer_caps_bound_autoscaling(caplog):
     assert llm._deployment_config.autoscaling_config.max_replicas == 3
     assert "Capping" in caplog.text
     assert instance_cap(AppConfig(models=(model,))) is None
+
+
+def test_every_config_field_can_be_set_from_the_environment(monkeypatch):
+    """One source: Settings is derived from the models, so no field is left out."""
+    from serve_app.config import LicenseConfig, setting_fields
+
+    covered = {(model.__name__, field) for model, field in setting_fields().values()}
+    by_hand = {("AppConfig", f) for f in ("models", "license", "api_keys", "http_host",
+                                          "http_port")} | {("ModelConfig", "device"),
+                                                           ("LicenseConfig", "ledger_path")}
+    for model in (ModelConfig, AppConfig, LicenseConfig):
+        for field in model.model_fields:
+            assert (model.__name__, field) in covered | by_hand, (model.__name__, field)
+    env = {"GPU_MEMORY_UTILIZATION": "0.5", "TARGET_ONGOING_REQUESTS": "7",
+           "MAX_ONGOING_REQUESTS": "9", "MAX_QUEUED_REQUESTS": "11", "MAX_N": "3",
+           "ENGINE_KWARGS": '{"max_num_seqs": 8}', "INGRESS_MAX_ONGOING_REQUESTS": "99",
+           "LICENSE_KEY": "MTL1.x.y", "LICENSE_PUBLIC_KEY": "pk", "REPORT_INTERVAL_S": "5",
+           "DEVICE": "gpu"}
+    for name, value in env.items():
+        monkeypatch.setenv(f"SERVE_APP_{name}", value)
+    config = Settings().to_app_config()
+    model = config.models[0]
+    assert (model.gpu_memory_utilization, model.target_ongoing_requests,
+            model.max_ongoing_requests, model.max_queued_requests) == (0.5, 7, 9, 11)
+    assert model.engine_kwargs == {"max_num_seqs": 8} and model.device == "gpu"
+    assert (config.max_n, config.ingress_max_ongoing_requests) == (3, 99)
+    assert config.license.report_interval_s == 5
+    assert config.license.key.get_secret_value() == "MTL1.x.y"
+
+
+def test_settings_are_checked_by_the_models_rules():
+    with pytest.raises(ValidationError, match="gpu_memory_utilization"):
+        Settings(gpu_memory_utilization="1.5").to_app_config()
+    with pytest.raises(ValidationError, match="min_replicas must not exceed max_replicas"):
+        Settings(min_replicas="3", max_replicas="2").to_app_config()
+    assert Settings(min_replicas="2").to_app_config().models[0].max_replicas == 2

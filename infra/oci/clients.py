@@ -106,7 +106,9 @@ class Backoff:
     jitter: Callable[[float, float], float] = random.uniform
 
     def call(self, fn: Callable[[], T]) -> T:
-        from oci.exceptions import ServiceError
+        """`fn()`, again after a throttle, a gateway's transient status or a network failure
+        (the SDK's ConnectTimeout is a RequestException), at most `attempts` times."""
+        from oci.exceptions import RequestException, ServiceError
 
         for attempt in range(self.attempts):
             try:
@@ -115,6 +117,10 @@ class Backoff:
                 if exc.status not in RETRY_STATUSES or attempt == self.attempts - 1:
                     raise
                 self.sleep(self.delay(attempt, exc.headers or {}))
+            except RequestException:
+                if attempt == self.attempts - 1:
+                    raise
+                self.sleep(self.delay(attempt, {}))
         raise AssertionError("unreachable")
 
     def list_all(self, list_fn: Callable[..., Any], *args: Any, **kwargs: Any) -> list[Any]:

@@ -78,6 +78,7 @@ class OCINodeProvider(NodeProvider):
         self._nodes: dict[str, _Node] = {}
         self._launched: dict[str, float] = {}           # not yet seen in a listing: launch time
         self._written: dict[str, dict[str, str]] = {}   # tags written, until a listing shows them
+        self._terminating: set[str] = set()             # until a listing shows them going
         self._tag_locks: dict[str, threading.Lock] = {}
         self._ips: dict[str, tuple[str, str | None]] = {}
 
@@ -112,7 +113,13 @@ class OCINodeProvider(NodeProvider):
                         del self._written[inst.id]
                     else:
                         tags = {**tags, **written}
-                seen[inst.id] = _Node(inst.id, inst.lifecycle_state, tags)
+                state = inst.lifecycle_state
+                if inst.id in self._terminating:
+                    if state in GONE_STATES:
+                        self._terminating.discard(inst.id)
+                    else:
+                        state = "TERMINATING"       # a listing from before our terminate call
+                seen[inst.id] = _Node(inst.id, state, tags)
                 self._launched.pop(inst.id, None)
             for node_id, launched_at in list(self._launched.items()):
                 if now - launched_at > LISTING_LAG_S:
@@ -260,6 +267,7 @@ class OCINodeProvider(NodeProvider):
             node = self._nodes.get(node_id)
             if node is not None:
                 self._nodes[node_id] = _Node(node_id, "TERMINATING", node.tags)
+            self._terminating.add(node_id)
             self._launched.pop(node_id, None)
             self._ips.pop(node_id, None)
 

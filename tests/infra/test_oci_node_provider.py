@@ -2,6 +2,7 @@
 against the loopback fake in `oci_fake.py`."""
 from __future__ import annotations
 
+import socket
 import threading
 
 import oci
@@ -229,6 +230,33 @@ def test_tags_written_survive_a_stale_listing(oci_fake, oci_config_file):
     assert provider.non_terminated_nodes({TAG_RAY_NODE_STATUS: "up-to-date"}) == [node]
     provider.set_node_tags(node, {"ray-runtime-config": "abc"})
     assert oci_fake.instances[node]["freeformTags"][TAG_RAY_NODE_STATUS] == "up-to-date"
+
+
+def test_a_terminated_node_stays_gone_in_a_stale_listing(oci_fake, oci_config_file):
+    provider = make_provider(oci_fake, oci_config_file)
+    (node,) = provider.create_node(A10, WORKER, 1)
+    oci_fake.boot()
+    provider.terminate_node(node)
+    oci_fake.instances[node]["lifecycleState"] = "RUNNING"    # a read replica behind the delete
+    assert provider.non_terminated_nodes({}) == [] and provider.is_terminated(node)
+    oci_fake.reap()
+    oci_fake.instances[node]["lifecycleState"] = "TERMINATED"
+    assert provider.non_terminated_nodes({}) == []
+
+
+def test_network_failures_are_retried_then_raised(oci_config_file):
+    sleeps = Sleeps()
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))         # bound, never listening: connections are refused
+    port = closed.getsockname()[1]
+    provider = OCINodeProvider(
+        provider_section(oci_config_file), "gpu",
+        client_factory=lambda cfg: build_clients(cfg, service_endpoint=f"http://127.0.0.1:{port}"),
+        backoff=Backoff(attempts=3, sleep=sleeps, jitter=lambda lo, hi: hi))
+    with pytest.raises(oci.exceptions.RequestException):
+        provider.non_terminated_nodes({})
+    closed.close()
+    assert sleeps.slept == [0.5, 1.0]
 
 
 def test_concurrent_callers_lose_no_tag_and_no_node(oci_fake, oci_config_file):

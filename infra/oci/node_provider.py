@@ -270,6 +270,7 @@ class OCINodeProvider(NodeProvider):
             self._terminating.add(node_id)
             self._launched.pop(node_id, None)
             self._ips.pop(node_id, None)
+            self._tag_locks.pop(node_id, None)
 
     # -- cluster config ---------------------------------------------------------------------------
 

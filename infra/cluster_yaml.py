@@ -109,6 +109,47 @@ def license_problems(env_text: str, now: float | None = None) -> list[str]:
     return []
 
 
+def local_problems(config: dict[str, Any]) -> list[str]:
+    """The files ``ray up`` will copy to the nodes: Ray's token and the license env file."""
+    mounts = {_home(remote): local for remote, local in config.get("file_mounts", {}).items()}
+    problems = []
+    token = Path(mounts.get(TOKEN_FILE, TOKEN_FILE)).expanduser()
+    if not token.is_file() or not token.read_text().strip():
+        problems.append(f"no Ray token at {token}: run `ray get-auth-token --generate`")
+    env_file = Path(mounts.get(LICENSE_ENV_FILE, LICENSE_ENV_FILE)).expanduser()
+    if not env_file.is_file():
+        problems.append(f"no license env file at {env_file}: write SERVE_APP_LICENSE_KEY=... and "
+                        "SERVE_APP_LICENSE_PUBLIC_KEY=... lines into it (chmod 600)")
+    else:
+        problems += [f"{env_file}: {p}" for p in license_problems(env_file.read_text())]
+    return problems
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m infra.cluster_yaml CLUSTER_YAML``: what ``ray up`` would refuse or regret."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m infra.cluster_yaml", description=main.__doc__)
+    parser.add_argument("config", help="the cluster YAML, e.g. infra/onprem/ray_cluster.yaml")
+    ns = parser.parse_args(argv)
+    problems = check(ns.config)
+    for problem in problems:
+        print(f"problem: {problem}")
+    print(f"{len(problems)} problem(s)" if problems else f"{ns.config}: ready for `ray up`")
+    return 1 if problems else 0
+
+
+def check(path: str | Path) -> list[str]:
+    """Ray's validation, then security_problems and local_problems, of one cluster YAML."""
+    import jsonschema
+
+    try:
+        rendered = render(load(path))
+    except (jsonschema.ValidationError, ValueError, KeyError) as exc:
+        return [f"{path}: Ray refuses it: {getattr(exc, 'message', exc)}"]
+    return security_problems(rendered) + local_problems(rendered)
+
+
 def parse_env(text: str) -> dict[str, str]:
     """``KEY=value`` lines as a shell's ``set -a; . file`` reads the simple ones."""
     env = {}
@@ -136,3 +177,7 @@ def _option(command: str, name: str) -> str | None:
 
 def _home(path: str) -> str:
     return "~" + path[len(str(Path.home())):] if path.startswith(str(Path.home())) else path
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -127,16 +127,20 @@ def local_problems(config: dict[str, Any]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m infra.cluster_yaml CLUSTER_YAML``: what ``ray up`` would refuse or regret."""
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python -m infra.cluster_yaml", description=main.__doc__)
-    parser.add_argument("config", help="the cluster YAML, e.g. infra/onprem/ray_cluster.yaml")
-    ns = parser.parse_args(argv)
+    ns = parser().parse_args(argv)
     problems = check(ns.config)
     for problem in problems:
         print(f"problem: {problem}")
     print(f"{len(problems)} problem(s)" if problems else f"{ns.config}: ready for `ray up`")
     return 1 if problems else 0
+
+
+def parser():
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m infra.cluster_yaml", description=main.__doc__)
+    parser.add_argument("config", help="the cluster YAML, e.g. infra/onprem/ray_cluster.yaml")
+    return parser
 
 
 def check(path: str | Path) -> list[str]:

@@ -18,7 +18,7 @@ from infra.gcp import preflight
 from infra.gcp.compute import GoogleCompute, PreflightError, connect
 
 
-def _parser() -> argparse.ArgumentParser:
+def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m infra.gcp", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None,
          compute: Callable[[str | None], GoogleCompute] = connect) -> int:
     """``compute`` turns a project id (or None) into the API client: tests pass one aimed at a
     loopback fake."""
-    ns = _parser().parse_args(argv)
+    ns = parser().parse_args(argv)
     try:
         if ns.command == "check":
             return run_check(ns, compute)

@@ -50,6 +50,29 @@ def render(config: dict[str, Any]) -> dict[str, Any]:
     return prepared
 
 
+def head_bootstrap_config(rendered: dict[str, Any]) -> dict[str, Any]:
+    """The config ``ray up`` writes to the head (``~/ray_bootstrap_config.yaml``) for the
+    autoscaler there, which starts the workers with its ``worker_start_ray_commands`` and copies
+    them its ``file_mounts``: the head's own copies of the laptop's files.
+
+    Relies on a Ray internal (pinned ray 2.60.0):
+    ``ray.autoscaler._private.commands._set_up_config_for_head_node``, given the base
+    ``NodeProvider`` (whose ``prepare_for_head_node`` changes nothing) so no cloud is called.
+    """
+    import json
+
+    from ray.autoscaler._private.commands import _set_up_config_for_head_node
+    from ray.autoscaler.node_provider import NodeProvider
+
+    provider = NodeProvider(rendered["provider"], rendered["cluster_name"])
+    _, remote_file = _set_up_config_for_head_node(copy.deepcopy(rendered), provider, False)
+    try:
+        with open(remote_file.name) as f:
+            return json.load(f)
+    finally:
+        remote_file.close()
+
+
 def command_env(command: str) -> dict[str, str]:
     """Variables a shell command sets before it runs ``ray start``: ``export A=1 B=2 && ...`` or
     ``A=1 ray start ...``. Assignments after ``ray start`` are arguments, not environment."""

@@ -5,6 +5,7 @@ cluster that lets no one in."""
 from __future__ import annotations
 
 import re
+import subprocess
 import time
 from pathlib import Path
 
@@ -245,3 +246,41 @@ def test_cluster_serve_config_targets_a_worker_type_of_the_cluster(gcp):
     assert fits == ["gpu_l4"]
     assert options["autoscaling_config"]["max_replicas"] <= gcp["available_node_types"][
         "gpu_l4"]["max_workers"]
+
+
+def test_workers_get_the_token_and_auth_from_the_head(rendered):
+    """What the autoscaler on the head uses to start workers, as Ray's own `ray up` writes it."""
+    bootstrap = cluster_yaml.head_bootstrap_config(rendered)
+    for path in (cluster_yaml.TOKEN_FILE, cluster_yaml.LICENSE_ENV_FILE):
+        assert bootstrap["file_mounts"][path] == path  # the head's copy, same place
+    assert cluster_yaml.security_problems(bootstrap) == []
+    assert bootstrap["worker_start_ray_commands"] == rendered["worker_start_ray_commands"]
+
+
+@pytest.mark.parametrize("role", ["head", "worker"])
+def test_start_commands_in_a_real_shell(rendered, role, tmp_path):
+    """Each `ray start` line through bash, with a stand-in `ray` that records its environment and
+    arguments: the license file and every switch reach Ray, whatever the machine's open-file
+    limit."""
+    (tmp_path / ".serve_app").mkdir()
+    (tmp_path / ".serve_app" / "license.env").write_text(
+        "SERVE_APP_LICENSE_KEY=MTL1.payload.signature\nSERVE_APP_LICENSE_PUBLIC_KEY=pub\n")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "ray").write_text('#!/bin/sh\nenv > "$HOME/env"\necho "$@" > "$HOME/args"\n')
+    (bin_dir / "ray").chmod(0o755)
+    (start,) = cluster_yaml.ray_start_commands(rendered, role)
+    subprocess.run(["bash", "-c", start], check=True, timeout=30, env={
+        "HOME": str(tmp_path), "PATH": f"{bin_dir}:/usr/bin:/bin", "RAY_HEAD_IP": "10.0.0.10"})
+    env = dict(line.split("=", 1) for line in (tmp_path / "env").read_text().splitlines()
+               if "=" in line)
+    expected = {"RAY_AUTH_MODE": "token", **RAY_SERVE_ENV, **TELEMETRY_OFF_ENV,
+                "SERVE_APP_LICENSE_KEY": "MTL1.payload.signature",
+                "SERVE_APP_LICENSE_PUBLIC_KEY": "pub"}
+    assert {k: env.get(k) for k in expected} == expected
+    args = (tmp_path / "args").read_text().split()
+    assert args[0] == "start"
+    if role == "head":
+        assert "--head" in args and "--dashboard-host=127.0.0.1" in args
+    else:
+        assert "--address=10.0.0.10:6379" in args

@@ -5,8 +5,11 @@ cluster that lets no one in."""
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
+import sys
 import time
+import zipfile
 from pathlib import Path
 
 import jsonschema
@@ -284,3 +287,24 @@ def test_start_commands_in_a_real_shell(rendered, role, tmp_path):
         assert "--head" in args and "--dashboard-host=127.0.0.1" in args
     else:
         assert "--address=10.0.0.10:6379" in args
+
+
+def test_the_mounted_files_are_an_installable_app(rendered, tmp_path):
+    """`ray up` copies only parts of the checkout: they must build the app pip installs."""
+    app = tmp_path / "serve_app"
+    for remote, local in rendered["file_mounts"].items():
+        if remote.startswith("~/serve_app/"):
+            source = ROOT / local
+            target = app / remote.removeprefix("~/serve_app/")
+            if source.is_dir():
+                shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__"))
+            else:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy(source, target)
+    assert (app / "deploy" / "serve_config_cluster.yaml").is_file()
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+                    "-w", str(tmp_path / "dist"), str(app)], check=True, timeout=300,
+                   cwd=tmp_path)
+    (wheel,) = (tmp_path / "dist").glob("serve_app-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert {"serve_app/builder.py", "infra/cluster_yaml.py", "infra/gcp/cli.py"} <= set(names)

@@ -25,6 +25,9 @@ from serve_app.licensing import LicenseError, load_public_key, verify_key
 
 TOKEN_FILE = "~/.ray/auth_token"
 LICENSE_ENV_FILE = "~/.serve_app/license.env"
+# The custom resource the head node declares; the license actor is placed by it, next to its
+# usage ledger, on the node that outlives the workers.
+HEAD_RESOURCE = "serve_app_head"
 _ASSIGNMENT = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)=(.*)$", re.S)
 
 
@@ -93,7 +96,8 @@ def ray_start_commands(config: dict[str, Any], role: str) -> list[str]:
 
 
 def security_problems(config: dict[str, Any]) -> list[str]:
-    """What leaves a rendered cluster open to whoever reaches Ray's ports; empty when none."""
+    """What leaves a rendered cluster open to whoever reaches Ray's ports, or the license actor
+    without its node; empty when none."""
     problems = []
     for role in ("head", "worker"):
         starts = ray_start_commands(config, role)
@@ -105,12 +109,25 @@ def security_problems(config: dict[str, Any]) -> list[str]:
     mounts = {_home(remote): _home(local) for remote, local in config.get("file_mounts", {}).items()}
     if mounts.get(TOKEN_FILE) is None:
         problems.append(f"file_mounts does not copy Ray's token ({TOKEN_FILE}) to the nodes")
+    if not head_resources(config).get(HEAD_RESOURCE):
+        problems.append(f"head: no {HEAD_RESOURCE} resource, which places the license actor")
     for command in ray_start_commands(config, "head"):
         host = _option(command, "--dashboard-host")
         if host not in ("127.0.0.1", "localhost"):
             problems.append(f"head: dashboard on {host or 'Ray default'}, not loopback; reach it "
                             "through `ray dashboard` (an SSH tunnel)")
     return problems
+
+
+def head_resources(config: dict[str, Any]) -> dict[str, float]:
+    """Custom resources the head declares: its node type's (cloud providers pass them to ``ray
+    start``), or ``--resources`` of its ``ray start`` (the local provider passes none)."""
+    import json
+
+    declared = dict(config["available_node_types"][config["head_node_type"]].get("resources", {}))
+    for command in ray_start_commands(config, "head"):
+        declared.update(json.loads(_option(command, "--resources") or "{}"))
+    return declared
 
 
 def license_problems(env_text: str, now: float | None = None) -> list[str]:

@@ -140,6 +140,19 @@ def test_command_env_reads_only_what_precedes_ray_start():
 # -- a cluster that lets no one in ---------------------------------------------------------------
 
 
+def test_the_head_declares_the_license_actors_resource(rendered):
+    try:
+        from serve_app.ray_internals import HEAD_RESOURCE
+    except ImportError:  # before the license actor's placement by this resource is merged
+        HEAD_RESOURCE = "serve_app_head"
+    assert HEAD_RESOURCE == cluster_yaml.HEAD_RESOURCE
+    assert cluster_yaml.head_resources(rendered)[HEAD_RESOURCE] == 1
+    workers = [t for name, t in rendered["available_node_types"].items()
+               if name != rendered["head_node_type"]]
+    assert not any(HEAD_RESOURCE in t.get("resources", {}) for t in workers)
+    assert not any(HEAD_RESOURCE in c for c in rendered["worker_start_ray_commands"])
+
+
 def test_token_auth_and_loopback_dashboard(rendered):
     from ray._private.authentication.authentication_token_setup import _get_default_token_path
 
@@ -166,6 +179,10 @@ def test_token_auth_and_loopback_dashboard(rendered):
     (lambda c: c["head_start_ray_commands"].__setitem__(
         1, c["head_start_ray_commands"][1].replace("--dashboard-host=127.0.0.1", "")),
      "head: dashboard on Ray default"),
+    (lambda c: c.get("available_node_types", {}).get("head", {}).get("resources", {}).pop(
+        "serve_app_head", None) or c["head_start_ray_commands"].__setitem__(
+        1, c["head_start_ray_commands"][1].replace("""--resources='{"serve_app_head": 1}'""", "")),
+     "head: no serve_app_head resource"),
 ])
 def test_each_breach_is_reported(breach, expected):
     for path in CLUSTER_YAMLS:
@@ -285,6 +302,9 @@ def test_start_commands_in_a_real_shell(rendered, role, tmp_path):
     assert args[0] == "start"
     if role == "head":
         assert "--head" in args and "--dashboard-host=127.0.0.1" in args
+        # The local provider passes no node-type resources: the flag must reach `ray start`.
+        if rendered["provider"]["type"] == "local":
+            assert '--resources={"serve_app_head": 1}' in " ".join(args)
     else:
         assert "--address=10.0.0.10:6379" in args
 

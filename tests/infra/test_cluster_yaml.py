@@ -328,3 +328,12 @@ def test_the_mounted_files_are_an_installable_app(rendered, tmp_path):
     (wheel,) = (tmp_path / "dist").glob("serve_app-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert {"serve_app/builder.py", "infra/cluster_yaml.py", "infra/gcp/cli.py"} <= set(names)
+
+
+def test_every_command_is_valid_bash(rendered):
+    commands = [c for key, value in rendered.items() if key.endswith("_commands") for c in value]
+    assert len(commands) > 5
+    for command in commands:
+        result = subprocess.run(["bash", "-n", "-c", command], capture_output=True, text=True,
+                                timeout=30)
+        assert result.returncode == 0, (command, result.stderr)

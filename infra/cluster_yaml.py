@@ -46,9 +46,18 @@ def render(config: dict[str, Any]) -> dict[str, Any]:
     Relies on Ray internals (pinned ray 2.60.0): ``ray.autoscaler._private.util.prepare_config``
     and ``validate_config``. Raises ``jsonschema.ValidationError`` on a typo or a wrong type.
     """
+    import logging
+
     from ray.autoscaler._private.util import prepare_config, validate_config
 
-    prepared = prepare_config(copy.deepcopy(config))
+    # Its INFO lines ("setting max workers for head node type to 0") are for `ray up`'s own log.
+    util_logger = logging.getLogger("ray.autoscaler._private.util")
+    level = util_logger.level
+    util_logger.setLevel(logging.WARNING)
+    try:
+        prepared = prepare_config(copy.deepcopy(config))
+    finally:
+        util_logger.setLevel(level)
     validate_config(prepared)
     return prepared
 

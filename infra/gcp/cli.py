@@ -32,6 +32,9 @@ def parser() -> argparse.ArgumentParser:
         "check", parents=[common],
         help="the YAML, Ray's token and the license, the accelerator's zones and quota")
     check.add_argument("--region", help="default: the YAML's provider.region")
+    check.add_argument("--network", default="default",
+                       help="VPC network of the cluster, whose firewall rules are checked "
+                       "(default: default)")
     check.add_argument("--accelerator", default="L4",
                        help="Ray accelerator type the Serve config asks for: L4, A100-40G, "
                        "A100-80G or H100 (default: L4)")
@@ -71,6 +74,10 @@ def run_check(ns: argparse.Namespace, compute: Callable[[str | None], GoogleComp
             print(f"  {node_type.name}: {line}")
         problems += [] if ok else [lines[-1]]
         problems += [] if ok_quota else [quota]
+    exposed = preflight.exposed_rules(api.firewalls(), ns.network, preflight.cluster_tags(raw))
+    for problem in exposed:
+        print(f"problem: {problem}")
+    problems += exposed
     images = {disk["initializeParams"]["sourceImage"]
               for t in raw["available_node_types"].values()
               for disk in t["node_config"].get("disks", []) if "initializeParams" in disk}

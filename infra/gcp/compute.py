@@ -73,6 +73,12 @@ class GoogleCompute:
             return None
         return compute_v1.Firewall.to_dict(rule, preserving_proto_field_name=False)
 
+    def firewalls(self) -> list[dict[str, Any]]:
+        """Every firewall rule of the project (all networks), in REST form."""
+        with self._errors(f"firewall rules of project {self.project}"):
+            return [compute_v1.Firewall.to_dict(rule, preserving_proto_field_name=False)
+                    for rule in self._firewalls.list(project=self.project)]
+
     def insert_firewall(self, body: dict[str, Any]) -> None:
         with self._errors():
             operation = self._firewalls.insert(project=self.project,

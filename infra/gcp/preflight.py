@@ -155,6 +155,57 @@ def firewall_patch(existing: dict[str, Any], wanted: dict[str, Any]) -> dict[str
     return patch
 
 
+# Ports that must never face the internet: Ray's GCS, object manager, dashboard, client server
+# and dashboard agent (any of them runs code for whoever reaches it), and the serving port.
+GUARDED_PORTS = {6379: "Ray GCS", 8076: "Ray object manager", 8265: "Ray dashboard",
+                 10001: "Ray client", 52365: "Ray dashboard agent", SERVING_PORT: "serving port"}
+
+
+def exposed_rules(rules: list[dict[str, Any]], network: str, tags: set[str]) -> list[str]:
+    """Enabled ingress rules of ``network`` that open a guarded port to the whole internet on
+    the cluster's VMs (rules without targets apply to every VM of the network)."""
+    problems = []
+    for rule in rules:
+        if (rule.get("direction", "INGRESS") != "INGRESS" or rule.get("disabled")
+                or rule.get("network", "").rsplit("/", 1)[-1] != network.rsplit("/", 1)[-1]
+                or not any(_prefix_len(r) == 0 for r in rule.get("sourceRanges", []))):
+            continue
+        targets = set(rule.get("targetTags", []))
+        if rule.get("targetServiceAccounts") or (targets and not targets & tags):
+            continue
+        ports = sorted(p for p in GUARDED_PORTS if _allows(rule.get("allowed", []), p))
+        if ports:
+            names = ", ".join(f"{p} ({GUARDED_PORTS[p]})" for p in ports)
+            problems.append(f"firewall rule {rule['name']} opens {names} to the whole internet: "
+                            f"delete it or narrow its sourceRanges")
+    return problems
+
+
+def _prefix_len(cidr: str) -> int:
+    try:
+        return ipaddress.ip_network(cidr, strict=False).prefixlen
+    except ValueError:
+        return -1
+
+
+def _allows(allowed: list[dict[str, Any]], port: int) -> bool:
+    for entry in allowed:
+        if entry.get("IPProtocol") not in ("tcp", "all", "6"):
+            continue
+        if not entry.get("ports"):
+            return True
+        for spec in entry["ports"]:
+            low, _, high = spec.partition("-")
+            if int(low) <= port <= int(high or low):
+                return True
+    return False
+
+
+def cluster_tags(config: dict[str, Any]) -> set[str]:
+    return {tag for t in config["available_node_types"].values()
+            for tag in t.get("node_config", {}).get("tags", {}).get("items", [])}
+
+
 def head_target_tag(config: dict[str, Any]) -> str | None:
     """The head's network tag: what the serving rule targets (workers are not exposed)."""
     head = config["available_node_types"][config["head_node_type"]]

@@ -30,7 +30,7 @@ def _no_cloud_credentials(monkeypatch, tmp_path_factory):
 class FakeComputeApi:
     """A loopback stand-in for the few Compute Engine REST calls the preflight makes, enough for
     the real google-cloud-compute client: aggregated accelerator types (one zone per page, so the
-    client's pager is exercised), regions.get with quotas, firewalls get/insert/patch (insert and
+    client's pager is exercised), regions.get with quotas, firewalls list/get/insert/patch (insert and
     patch answer with a finished operation, or a failed one), images.getFromFamily. A project
     other than ``project`` gets 403, as for a disabled API or a missing permission."""
 
@@ -90,6 +90,8 @@ class FakeComputeApi:
         return _json(reply)
 
     def _firewall(self, method, name, body):
+        if method == "GET" and name is None:
+            return _json({"items": list(self.firewalls.values())})
         if method == "GET":
             if name not in self.firewalls:
                 return _json({"error": {"code": 404, "message": f"firewall {name} not found"}},

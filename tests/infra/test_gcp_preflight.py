@@ -212,3 +212,40 @@ def test_preemptible_workers_count_against_preemptible_quota():
     assert l4.quota_metric == "PREEMPTIBLE_NVIDIA_L4_GPUS"
     a100 = preflight.pick(preflight.gpu_node_types(raw), "A100")
     assert [t.quota_metric for t in a100] == ["NVIDIA_A100_GPUS", "NVIDIA_A100_80GB_GPUS"]
+
+
+def rule(name, ports, source="0.0.0.0/0", network="default", **kw):
+    return {"name": name, "direction": "INGRESS", "sourceRanges": [source],
+            "network": f"https://www.googleapis.com/compute/v1/projects/p/global/networks/{network}",
+            "allowed": [{"IPProtocol": "tcp", **({"ports": ports} if ports else {})}], **kw}
+
+
+def test_rules_that_open_ray_to_the_internet_are_found():
+    rules = [
+        rule("default-allow-ssh", ["22"]),
+        rule("allow-ray", ["6379", "8265"]),
+        rule("everything-from-the-office", None, source="203.0.113.0/24"),
+        rule("other-network", None, network="lab"),
+        rule("other-vms", ["8265"], targetTags=["bastion"]),
+        rule("switched-off", None, disabled=True),
+        rule("our-head-v6", ["8000-9000"], source="::/0", targetTags=["serve-app-http"]),
+        {**rule("all-protocols", None), "allowed": [{"IPProtocol": "all"}]},
+    ]
+    problems = preflight.exposed_rules(rules, "default", {"serve-app-http"})
+    assert problems == [
+        "firewall rule allow-ray opens 6379 (Ray GCS), 8265 (Ray dashboard) to the whole "
+        "internet: delete it or narrow its sourceRanges",
+        "firewall rule our-head-v6 opens 8076 (Ray object manager), 8265 (Ray dashboard), 9000 "
+        "(serving port) to the whole internet: delete it or narrow its sourceRanges",
+        "firewall rule all-protocols opens 6379 (Ray GCS), 8076 (Ray object manager), 8265 (Ray "
+        "dashboard), 9000 (serving port), 10001 (Ray client), 52365 (Ray dashboard agent) to the "
+        "whole internet: delete it or narrow its sourceRanges"]
+
+
+def test_check_lists_the_projects_rules(run, config, home, l4_region):
+    l4_region.firewalls = {"allow-dashboard": rule("allow-dashboard", ["8265"])}
+    code, out, _ = run("check", "--config", str(config))
+    assert code == 1
+    assert "problem: firewall rule allow-dashboard opens 8265 (Ray dashboard)" in out
+    assert ("GET", f"/compute/v1/projects/{l4_region.project}/global/firewalls") in [
+        (m, p) for m, p, _, _ in l4_region.requests]

@@ -253,6 +253,23 @@ def test_cluster_serve_config_takes_the_license_from_the_environment(monkeypatch
     assert config.http_port is None
 
 
+def test_cluster_serve_config_builds_gpu_replicas_with_the_license(monkeypatch):
+    """What `serve deploy` builds from it on the head: `import_path` called with `args`."""
+    from ray.serve._private.utils import import_attr
+
+    for name, value in cluster_yaml.parse_env(license_env("https://l.example.com")).items():
+        monkeypatch.setenv(name, value)
+    (app,) = yaml.safe_load(SERVE_CONFIG.read_text())["applications"]
+    ingress = import_attr(app["import_path"])(app["args"])._bound_deployment
+    config, handles = ingress.init_args
+    assert config.license is not None and handles == {}
+    # Colocated: the GPU replica itself serves HTTP behind Serve's proxy.
+    assert ingress.ray_actor_options["num_gpus"] == 1
+    assert ingress.ray_actor_options["accelerator_type"] == "L4"
+    autoscaling = ingress._deployment_config.autoscaling_config
+    assert (autoscaling.min_replicas, autoscaling.max_replicas) == (1, 4)
+
+
 def test_cluster_serve_config_targets_a_worker_type_of_the_cluster(gcp):
     from serve_app.builder import deployment_options
 

@@ -1,0 +1,3 @@
+from infra.gcp.cli import main
+
+raise SystemExit(main())

@@ -125,7 +125,9 @@ def test_activation_heartbeat_status_and_revocation(server):
 
 
 def test_usage_reports_are_idempotent(server):
+    server.service.store.clock.t = T0 - 3600
     key = issue(server)["key"]
+    server.service.store.clock.t = T0 + 3600
     report = {"cluster_id": "c1", "report_id": uuid.uuid4().hex,
               "intervals": [{"instance_id": "r1", "start": T0, "end": T0 + 100, "gpus": 1},
                             {"instance_id": "r2", "start": T0, "end": T0 + 50, "gpus": 2}]}
@@ -143,7 +145,9 @@ def test_usage_reports_are_idempotent(server):
 
 
 def test_usage_per_day_json_and_csv(server):
+    server.service.store.clock.t = T0 - 7200
     key = issue(server)["key"]
+    server.service.store.clock.t = T0 + 6000
     lid = server.get("/v1/status", headers=as_client(key)).json()["license_id"]
     crossing = [{"instance_id": "r1", "start": T0 - 1800, "end": T0 + 5400, "gpus": 1}]
     server.post("/v1/usage", json={"cluster_id": "c", "report_id": "rep-00001",

@@ -29,20 +29,25 @@ class Clock:
 
 
 def database_urls() -> list:
-    urls = [pytest.param("sqlite", id="sqlite")]
-    pg = os.environ.get("TEST_POSTGRES_URL")
-    if pg or os.environ.get("CI"):
-        # In CI PostgreSQL must be there (.ci/run starts it): a missing URL fails, not skips.
-        urls.append(pytest.param(pg or "missing", id="postgresql"))
-    return urls
+    pg = os.environ.get("TEST_POSTGRES_URL") or "missing"
+    return [pytest.param("sqlite", id="sqlite"), pytest.param(pg, id="postgresql")]
+
+
+def database_url(param: str, tmp_path) -> str:
+    """The URL for a ``database_urls`` param: a fresh SQLite file, or the PostgreSQL server
+    (skipped without one, except in CI, where .ci/run starts it and a missing URL fails)."""
+    if param == "sqlite":
+        return f"sqlite:///{tmp_path / 'licenses.db'}"
+    if param == "missing":
+        assert not os.environ.get("CI"), \
+            "TEST_POSTGRES_URL is not set; .ci/run starts PostgreSQL and sets it"
+        pytest.skip("TEST_POSTGRES_URL is not set (see .ci/run to start PostgreSQL)")
+    return param
 
 
 @pytest.fixture(params=database_urls())
 def store(request, tmp_path):
-    url = request.param
-    if url == "sqlite":
-        url = f"sqlite:///{tmp_path / 'licenses.db'}"
-    assert url != "missing", "TEST_POSTGRES_URL is not set; .ci/run starts PostgreSQL and sets it"
+    url = database_url(request.param, tmp_path)
     clock = Clock(T0 + 3600)
     s = LicenseStore(url, now=clock).start()
     if url.startswith("postgresql"):  # a shared server: start each test from empty tables

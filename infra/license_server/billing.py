@@ -62,7 +62,14 @@ def _timegm(t: time.struct_time) -> int:
 
 def split_by_day(items: Iterable[Interval], lo: float = -math.inf,
                  hi: float = math.inf) -> dict[str, dict[str, float]]:
-    """Instance-seconds and GPU-seconds per UTC day of ``items`` clipped to [lo, hi).
+    """Instance-seconds and GPU-seconds per UTC day of ``items`` clipped to [lo, hi)."""
+    return {day_name(d): {"instance_seconds": v[0], "gpu_seconds": v[1]}
+            for d, v in sorted(split_days(items, lo, hi).items())}
+
+
+def split_days(items: Iterable[Interval], lo: float = -math.inf,
+               hi: float = math.inf) -> dict[int, list[float]]:
+    """[instance-seconds, GPU-seconds] per day index of ``items`` clipped to [lo, hi).
 
     Costs O(intervals + days present): an interval's whole days are one entry in a difference
     table, and runs of days with the same count of whole intervals are walked only where that
@@ -101,8 +108,7 @@ def split_by_day(items: Iterable[Interval], lo: float = -math.inf,
             for day in range(key, following):
                 totals[day][0] += count * DAY
                 totals[day][1] += gpus * DAY
-    return {day_name(d): {"instance_seconds": v[0], "gpu_seconds": v[1]}
-            for d, v in sorted(totals.items())}
+    return totals
 
 
 def _add(acc: list[float], seconds: float, gpus: float) -> None:

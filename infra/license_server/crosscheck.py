@@ -27,7 +27,7 @@ from infra.license_server.billing import (
     day_index,
     day_name,
     parse_day,
-    split_by_day,
+    split_days,
 )
 from infra.license_server.policy import ServerPolicy
 
@@ -37,7 +37,8 @@ def flag(code: str, reason: str) -> dict[str, str]:
 
 
 def day_flags(row: dict[str, Any], *, cap: int | None, now: float,
-              policy: ServerPolicy) -> list[dict[str, str]]:
+              policy: ServerPolicy, day: int | None = None) -> list[dict[str, str]]:
+    """The flags of one row; ``day`` is its day's index when the caller has it at hand."""
     flags = []
     if cap is not None and row["max_heartbeat_instances"] > cap:
         flags.append(flag("over_cap_heartbeat", f"heartbeats reported "
@@ -45,7 +46,7 @@ def day_flags(row: dict[str, Any], *, cap: int | None, now: float,
     if cap is not None and row["max_concurrent_reported"] > cap:
         flags.append(flag("over_cap_reported", f"reported intervals ran "
                           f"{row['max_concurrent_reported']} instances at once; the cap is {cap}"))
-    day_end = (parse_day(row["day"]) + 1) * DAY
+    day_end = ((parse_day(row["day"]) if day is None else day) + 1) * DAY
     if now >= day_end + policy.report_window_s:
         reported, observed = row["instance_seconds"], row["observed_instance_seconds"]
         diff = reported - observed
@@ -91,27 +92,27 @@ def license_usage(license_id: str, cap: int | None, items: Iterable[Interval],
             peaks.add(it.start, it.end)
             yield it
 
-    reported = split_by_day(fed(), lo, hi)
-    seen = {o["day"]: o for o in observed}
-    first, last = day_name(first_day), day_name(last_day)
+    reported = split_days(fed(), lo, hi)
+    seen = {parse_day(o["day"]): o for o in observed}
     alerts = cluster_alerts(license_id, clusters, now=now, policy=policy)
     rows = []
-    for day in sorted(set(reported) | set(seen)):
-        if not first <= day <= last:
+    for index in sorted(set(reported) | set(seen)):
+        if not first_day <= index <= last_day:
             continue
-        r = reported.get(day, {"instance_seconds": 0.0, "gpu_seconds": 0.0})
-        o = seen.get(day, {})
+        day = day_name(index)
+        seconds, gpu_seconds = reported.get(index, (0.0, 0.0))
+        o = seen.get(index, {})
         row: dict[str, Any] = {
             "license_id": license_id, "day": day,
-            "instance_seconds": round(r["instance_seconds"], 3),
-            "instance_hours": round(r["instance_seconds"] / 3600, 6),
-            "gpu_seconds": round(r["gpu_seconds"], 3),
+            "instance_seconds": round(seconds, 3),
+            "instance_hours": round(seconds / 3600, 6),
+            "gpu_seconds": round(gpu_seconds, 3),
             "observed_instance_seconds": round(o.get("observed_seconds", 0.0), 3),
             "max_heartbeat_instances": o.get("max_instances", 0),
             "max_concurrent_reported": peaks.peak.get(day, 0),
             "active_instances_now": active_now,
         }
-        row["flags"] = day_flags(row, cap=cap, now=now, policy=policy) + [
+        row["flags"] = day_flags(row, cap=cap, now=now, policy=policy, day=index) + [
             {"code": a["code"], "reason": a["reason"]} for a in alerts if a["day"] == day]
         rows.append(row)
     return rows, alerts

@@ -252,7 +252,7 @@ def test_a_stored_infinite_interval_cannot_hang_the_usage_query(server):
         items=[Interval("a", T0, float("inf")), Interval("b", 0.0, T0)])
     started = time.perf_counter()
     resp = server.get("/admin/usage", params={"license_id": lid, "limit": 10}, headers=ADMIN)
-    assert resp.status_code == 200 and time.perf_counter() - started < 5
+    assert resp.status_code == 200 and time.perf_counter() - started < 10
     assert len(resp.json()["usage"]) == 10 and resp.json()["next_cursor"]
 
 

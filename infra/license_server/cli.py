@@ -19,7 +19,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from infra.license_server.app import IssueRequest, LicenseService, build_app, to_csv
 from infra.license_server.billing import Refusal
 from infra.license_server.db import LicenseStore
-from infra.license_server.policy import ServerPolicy
+from infra.license_server.limits import ServerPolicy
 from serve_app.licensing import load_private_key, new_private_key, private_key_pem
 
 

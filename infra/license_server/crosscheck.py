@@ -29,7 +29,7 @@ from infra.license_server.billing import (
     parse_day,
     split_days,
 )
-from infra.license_server.policy import ServerPolicy
+from infra.license_server.limits import ServerPolicy
 
 
 def flag(code: str, reason: str) -> dict[str, str]:

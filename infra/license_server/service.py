@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from infra.license_server.billing import DAY, Interval, Refusal, day_index, day_name, parse_day
 from infra.license_server.crosscheck import license_usage
 from infra.license_server.db import LicenseStore, ReportRules
-from infra.license_server.policy import ServerPolicy
+from infra.license_server.limits import ServerPolicy
 from infra.license_server.wire import HeartbeatRequest, IssueRequest, UsageReport
 from serve_app.licensing import License, LicenseError, public_key_text, sign_license, verify_key
 

@@ -22,7 +22,7 @@ from infra.license_server.billing import (
     split_by_day,
 )
 from infra.license_server.crosscheck import cluster_alerts, day_flags, license_usage
-from infra.license_server.policy import ServerPolicy
+from infra.license_server.limits import ServerPolicy
 
 T0 = 1_800_000_000.0 - (1_800_000_000.0 % DAY)  # a UTC midnight
 POLICY = ServerPolicy()

@@ -13,7 +13,7 @@ from starlette.testclient import TestClient
 
 from infra.license_server.app import LicenseService, build_app
 from infra.license_server.cli import main
-from infra.license_server.policy import ServerPolicy
+from infra.license_server.limits import ServerPolicy
 from serve_app.licensing import new_private_key
 from tests.unit import test_license_server as base
 

@@ -11,6 +11,7 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.schema import CreateIndex
 
 from infra.license_server.billing import (
     Interval,
@@ -129,8 +130,9 @@ class LicenseStore:
                 dbapi_conn.execute("PRAGMA journal_mode=WAL")
                 dbapi_conn.execute("PRAGMA synchronous=FULL")
         metadata.create_all(self.engine)
-        for index in INDEXES:
-            index.create(self.engine, checkfirst=True)
+        with self.engine.begin() as conn:  # IF NOT EXISTS: the CLI may start beside the server
+            for index in INDEXES:
+                conn.execute(CreateIndex(index, if_not_exists=True))
         return self
 
     def _begin(self) -> Any:

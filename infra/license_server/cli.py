@@ -1,4 +1,4 @@
-"""``python -m infra.license_server serve|issue|list|revoke|usage|public-key``.
+"""``python -m infra.license_server serve|issue|list|revoke|usage|public-key|rotate-admin-token``.
 
 Admin commands act on the same database as the server (``LICENSE_SERVER_DATABASE_URL`` or the
 SQLite file in ``LICENSE_SERVER_DATA_DIR``), so they work whether or not it is running.
@@ -17,14 +17,17 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from infra.license_server.app import IssueRequest, LicenseService, build_app, to_csv
+from infra.license_server.billing import Refusal
 from infra.license_server.db import LicenseStore
+from infra.license_server.limits import ServerPolicy
 from serve_app.licensing import load_private_key, new_private_key, private_key_pem
 
 
 class LicenseServerSettings(BaseSettings):
     """The license server's only reader of the environment (prefix ``LICENSE_SERVER_``)."""
 
-    model_config = SettingsConfigDict(env_prefix="LICENSE_SERVER_", extra="forbid")
+    model_config = SettingsConfigDict(env_prefix="LICENSE_SERVER_", extra="forbid",
+                                      env_nested_delimiter="__")
 
     data_dir: str = Field(".data/license_server", description="Signing key, token, SQLite file.")
     database_url: str | None = Field(None, description="e.g. postgresql+psycopg://u:p@h/db")
@@ -32,6 +35,11 @@ class LicenseServerSettings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = 9100
     public_url: str | None = Field(None, description="URL put into issued keys.")
+    forwarded_allow_ips: str = Field(
+        "127.0.0.1", description="Proxies whose X-Forwarded-For names the client (rate limits "
+        "count per client address); comma-separated, as uvicorn's --forwarded-allow-ips.")
+    policy: ServerPolicy = Field(default_factory=ServerPolicy, description="Wire limits, rate "
+                                 "limits, cross-checks (env LICENSE_SERVER_POLICY__<FIELD>).")
 
     @property
     def url(self) -> str:
@@ -58,7 +66,20 @@ def build_service(settings: LicenseServerSettings) -> tuple[LicenseService, str]
         data / "admin_token", secrets.token_urlsafe(32).encode()).decode().strip()
     public_url = settings.public_url or f"http://{settings.host}:{settings.port}"
     store = LicenseStore(settings.url).start()
-    return LicenseService(store, signing_key, public_url), token
+    return LicenseService(store, signing_key, public_url, policy=settings.policy), token
+
+
+def rotate_admin_token(settings: LicenseServerSettings) -> str:
+    """Replace the admin token file with a new random token (0600, atomically)."""
+    if settings.admin_token:
+        sys.exit("LICENSE_SERVER_ADMIN_TOKEN is set: rotate it where it is set, then restart")
+    path = Path(settings.data_dir) / "admin_token"
+    token = secrets.token_urlsafe(32)
+    tmp = path.with_suffix(".new")
+    tmp.unlink(missing_ok=True)
+    _secret_file(tmp, token.encode())
+    os.replace(tmp, path)
+    return token
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -78,10 +99,17 @@ def main(argv: list[str] | None = None) -> None:
     sub.add_parser("list", help="list licenses")
     revoke = sub.add_parser("revoke", help="revoke a license")
     revoke.add_argument("license_id")
-    usage = sub.add_parser("usage", help="usage per license per day")
+    usage = sub.add_parser("usage", help="usage per license per day, with cross-check flags")
     usage.add_argument("--license-id")
+    usage.add_argument("--from", dest="day_from", metavar="YYYY-MM-DD", help="first day")
+    usage.add_argument("--to", dest="day_to", metavar="YYYY-MM-DD", help="last day (included)")
+    usage.add_argument("--limit", type=int, help="rows per page")
+    usage.add_argument("--cursor", help="continue after this row (printed as next_cursor)")
+    usage.add_argument("--offset", type=int, default=0, help="rows to skip")
     usage.add_argument("--format", choices=["json", "csv"], default="json")
     sub.add_parser("public-key", help="print the vendor public key customers configure")
+    sub.add_parser("rotate-admin-token", help="write a new admin token into the data dir and "
+                   "print it (restart the server to use it)")
     args = parser.parse_args(argv)
 
     overrides = {k: v for k, v in (("host", getattr(args, "host", None)),
@@ -95,7 +123,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"License server on http://{settings.host}:{settings.port} "
               f"(public key {service.public_key})", flush=True)
         uvicorn.run(build_app(service, token), host=settings.host, port=settings.port,
-                    log_level="warning")
+                    log_level="warning", proxy_headers=True,
+                    forwarded_allow_ips=settings.forwarded_allow_ips)
     elif args.command == "issue":
         lic, key = service.issue(IssueRequest(
             customer=args.customer, days=args.days,
@@ -118,9 +147,21 @@ def main(argv: list[str] | None = None) -> None:
         service.store.revoke(args.license_id)
         print(f"revoked {args.license_id}")
     elif args.command == "usage":
-        rows = service.usage(args.license_id)
-        print(to_csv(rows) if args.format == "csv" else json.dumps(rows, indent=2), end="")
+        try:
+            page = service.usage(args.license_id, day_from=args.day_from, day_to=args.day_to,
+                                 limit=args.limit, cursor=args.cursor, offset=args.offset)
+        except Refusal as exc:
+            sys.exit(f"usage: {exc}")
         if args.format == "json":
-            print()
+            print(json.dumps(page, indent=2))
+        else:
+            print(to_csv(page["usage"]), end="")
+            for alert in page["alerts"]:  # not CSV rows: on stderr, beside the table
+                print(f"ALERT {alert['license_id']} {alert['cluster_id']} {alert['code']}: "
+                      f"{alert['reason']}", file=sys.stderr)
+            if page["next_cursor"]:
+                print(f"next page: --cursor {page['next_cursor']}", file=sys.stderr)
     elif args.command == "public-key":
         print(service.public_key)
+    elif args.command == "rotate-admin-token":
+        print(rotate_admin_token(settings))

@@ -29,20 +29,25 @@ class Clock:
 
 
 def database_urls() -> list:
-    urls = [pytest.param("sqlite", id="sqlite")]
-    pg = os.environ.get("TEST_POSTGRES_URL")
-    if pg or os.environ.get("CI"):
-        # In CI PostgreSQL must be there (.ci/run starts it): a missing URL fails, not skips.
-        urls.append(pytest.param(pg or "missing", id="postgresql"))
-    return urls
+    pg = os.environ.get("TEST_POSTGRES_URL") or "missing"
+    return [pytest.param("sqlite", id="sqlite"), pytest.param(pg, id="postgresql")]
+
+
+def database_url(param: str, tmp_path) -> str:
+    """The URL for a ``database_urls`` param: a fresh SQLite file, or the PostgreSQL server
+    (skipped without one, except in CI, where .ci/run starts it and a missing URL fails)."""
+    if param == "sqlite":
+        return f"sqlite:///{tmp_path / 'licenses.db'}"
+    if param == "missing":
+        assert not os.environ.get("CI"), \
+            "TEST_POSTGRES_URL is not set; .ci/run starts PostgreSQL and sets it"
+        pytest.skip("TEST_POSTGRES_URL is not set (see .ci/run to start PostgreSQL)")
+    return param
 
 
 @pytest.fixture(params=database_urls())
 def store(request, tmp_path):
-    url = request.param
-    if url == "sqlite":
-        url = f"sqlite:///{tmp_path / 'licenses.db'}"
-    assert url != "missing", "TEST_POSTGRES_URL is not set; .ci/run starts PostgreSQL and sets it"
+    url = database_url(request.param, tmp_path)
     clock = Clock(T0 + 3600)
     s = LicenseStore(url, now=clock).start()
     if url.startswith("postgresql"):  # a shared server: start each test from empty tables
@@ -125,7 +130,9 @@ def test_activation_heartbeat_status_and_revocation(server):
 
 
 def test_usage_reports_are_idempotent(server):
+    server.service.store.clock.t = T0 - 3600
     key = issue(server)["key"]
+    server.service.store.clock.t = T0 + 3600
     report = {"cluster_id": "c1", "report_id": uuid.uuid4().hex,
               "intervals": [{"instance_id": "r1", "start": T0, "end": T0 + 100, "gpus": 1},
                             {"instance_id": "r2", "start": T0, "end": T0 + 50, "gpus": 2}]}
@@ -143,7 +150,9 @@ def test_usage_reports_are_idempotent(server):
 
 
 def test_usage_per_day_json_and_csv(server):
+    server.service.store.clock.t = T0 - 7200
     key = issue(server)["key"]
+    server.service.store.clock.t = T0 + 6000
     lid = server.get("/v1/status", headers=as_client(key)).json()["license_id"]
     crossing = [{"instance_id": "r1", "start": T0 - 1800, "end": T0 + 5400, "gpus": 1}]
     server.post("/v1/usage", json={"cluster_id": "c", "report_id": "rep-00001",

@@ -1,0 +1,162 @@
+"""The license server's service, shared by the HTTP routes and the admin CLI: issue and check
+licenses, take heartbeats and usage reports, and page through usage with its cross-checks."""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from infra.license_server.billing import DAY, Interval, Refusal, day_index, day_name, parse_day
+from infra.license_server.crosscheck import license_usage
+from infra.license_server.db import LicenseStore, ReportRules
+from infra.license_server.limits import ServerPolicy
+from infra.license_server.wire import HeartbeatRequest, IssueRequest, UsageReport
+from serve_app.licensing import License, LicenseError, public_key_text, sign_license, verify_key
+
+LICENSE_ID = re.compile(r"^[!-~]{1,64}$")
+CURSOR = re.compile(r"^([!-~]{1,64})/(\d{4}-\d{2}-\d{2})$")
+
+
+class LicenseService:
+    """Issue, check and account licenses; shared by the HTTP routes and the CLI."""
+
+    def __init__(self, store: LicenseStore, signing_key: Ed25519PrivateKey, public_url: str,
+                 now: Callable[[], float] = time.time,
+                 policy: ServerPolicy | None = None) -> None:
+        self.store = store
+        self.signing_key = signing_key
+        self.public_url = public_url
+        self.now = now
+        self.policy = policy or ServerPolicy()
+
+    @property
+    def public_key(self) -> str:
+        return public_key_text(self.signing_key.public_key())
+
+    def issue(self, req: IssueRequest) -> tuple[License, str]:
+        now = self.now()
+        lic = License(
+            license_id=f"lic_{uuid.uuid4().hex[:20]}", customer=req.customer, models=req.models,
+            issued_at=now, expires_at=now + req.days * 86400, max_instances=req.max_instances,
+            heartbeat_interval_s=req.heartbeat_interval_s, grace_period_s=req.grace_period_s,
+            server_url=self.public_url,
+        )
+        key = sign_license(lic, self.signing_key)
+        self.store.add_license(license_id=lic.license_id, customer=lic.customer, key=key,
+                               issued_at=lic.issued_at, expires_at=lic.expires_at,
+                               max_instances=lic.max_instances)
+        return lic, key
+
+    def check(self, key: str) -> tuple[License, str]:
+        """(license, status) for a presented key; status is active, revoked or expired."""
+        lic = verify_key(key, self.signing_key.public_key(), check_expiry=False)
+        if self.now() >= lic.expires_at:
+            return lic, "expired"
+        row = self.store.get_license(lic.license_id)
+        if row is None:
+            raise LicenseError("This license is unknown to the server.", "license_unknown")
+        return lic, "revoked" if row["revoked_at"] is not None else "active"
+
+    def _max_gap(self, lic: License) -> float:
+        return max(self.policy.observe_max_gap_s, 3 * lic.heartbeat_interval_s)
+
+    def heartbeat(self, lic: License, req: HeartbeatRequest) -> None:
+        self.store.heartbeat(lic.license_id, req.cluster_id, req.instances,
+                             max_gap_s=self._max_gap(lic),
+                             quarantined_reports=req.quarantined_reports,
+                             quarantined_seconds=req.quarantined_seconds)
+
+    def report(self, lic: License, req: UsageReport) -> bool:
+        """Store a usage report; False for a replay. Raises Refusal for one that cannot be."""
+        if len(req.intervals) > self.policy.max_intervals:
+            raise Refusal(f"intervals: {len(req.intervals)} in one report, above "
+                          f"{self.policy.max_intervals}; send several reports", "too_many_intervals")
+        p = self.policy
+        rules = ReportRules(issued_at=lic.issued_at, grace_period_s=lic.grace_period_s,
+                            skew_s=p.skew_s, max_interval_s=p.max_interval_s,
+                            overlap_tolerance_s=p.overlap_tolerance_s)
+        return self.store.add_report(
+            report_id=req.report_id, license_id=lic.license_id, cluster_id=req.cluster_id,
+            items=[Interval(i.instance_id, i.start, i.end, i.gpus) for i in req.intervals],
+            rules=rules)
+
+    def usage(self, license_id: str | None = None, *, day_from: str | None = None,
+              day_to: str | None = None, limit: int | None = None, cursor: str | None = None,
+              offset: int = 0) -> dict[str, Any]:
+        """A page of usage rows (license, day) in that order, with flags and alerts.
+        ``next_cursor`` continues after the page's last row; None when there is no more."""
+        p = self.policy
+        limit = p.page_limit if limit is None else limit
+        if not 1 <= limit <= p.max_page_limit:
+            raise Refusal(f"limit: between 1 and {p.max_page_limit}")
+        if not 0 <= offset <= 10_000_000:
+            raise Refusal("offset: between 0 and 10000000")
+        if license_id is not None and not LICENSE_ID.match(license_id):
+            raise Refusal("license_id: not a license id")
+        now = self.now()
+        try:
+            first = parse_day(day_from) if day_from else 0
+            # Nothing can be billed past tomorrow (intervals end by now + skew).
+            last = parse_day(day_to) if day_to else day_index(now + DAY)
+        except ValueError as exc:
+            raise Refusal(f"from/to: {exc}") from None
+        if last < first:
+            raise Refusal("to: before from")
+        after: tuple[str, str] | None = None
+        if cursor:
+            match = CURSOR.match(cursor)
+            if not match:
+                raise Refusal("cursor: not a cursor this server gave")
+            after = (match.group(1), match.group(2))
+
+        rows: list[dict[str, Any]] = []
+        alerts: list[dict[str, Any]] = []
+        skip = offset
+        for lic_row in self._licenses(license_id, after):
+            lid = lic_row["license_id"]
+            lic = verify_key(lic_row["key"], self.signing_key.public_key(), check_expiry=False)
+            got, warn = license_usage(
+                lid, lic_row["max_instances"],
+                self.store.intervals(lid, first * DAY, (last + 1) * DAY),
+                self.store.observed_days(lid, day_name(first), day_name(last)),
+                self.store.clusters_of(lid), first_day=first, last_day=last, now=now,
+                active_now=self.store.active_instances(lid, fresh_s=self._max_gap(lic)),
+                policy=p)
+            got = [r for r in got if after is None or (r["license_id"], r["day"]) > after]
+            if skip >= len(got):
+                skip -= len(got)
+                continue
+            got, skip = got[skip:], 0
+            rows += got
+            alerts += warn
+            if len(rows) > limit:
+                break
+        more = len(rows) > limit
+        rows = rows[:limit]
+        shown = {r["license_id"] for r in rows}
+        return {"usage": rows, "alerts": [a for a in alerts if a["license_id"] in shown],
+                "next_cursor": f"{rows[-1]['license_id']}/{rows[-1]['day']}" if more else None}
+
+    def _licenses(self, license_id: str | None,
+                  after: tuple[str, str] | None) -> Iterator[dict[str, Any]]:
+        if license_id is not None:
+            row = self.store.get_license(license_id)
+            if row is not None and (after is None or license_id >= after[0]):
+                yield row
+            return
+        start = None if after is None else after[0]
+        if start is not None:
+            row = self.store.get_license(start)
+            if row is not None:
+                yield row
+        while True:
+            batch = self.store.list_licenses(after=start, limit=100)
+            yield from batch
+            if len(batch) < 100:
+                return
+            start = batch[-1]["license_id"]

@@ -1,0 +1,124 @@
+"""What goes over the wire: request models (strict: finite numbers, bounded sizes, ids in
+printable ASCII), reading a body against a limit while it streams in, the error shape, and the
+``X-Server-Time`` header every response carries (the actor keeps its clock offset from it)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from infra.license_server.billing import Refusal
+from serve_app.errors import error_body
+
+# Ids are opaque tokens: printable ASCII, no spaces (a NUL would be a 500 from PostgreSQL).
+ID = r"^[!-~]+$"
+# Free text an admin types: anything printable.
+TEXT = r"^[^\x00-\x1f\x7f]+$"
+STRICT = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+class IssueRequest(BaseModel):
+    model_config = STRICT
+
+    customer: str = Field(min_length=1, max_length=256, pattern=TEXT)
+    days: float = Field(30, gt=0, le=3660)
+    models: tuple[str, ...] = Field(("*",), min_length=1, max_length=256)
+    max_instances: int | None = Field(None, ge=1, le=1_000_000)
+    heartbeat_interval_s: float = Field(30.0, ge=0.1, le=86400)
+    grace_period_s: float = Field(72 * 3600.0, ge=0, le=366 * 86400)
+
+    @field_validator("models")
+    @classmethod
+    def _names(cls, names: tuple[str, ...]) -> tuple[str, ...]:
+        if any(not 1 <= len(n) <= 256 or re.search(r"[\x00-\x1f\x7f]", n) for n in names):
+            raise ValueError("each model name is 1-256 printable characters")
+        return names
+
+
+class ActivateRequest(BaseModel):
+    model_config = STRICT
+
+    cluster_id: str = Field(min_length=1, max_length=128, pattern=ID)
+
+
+class HeartbeatRequest(ActivateRequest):
+    instances: int = Field(ge=0, le=1_000_000)
+    quarantined_reports: int | None = Field(None, ge=0, le=1_000_000_000)
+    quarantined_seconds: float | None = Field(None, ge=0, le=1e12)
+
+
+class IntervalModel(BaseModel):
+    model_config = STRICT
+
+    instance_id: str = Field(min_length=1, max_length=128, pattern=ID)
+    start: float
+    end: float
+    gpus: float = Field(0.0, ge=0, le=100_000)
+
+
+class UsageReport(ActivateRequest):
+    report_id: str = Field(min_length=8, max_length=64, pattern=ID)
+    # The policy's (smaller) limit is checked after parsing; this one bounds the parse.
+    intervals: list[IntervalModel] = Field(max_length=100_000)
+
+
+async def read_model(request: Request, model: type[BaseModel], limit: int) -> Any:
+    """Parse the body as ``model``, refusing it (413) as soon as it is known to exceed
+    ``limit`` bytes: by its Content-Length, or while it streams in without one."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise Refusal("Content-Length is not a number")
+        if int(declared) > limit:
+            raise Refusal(f"the body is {declared} bytes, above the {limit} byte limit",
+                          "request_too_large", 413)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise Refusal(f"the body is above the {limit} byte limit", "request_too_large", 413)
+        chunks.append(chunk)
+    raw = b"".join(chunks)
+    try:
+        return model.model_validate_json(raw or b"{}")
+    except ValidationError as exc:
+        first = exc.errors(include_url=False, include_input=False)[0]
+        loc = ".".join(str(p) for p in first["loc"])
+        raise Refusal(f"{loc}: {first['msg']}" if loc else first["msg"]) from None
+
+
+_TYPES = {401: "authentication_error", 403: "permission_error", 429: "rate_limit_error"}
+
+
+def error(status: int, message: str, code: str,
+          headers: dict[str, str] | None = None) -> JSONResponse:
+    kind = _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+    return JSONResponse(error_body(message, kind, code=code), status_code=status,
+                        headers=headers)
+
+
+class ServerTime:
+    """Outermost ASGI wrapper: every response, errors and 500s included, says the time."""
+
+    def __init__(self, app: ASGIApp, now: Callable[[], float]) -> None:
+        self.app = app
+        self.now = now
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def stamped(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [
+                    *message.get("headers", []),
+                    (b"x-server-time", f"{self.now():.3f}".encode())]}
+            await send(message)
+
+        await self.app(scope, receive, stamped)

@@ -49,6 +49,8 @@ class ActivateRequest(BaseModel):
 
 class HeartbeatRequest(ActivateRequest):
     instances: int = Field(ge=0)
+    quarantined_reports: int = Field(0, ge=0)
+    quarantined_seconds: float = Field(0.0, ge=0, allow_inf_nan=False)
 
 
 class IntervalModel(BaseModel):

@@ -56,11 +56,11 @@ def test_billed_seconds_equal_replica_lifetimes(ledger, clock):
         else:
             ledger.deregister(iid)
         if k % 97 == 0:  # reports sealed mid-run must not lose or double anything
-            report = ledger.seal_report()
+            (report,) = ledger.seal_reports() or (None,)
             if report:
                 sealed += report.seconds
                 ledger.mark_delivered(report.report_id)
-    final = ledger.seal_report()
+    (final,) = ledger.seal_reports() or (None,)
     sealed += final.seconds if final else 0.0
     expected = sum(lifetimes.values())
     assert ledger.totals()["instance_seconds"] == pytest.approx(sealed)
@@ -101,7 +101,7 @@ def test_reports_are_exactly_once_across_a_crash(tmp_path, clock):
     led.register("a", "m", 2)
     clock.t += 60
     led.heartbeat("a")
-    report = led.seal_report()
+    (report,) = led.seal_reports()
     assert report.seconds == 60 and report.intervals[0]["gpus"] == 2
     led.close()  # crash before delivery
 
@@ -113,7 +113,7 @@ def test_reports_are_exactly_once_across_a_crash(tmp_path, clock):
     led.mark_delivered(report.report_id)
     assert led.pending_reports() == []
     assert led.totals()["pending_seconds"] == 30
-    nxt = led.seal_report()
+    (nxt,) = led.seal_reports()
     assert nxt.report_id != report.report_id and nxt.seconds == 30
     assert led.totals()["instance_seconds"] == 90
     assert led.cluster_id() == led.cluster_id()

@@ -69,7 +69,7 @@ class ServerClock:
         best = self._best
         if best is None:
             return None
-        return best.error_s + (self._mono() - best.taken_at) * DRIFT
+        return best.error_s + max(0.0, self._mono() - best.taken_at) * DRIFT
 
     def restore(self, offset: float, error_s: float | None = None) -> None:
         """Continue from an offset measured earlier in this boot (monotonic time still counts

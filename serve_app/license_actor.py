@@ -94,6 +94,7 @@ class LicenseActor:
         self._transport = transport  # the seam tests use to cut or watch the network
         self._clock = ServerClock(now, monotonic)
         self._ledger = UsageLedger(config.ledger_path, now=self._clock.now).start()
+        self._clock_saved = False  # the measured (not guessed) offset is in the ledger
         self._restore_clock()
         self._cluster_id = self._ledger.cluster_id()
         started = self._ledger.get_meta("first_started_at")
@@ -123,7 +124,6 @@ class LicenseActor:
         self._last_seal = self._clock.monotonic()
         self._usage_not_before = 0.0  # monotonic; set by a 429's Retry-After
         self._heard = False  # a response from the server in this process
-        self._clock_saved = False
         self._heartbeat_extras = True  # False once the server refused the quarantine counts
         self._task: asyncio.Task[None] | None = None
 
@@ -135,19 +135,24 @@ class LicenseActor:
     # -- the server's time ---------------------------------------------------------------------
 
     def _restore_clock(self) -> None:
-        """Continue the offset measured before a restart: exactly when the monotonic clock
-        still counts from the same boot, as a guess against the wall clock otherwise."""
-        saved = self._ledger.get_meta(CLOCK_META)
-        if saved is None:
-            return
+        """Continue the time base of the process before (the ledger's times are in it): exactly
+        when the monotonic clock still counts from the same boot, else as a guess from the
+        wall clock. A new base is saved at once, so a restart in this boot continues it even
+        before the server has answered."""
         try:
-            data = json.loads(saved)
+            data = json.loads(self._ledger.get_meta(CLOCK_META) or "{}")
             if data.get("boot") and data["boot"] == _boot_id():
-                self._clock.restore(float(data["offset"]), float(data["error_s"]))
-            else:
+                error = data.get("error_s")
+                self._clock.restore(float(data["offset"]),
+                                    None if error is None else float(error))
+                self._clock_saved = self._clock.synced
+                return
+            if "wall_offset" in data:
                 self._clock.start_from_wall_offset(float(data["wall_offset"]))
         except (ValueError, KeyError, TypeError):
             logger.warning("License: ignoring an unreadable saved clock offset")
+        for key, value in self._clock_meta().items():
+            self._ledger.set_meta(key, value)
 
     def _clock_meta(self) -> dict[str, str]:
         return {CLOCK_META: json.dumps({

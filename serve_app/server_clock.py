@@ -72,8 +72,8 @@ class ServerClock:
         return best.error_s + max(0.0, self._mono() - best.taken_at) * DRIFT
 
     def restore(self, offset: float, error_s: float | None = None) -> None:
-        """Continue from an offset measured earlier in this boot (monotonic time still counts
-        from the same origin)."""
+        """Continue from an offset used earlier in this boot (monotonic time still counts from
+        the same origin); ``error_s`` None: it was a guess, not a measurement."""
         self._offset = offset
         if error_s is not None:
             self._best = Sample(offset, error_s, self._mono())

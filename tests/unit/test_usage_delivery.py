@@ -344,3 +344,23 @@ def test_a_tampered_usage_log_is_detected(world):
     assert check().ok
     tamper("DELETE FROM usage_log WHERE seq = ?", seq)
     assert not check().ok
+
+
+def test_a_server_without_its_time_and_a_restart_after_a_wall_step_lose_nothing(world):
+    """A server that sends no X-Server-Time: usage is stamped with the host's clock as read at
+    start, and an actor restarted after a wall-clock step continues that time base."""
+    world.wire.server_now = None
+    actor = world.actor()
+    began = world.clock.t
+    run(actor.register("r1", "m", 0.0))
+    run(actor._tick())
+    serve_for(world, actor, 120)
+    assert "does not send its time" in run(actor.status())["clock"]
+    world.clock.skew += 3600
+    actor._ledger.close()
+    actor = world.actor()
+    serve_for(world, actor, 120)
+    run(actor.deregister("r1"))
+    lifetime = world.clock.t - began
+    assert run(actor.flush())["instance_seconds"] == pytest.approx(lifetime)
+    assert world.server_total() == pytest.approx(lifetime)

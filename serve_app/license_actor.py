@@ -274,6 +274,8 @@ class LicenseActor:
         until none is pending (a few rounds at most: heartbeats are seconds apart, reports
         milliseconds)."""
         lid = self._license.license_id if self._license else None
+        if lid is not None and not (self._heard or self._clock.synced):
+            await self._tick()  # the server's time first: a sealed report's stamps cannot move
         totals = self._ledger.totals(lid)
         for _ in range(5):
             await self._report(force=True)

@@ -364,3 +364,14 @@ def test_a_server_without_its_time_and_a_restart_after_a_wall_step_lose_nothing(
     lifetime = world.clock.t - began
     assert run(actor.flush())["instance_seconds"] == pytest.approx(lifetime)
     assert world.server_total() == pytest.approx(lifetime)
+
+
+def test_flush_before_the_server_has_answered_checks_in_first(world):
+    world.clock.skew = 900.0
+    actor = world.actor()
+    run(actor.register("r1", "m", 0.0))
+    world.clock.advance(30)
+    run(actor.heartbeat("r1", "m", 0.0))
+    totals = run(actor.flush())  # no tick yet: it measures the server's time, then seals
+    assert totals["pending_seconds"] == 0 and actor._ledger.quarantined() == []
+    assert world.server_total() == pytest.approx(30)

@@ -201,8 +201,11 @@ class UsageLedger:
         written in the same transaction (the clock's new offset)."""
         db = self._tx()
         with db:
+            # Replicas long gone (said goodbye, nothing left to report) cannot accrue again.
             rows = db.execute("SELECT instance_id, last_seen, COALESCE(chain_end, last_seen) "
-                              "FROM instances").fetchall()
+                              "FROM instances WHERE stopped != ? OR instance_id IN (SELECT "
+                              "instance_id FROM intervals WHERE report_id IS NULL)",
+                              (DEREGISTERED,)).fetchall()
             for instance_id, last_seen, chain_end in rows:
                 open_start, sealed_end = db.execute(
                     "SELECT MIN(CASE WHEN report_id IS NULL THEN start END), "

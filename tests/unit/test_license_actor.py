@@ -211,3 +211,29 @@ def test_gate_refuses_until_first_state_and_keeps_last_on_errors():
 
     asyncio.run(main())
     assert gate.refusal()["code"] == "license_revoked"
+
+
+def test_status_shows_the_usage_of_the_license_in_force(world):
+    clock, store, service, network, make, actor_of = world
+    lic, config = make()
+    first = actor_of(config)
+    run(first.register("r1", "m", 0.0))
+    run(first._tick())
+    clock.t += 100
+    run(first.deregister("r1"))
+    run(first.flush())
+    assert run(first.status())["instance_seconds_total"] == 100
+    first._ledger.close()
+    lic2, config2 = make()  # a new key on the same cluster, same ledger
+    network.issued_at = min(lic.issued_at, lic2.issued_at)
+    second = actor_of(config2)
+    run(second.register("r2", "m", 0.0))
+    run(second._tick())
+    clock.t += 30
+    run(second.heartbeat("r2", "m", 0.0))
+    assert run(second.status())["instance_seconds_total"] == 30
+    run(second.flush())
+    status = run(second.status())
+    assert (status["license_id"], status["instance_seconds_total"]) == (lic2.license_id, 30)
+    assert store.total_instance_seconds(lic.license_id) == 100
+    assert store.total_instance_seconds(lic2.license_id) == 30

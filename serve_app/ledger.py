@@ -1,14 +1,25 @@
 """The durable usage ledger on the head node (SQLite, WAL, synchronous=FULL).
 
 Usage is **instance-seconds**: an instance is one running LLM replica (with its GPU count). Time
-accrues at heartbeats: each heartbeat extends the instance's open interval to ``now``, so the
-time a dead replica spends dead is never billed, and a gap while the license actor itself was
-down is billed at the next heartbeat (the replica was running all along).
+accrues at heartbeats: each heartbeat extends the instance's open interval by the time since its
+last one, so the time a dead replica spends dead is never billed, and a gap while the license
+actor itself was down is billed at the next heartbeat (the replica was running all along).
 
-Reports are exactly-once: ``seal_report`` moves every open interval into a new report id in one
-transaction; delivery is retried with the same id (the server ignores replays) until
-``mark_delivered``. A crash at any point leaves either unsealed intervals or an undelivered
-report, never a lost or duplicated second.
+Times are read from ``now``, the license server's time as the actor estimates it (monotonic
+underneath, see ``server_clock.py``). An instance's intervals form one chain: each starts where
+the one before ended (``chain_end``), so they never overlap, whatever the clock does. When the
+estimate of the server's time moves (``rebase``), the unreported part of each chain moves with
+it, but never back over seconds already sealed into a report; the length of every interval stays
+what the monotonic clock measured.
+
+Reports are exactly-once: ``seal_reports`` moves every open interval into new report ids in one
+transaction (at most ``MAX_REPORT_INTERVALS`` intervals each, no interval longer than
+``MAX_INTERVAL_S``, the license server's limits); delivery is retried with the same id (the
+server ignores replays) until ``mark_delivered``, which also appends the report to the
+hash-chained usage log (``usage_log.py``) in the same transaction. A report the server refuses
+for good is ``quarantine``d with its reason, so the reports after it still flow; ``requeue``
+offers it again. A crash at any point leaves either unsealed intervals or an undelivered report,
+never a lost or duplicated second.
 """
 
 from __future__ import annotations
@@ -21,19 +32,31 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from serve_app import usage_log
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS instances (
     instance_id TEXT PRIMARY KEY, model TEXT NOT NULL, gpus REAL NOT NULL,
-    registered_at REAL NOT NULL, last_seen REAL NOT NULL, stopped INTEGER NOT NULL DEFAULT 0);
+    registered_at REAL NOT NULL, last_seen REAL NOT NULL, stopped INTEGER NOT NULL DEFAULT 0,
+    chain_end REAL);
 CREATE TABLE IF NOT EXISTS intervals (
     id INTEGER PRIMARY KEY AUTOINCREMENT, instance_id TEXT NOT NULL, start REAL NOT NULL,
     "end" REAL NOT NULL, gpus REAL NOT NULL, report_id TEXT);
 CREATE INDEX IF NOT EXISTS intervals_open ON intervals (instance_id, report_id);
 CREATE TABLE IF NOT EXISTS reports (
-    report_id TEXT PRIMARY KEY, created_at REAL NOT NULL, delivered_at REAL);
+    report_id TEXT PRIMARY KEY, created_at REAL NOT NULL, delivered_at REAL,
+    license_id TEXT, quarantined_at REAL, reason TEXT);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-"""
+""" + usage_log.SCHEMA
 
+# Columns added after the first release: a ledger file written before gets them on start.
+# instances.chain_end NULL means "at last_seen"; reports.license_id NULL means "not recorded".
+MIGRATIONS = (("instances", "chain_end", "REAL"), ("reports", "license_id", "TEXT"),
+              ("reports", "quarantined_at", "REAL"), ("reports", "reason", "TEXT"))
+
+# The license server's limits on one report.
+MAX_REPORT_INTERVALS = 2000
+MAX_INTERVAL_S = 86400.0
 
 # instances.stopped: 0 live, 1 silent too long (a later heartbeat revives it), 2 said goodbye.
 EXPIRED, DEREGISTERED = 1, 2
@@ -60,6 +83,11 @@ class UsageLedger:
         db = sqlite3.connect(self._path, isolation_level=None, timeout=30)
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=FULL")  # a second acknowledged is a second on disk
+        # Migrate before the schema script: its index and tables must meet the new columns.
+        for table, column, kind in MIGRATIONS:
+            columns = {r[1] for r in db.execute(f"PRAGMA table_info({table})")}
+            if columns and column not in columns:
+                db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
         db.executescript(SCHEMA)
         self._db = db
         return self
@@ -91,6 +119,10 @@ class UsageLedger:
             self.set_meta("cluster_id", value)
         return value
 
+    def meta_keys(self, prefix: str) -> list[str]:
+        return [r[0] for r in self._tx().execute(
+            "SELECT key FROM meta WHERE substr(key, 1, ?) = ?", (len(prefix), prefix))]
+
     # -- accrual ----------------------------------------------------------------------------------
 
     def register(self, instance_id: str, model: str, gpus: float) -> None:
@@ -100,8 +132,9 @@ class UsageLedger:
             row = db.execute("SELECT stopped FROM instances WHERE instance_id = ?",
                              (instance_id,)).fetchone()
             if row is None:
-                db.execute("INSERT INTO instances VALUES (?, ?, ?, ?, ?, 0)",
-                           (instance_id, model, gpus, now, now))
+                db.execute("INSERT INTO instances(instance_id, model, gpus, registered_at, "
+                           "last_seen, stopped, chain_end) VALUES (?, ?, ?, ?, ?, 0, ?)",
+                           (instance_id, model, gpus, now, now, now))
                 return
         self.heartbeat(instance_id)
 
@@ -110,25 +143,29 @@ class UsageLedger:
         now = self._now()
         db = self._tx()
         with db:
-            row = db.execute("SELECT last_seen, gpus, stopped FROM instances "
-                             "WHERE instance_id = ?", (instance_id,)).fetchone()
+            row = db.execute("SELECT last_seen, COALESCE(chain_end, last_seen), gpus, stopped "
+                             "FROM instances WHERE instance_id = ?", (instance_id,)).fetchone()
             if row is None:
                 return False
-            last_seen, gpus, stopped = row
+            last_seen, chain_end, gpus, stopped = row
             if stopped == DEREGISTERED:  # a heartbeat that raced the replica's goodbye
                 return True
             # A heartbeat after an expiry revives the instance: it was running, its actor or
             # network was not.
-            db.execute("UPDATE instances SET last_seen = ?, stopped = 0 WHERE instance_id = ?",
-                       (max(now, last_seen), instance_id))
-            if now <= last_seen:
+            elapsed = now - last_seen
+            if elapsed <= 0:  # a clock that went back (another boot): measure from here on
+                db.execute("UPDATE instances SET last_seen = ?, stopped = 0 "
+                           "WHERE instance_id = ?", (now, instance_id))
                 return True
+            end = chain_end + elapsed
             updated = db.execute(
                 'UPDATE intervals SET "end" = ? WHERE instance_id = ? AND report_id IS NULL '
-                'AND "end" = ?', (now, instance_id, last_seen)).rowcount
+                'AND "end" = ?', (end, instance_id, chain_end)).rowcount
             if not updated:
                 db.execute('INSERT INTO intervals(instance_id, start, "end", gpus) '
-                           "VALUES (?, ?, ?, ?)", (instance_id, last_seen, now, gpus))
+                           "VALUES (?, ?, ?, ?)", (instance_id, chain_end, end, gpus))
+            db.execute("UPDATE instances SET last_seen = ?, chain_end = ?, stopped = 0 "
+                       "WHERE instance_id = ?", (now, end, instance_id))
         return True
 
     def deregister(self, instance_id: str) -> None:
@@ -155,21 +192,71 @@ class UsageLedger:
         return [dict(zip(("instance_id", "model", "gpus", "registered_at", "last_seen"), r,
                          strict=True)) for r in rows]
 
-    # -- reporting ----------------------------------------------------------------------------------
-
-    def seal_report(self) -> Report | None:
-        """Move all open intervals into a new report; None when there is nothing to report."""
+    def rebase(self, delta: float, meta: dict[str, str] | None = None) -> None:
+        """The clock ``now`` reads just jumped by ``delta`` (a better estimate of the server's
+        time). Times kept for measuring (last_seen) move by exactly ``delta``, so no heartbeat
+        gains or loses a second. Each instance's unreported intervals move to end where the
+        new clock says they end, except that they never move back over the end of its last
+        sealed interval: there the chain keeps a lead, which later moves absorb. ``meta`` is
+        written in the same transaction (the clock's new offset)."""
         db = self._tx()
         with db:
-            count = db.execute('SELECT COUNT(*) FROM intervals WHERE report_id IS NULL '
-                               'AND "end" > start').fetchone()[0]
-            if not count:
-                return None
-            report_id = f"rep_{uuid.uuid4().hex}"
-            db.execute("INSERT INTO reports VALUES (?, ?, NULL)", (report_id, self._now()))
-            db.execute('UPDATE intervals SET report_id = ? WHERE report_id IS NULL '
-                       'AND "end" > start', (report_id,))
-        return self._report(report_id)
+            # Replicas long gone (said goodbye, nothing left to report) cannot accrue again.
+            rows = db.execute("SELECT instance_id, last_seen, COALESCE(chain_end, last_seen) "
+                              "FROM instances WHERE stopped != ? OR instance_id IN (SELECT "
+                              "instance_id FROM intervals WHERE report_id IS NULL)",
+                              (DEREGISTERED,)).fetchall()
+            for instance_id, last_seen, chain_end in rows:
+                open_start, sealed_end = db.execute(
+                    "SELECT MIN(CASE WHEN report_id IS NULL THEN start END), "
+                    'MAX(CASE WHEN report_id IS NOT NULL THEN "end" END) '
+                    "FROM intervals WHERE instance_id = ?", (instance_id,)).fetchone()
+                shift = last_seen + delta - chain_end
+                if sealed_end is not None:
+                    first = chain_end if open_start is None else open_start
+                    shift = max(shift, sealed_end - first)
+                db.execute('UPDATE intervals SET start = start + ?, "end" = "end" + ? '
+                           "WHERE instance_id = ? AND report_id IS NULL",
+                           (shift, shift, instance_id))
+                db.execute("UPDATE instances SET last_seen = last_seen + ?, chain_end = ? "
+                           "WHERE instance_id = ?", (delta, chain_end + shift, instance_id))
+            for key, value in (meta or {}).items():
+                db.execute("INSERT INTO meta(key, value) VALUES (?, ?) "
+                           "ON CONFLICT(key) DO UPDATE SET value = excluded.value", (key, value))
+
+    # -- reporting ----------------------------------------------------------------------------------
+
+    def seal_reports(self, license_id: str | None = None,
+                     max_intervals: int = MAX_REPORT_INTERVALS,
+                     max_interval_s: float = MAX_INTERVAL_S) -> list[Report]:
+        """Move all open intervals into new reports for ``license_id`` (none when there is
+        nothing to report), cutting intervals longer than ``max_interval_s``."""
+        db = self._tx()
+        now = self._now()
+        ids: list[str] = []
+        with db:
+            long = db.execute('SELECT id, instance_id, start, "end", gpus FROM intervals '
+                              'WHERE report_id IS NULL AND "end" - start > ?',
+                              (max_interval_s,)).fetchall()
+            for row_id, instance_id, start, end, gpus in long:
+                cut = start + max_interval_s
+                db.execute('UPDATE intervals SET "end" = ? WHERE id = ?', (cut, row_id))
+                while cut < end:
+                    nxt = min(end, cut + max_interval_s)
+                    db.execute('INSERT INTO intervals(instance_id, start, "end", gpus) '
+                               "VALUES (?, ?, ?, ?)", (instance_id, cut, nxt, gpus))
+                    cut = nxt
+            rows = [r[0] for r in db.execute('SELECT id FROM intervals WHERE report_id IS NULL '
+                                             'AND "end" > start ORDER BY id')]
+            for k in range(0, len(rows), max_intervals):
+                chunk = rows[k:k + max_intervals]
+                report_id = f"rep_{uuid.uuid4().hex}"
+                db.execute("INSERT INTO reports(report_id, created_at, license_id) "
+                           "VALUES (?, ?, ?)", (report_id, now, license_id))
+                db.executemany("UPDATE intervals SET report_id = ? WHERE id = ?",
+                               [(report_id, i) for i in chunk])
+                ids.append(report_id)
+        return [self._report(i) for i in ids]
 
     def _report(self, report_id: str) -> Report:
         rows = self._tx().execute(
@@ -179,22 +266,102 @@ class UsageLedger:
                                            strict=True)) for r in rows])
 
     def pending_reports(self) -> list[Report]:
+        """Sealed reports to deliver, oldest first; quarantined ones wait for ``requeue``."""
         ids = [r[0] for r in self._tx().execute(
-            "SELECT report_id FROM reports WHERE delivered_at IS NULL ORDER BY created_at")]
+            "SELECT report_id FROM reports WHERE delivered_at IS NULL AND quarantined_at IS NULL "
+            "ORDER BY created_at, rowid")]
         return [self._report(i) for i in ids]
 
-    def mark_delivered(self, report_id: str) -> None:
-        with self._tx() as db:
-            db.execute("UPDATE reports SET delivered_at = ? WHERE report_id = ?",
-                       (self._now(), report_id))
-
-    def totals(self) -> dict[str, float]:
-        """Seconds accrued in all, still to deliver, and when the last report was delivered."""
+    def mark_delivered(self, report_id: str, license_id: str | None = None) -> None:
+        """The server accepted the report (billed to ``license_id``): record it, and append it
+        to the usage log, in one transaction."""
+        now = self._now()
         db = self._tx()
-        total = db.execute('SELECT COALESCE(SUM("end" - start), 0) FROM intervals').fetchone()[0]
-        pending = db.execute(
-            'SELECT COALESCE(SUM(i."end" - i.start), 0) FROM intervals i LEFT JOIN reports r '
-            "ON i.report_id = r.report_id WHERE r.delivered_at IS NULL").fetchone()[0]
+        with db:
+            done = db.execute(
+                "UPDATE reports SET delivered_at = ?, license_id = COALESCE(?, license_id), "
+                "quarantined_at = NULL WHERE report_id = ? AND delivered_at IS NULL",
+                (now, license_id, report_id)).rowcount
+            if not done:
+                return
+            lid = db.execute("SELECT license_id FROM reports WHERE report_id = ?",
+                             (report_id,)).fetchone()[0]
+            cluster = db.execute("SELECT value FROM meta WHERE key = 'cluster_id'").fetchone()
+            usage_log.append(db, {
+                "report_id": report_id, "license_id": lid,
+                "cluster_id": cluster[0] if cluster else None, "delivered_at": now,
+                "intervals": self._report(report_id).intervals})
+
+    def quarantine(self, report_id: str, reason: str) -> None:
+        """The server refused the report for good: keep it, with the reason, out of the way."""
+        with self._tx() as db:
+            db.execute("UPDATE reports SET quarantined_at = ?, reason = ? WHERE report_id = ? "
+                       "AND delivered_at IS NULL", (self._now(), reason, report_id))
+
+    def requeue(self, report_id: str) -> bool:
+        """Offer a quarantined report for delivery again (same id, same content)."""
+        with self._tx() as db:
+            return db.execute("UPDATE reports SET quarantined_at = NULL WHERE report_id = ? "
+                              "AND delivered_at IS NULL AND quarantined_at IS NOT NULL",
+                              (report_id,)).rowcount == 1
+
+    def report_state(self, report_id: str) -> dict[str, Any] | None:
+        row = self._tx().execute(
+            "SELECT created_at, delivered_at, quarantined_at, reason, license_id FROM reports "
+            "WHERE report_id = ?", (report_id,)).fetchone()
+        if row is None:
+            return None
+        return dict(zip(("created_at", "delivered_at", "quarantined_at", "reason",
+                         "license_id"), row, strict=True))
+
+    def quarantined(self) -> list[dict[str, Any]]:
+        """Reports the server refused, oldest first, with their seconds and the reason."""
+        rows = self._tx().execute(
+            'SELECT r.report_id, r.quarantined_at, r.reason, COUNT(i.id), '
+            'COALESCE(SUM(i."end" - i.start), 0) FROM reports r '
+            "LEFT JOIN intervals i ON i.report_id = r.report_id "
+            "WHERE r.delivered_at IS NULL AND r.quarantined_at IS NOT NULL "
+            "GROUP BY r.report_id ORDER BY r.created_at, r.rowid").fetchall()
+        return [{"report_id": rid, "quarantined_at": at, "reason": reason, "intervals": n,
+                 "seconds": round(float(s), 3)} for rid, at, reason, n, s in rows]
+
+    def adopt_unlabelled(self, license_id: str) -> None:
+        """Label delivered reports from before reports recorded their license (only right when
+        this ledger has known no other license)."""
+        with self._tx() as db:
+            db.execute("UPDATE reports SET license_id = ? WHERE license_id IS NULL "
+                       "AND delivered_at IS NOT NULL", (license_id,))
+
+    def totals(self, license_id: str | None = None) -> dict[str, Any]:
+        """Seconds accrued for ``license_id`` (None: for every license), still to deliver,
+        quarantined, and when the last report was delivered. Seconds not yet delivered count
+        for whichever license is in force: that is the key they will be delivered with."""
+        db = self._tx()
+        unsealed = db.execute('SELECT COALESCE(SUM("end" - start), 0) FROM intervals '
+                              "WHERE report_id IS NULL").fetchone()[0]
+        delivered = pending = quarantined = 0.0
+        quarantined_reports = 0
+        rows = db.execute(
+            'SELECT r.license_id, r.delivered_at IS NOT NULL, r.quarantined_at IS NOT NULL, '
+            'COUNT(DISTINCT r.report_id), COALESCE(SUM(i."end" - i.start), 0) FROM reports r '
+            "LEFT JOIN intervals i ON i.report_id = r.report_id GROUP BY 1, 2, 3").fetchall()
+        for lid, is_delivered, is_quarantined, count, seconds in rows:
+            if is_delivered:
+                if license_id is None or lid == license_id:
+                    delivered += seconds
+            elif is_quarantined:
+                quarantined += seconds
+                quarantined_reports += count
+            else:
+                pending += seconds
         last = db.execute("SELECT MAX(delivered_at) FROM reports").fetchone()[0]
-        return {"instance_seconds": float(total), "pending_seconds": float(pending),
+        return {"instance_seconds": float(unsealed + pending + quarantined + delivered),
+                "pending_seconds": float(unsealed + pending),
+                "quarantined_seconds": float(quarantined),
+                "quarantined_reports": quarantined_reports,
                 "last_report_at": last}
+
+    # -- the usage log --------------------------------------------------------------------------
+
+    def verify_log(self) -> usage_log.LogCheck:
+        return usage_log.verify(usage_log.read(self._tx()))

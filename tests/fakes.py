@@ -3,14 +3,21 @@
 ``FakeLLMHandle`` mimics a Serve ``DeploymentHandle`` to the LLM deployment: ``options(...)``
 returns a handle bound to one method, ``.remote(...)`` returns an awaitable (unary) or an async
 iterator with ``cancel()`` (streaming), exactly what ``ingress.py`` uses.
+
+``LicenseWire`` stands between the license actor and the license server app, with the server's
+clock and the wire contract.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+import math
+from collections import defaultdict
+from collections.abc import AsyncIterator, Callable
 from typing import Any
+
+import httpx
 
 
 class FakeStream:
@@ -117,3 +124,112 @@ class FakeLLMHandle:
 
 async def collect(stream: AsyncIterator[Any]) -> list[Any]:
     return [item async for item in stream]
+
+
+# -- the license server's wire -------------------------------------------------------------------
+
+
+class Clocks:
+    """True time ``t`` (the license server's clock) and a customer host's clocks: ``wall`` is
+    ``skew`` seconds off and can be stepped; ``mono`` only ever advances with true time."""
+
+    def __init__(self, t: float = 1_800_000_000.0) -> None:
+        self.t = t
+        self.skew = 0.0
+        self._mono_origin = t - 5_000.0  # any origin: monotonic time is not wall time
+
+    def __call__(self) -> float:
+        return self.t
+
+    def wall(self) -> float:
+        return self.t + self.skew
+
+    def mono(self) -> float:
+        return self.t - self._mono_origin
+
+    def advance(self, seconds: float) -> None:
+        self.t += seconds
+
+
+class LicenseWire(httpx.AsyncBaseTransport):
+    """The wire between the license actor and a license server app, in process.
+
+    It can be cut (``up``), records every body sent, stamps every answer with ``X-Server-Time``
+    as the server does (when given ``server_now``; ``latency`` passes on ``advance`` around
+    each request), answers the next requests to a path from ``scripted`` instead of the app, and
+    holds usage reports to the wire contract's interval rules (``issued_at`` given), whatever the
+    server app in front of it checks."""
+
+    def __init__(self, app: Any, *, server_now: Callable[[], float] | None = None,
+                 issued_at: float | None = None, latency: float = 0.0,
+                 advance: Callable[[float], None] | None = None) -> None:
+        self._inner = httpx.ASGITransport(app=app)
+        self.up = True
+        self.sent: list[bytes] = []
+        self.server_now = server_now
+        self.issued_at = issued_at
+        self.latency = latency
+        self._advance = advance
+        self.scripted: dict[str, list[httpx.Response]] = defaultdict(list)
+        self.accepted: dict[str, list[dict[str, Any]]] = {}  # report id -> its intervals
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if not self.up:
+            raise httpx.ConnectError("license server unreachable")
+        body = await request.aread()
+        path = request.url.path
+        self.sent.append(request.url.raw_path + b" " + body)
+        if self._advance and self.latency:
+            self._advance(self.latency / 2)
+        violation = None
+        if path == "/v1/usage" and self.issued_at is not None:
+            violation = self.violation(json.loads(body))
+        if self.scripted[path]:
+            resp = self.scripted[path].pop(0)
+        elif violation:
+            resp = httpx.Response(400, json={"error": {
+                "message": violation, "type": "invalid_request_error", "param": "intervals",
+                "code": "invalid_interval"}})
+        else:
+            resp = await self._inner.handle_async_request(request)
+            await resp.aread()
+        if path == "/v1/usage" and resp.status_code == 200:
+            report = json.loads(body)
+            self.accepted.setdefault(report["report_id"], report["intervals"])
+        if self.server_now is not None:
+            resp.headers["X-Server-Time"] = repr(self.server_now())
+        if self._advance and self.latency:
+            self._advance(self.latency / 2)
+        return resp
+
+    def violation(self, report: dict[str, Any]) -> str | None:
+        """Why the contract refuses this report, or None."""
+        if report["report_id"] in self.accepted:
+            return None  # a replay: answered 200, counted once
+        items = report["intervals"]
+        if len(items) > 2000:
+            return f"{len(items)} intervals in one report (at most 2000)"
+        now = self.server_now() if self.server_now else float("inf")
+        mine: dict[str, list[tuple[float, float]]] = defaultdict(list)
+        for it in items:
+            start, end = it["start"], it["end"]
+            if not (math.isfinite(start) and math.isfinite(end)) or end <= start:
+                return f"interval {start}..{end}: end must be after start"
+            if end - start > 86400:
+                return f"interval {start}..{end}: longer than 86400 s"
+            if end > now + 300:
+                return f"interval {start}..{end}: ends {end - now:.0f} s in the server's future"
+            if self.issued_at is not None and start < self.issued_at - 300:
+                return f"interval {start}..{end}: starts before the license was issued"
+            mine[it["instance_id"]].append((start, end))
+        for instance_id, spans in mine.items():
+            billed = [(i["start"], i["end"]) for r in self.accepted.values() for i in r
+                      if i["instance_id"] == instance_id]
+            ordered = sorted(billed + spans)
+            for (_, end), (start, _) in zip(ordered, ordered[1:], strict=False):
+                if start < end:
+                    return f"instance {instance_id}: intervals overlap at {start}"
+        return None
+
+    def billed(self) -> float:
+        return sum(i["end"] - i["start"] for r in self.accepted.values() for i in r)

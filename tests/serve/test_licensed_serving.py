@@ -63,7 +63,9 @@ def cluster(tmp_path_factory):
     port, serve_port = free_port(), free_port()
     config = AppConfig(models=(ModelConfig(name="m", device="cpu"),), license=license,
                        http_port=port)
-    ray.init(include_dashboard=False, num_cpus=4, runtime_env={"env_vars": dict(TELEMETRY_OFF_ENV)})
+    # "local": a cluster of its own even when another one runs on this machine.
+    ray.init(address="local", include_dashboard=False, num_cpus=4,
+             runtime_env={"env_vars": dict(TELEMETRY_OFF_ENV)})
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": serve_port})
         serve.run(build_app_from_config(config, llm_cls=LicensedFakeLLM), name="licensed",
@@ -81,13 +83,14 @@ def cluster(tmp_path_factory):
 
 
 def totals(cluster):
-    """(ledger total, server total) after delivering everything now."""
+    """(ledger total, server total) after delivering everything now; the ledger's total leaves
+    out reports the server refused (quarantined)."""
     import ray
 
     ledger = ray.get(cluster["actor"].flush.remote(), timeout=30)
     assert ledger["pending_seconds"] == 0
     server = cluster["server"].service.store.total_instance_seconds(cluster["license"].license_id)
-    return ledger["instance_seconds"], server
+    return ledger["instance_seconds"] - ledger["quarantined_seconds"], server
 
 
 def status(cluster):
@@ -215,6 +218,63 @@ def test_e_scaling_up_and_down_shows_in_the_count(cluster):
     wait_for(lambda: len(listeners(cluster["port"])) == 1, timeout=30, what="one listener")
     ledger, server = totals(cluster)
     assert server == pytest.approx(ledger)
+
+
+def test_f_a_refused_report_is_quarantined_and_the_reports_after_it_are_billed(cluster):
+    """A sealed report the server refuses (an instance id over its 128-character limit) steps
+    aside with the server's reason; the ledger then matches the server minus exactly that
+    report, and the customer's usage log matches the server's usage per day."""
+    import sqlite3
+    import uuid
+
+    from serve_app.cli import usage_log_command
+    from serve_app.ledger import UsageLedger
+
+    lic = cluster["license"]
+    path = cluster["config"].license.ledger_path
+    st = status(cluster)
+    before_q = st["quarantined_seconds"]
+    now = time.time()
+    report_id = f"rep_{uuid.uuid4().hex}"
+    with sqlite3.connect(path, timeout=30) as db:
+        db.execute("INSERT INTO reports(report_id, created_at, license_id) VALUES (?, ?, ?)",
+                   (report_id, now, lic.license_id))
+        db.execute('INSERT INTO intervals(instance_id, start, "end", gpus, report_id) '
+                   "VALUES (?, ?, ?, 0, ?)", ("x" * 200, now - 30, now - 20, report_id))
+    wait_for(lambda: any(q["report_id"] == report_id for q in status(cluster)["quarantined"]),
+             timeout=30, interval=0.2, what="the refused report to be quarantined")
+    # Reports sealed after it keep arriving.
+    delivered = status(cluster)["last_report_at"]
+    wait_for(lambda: status(cluster)["last_report_at"] > delivered, timeout=30, interval=0.2,
+             what="a report after the refused one")
+    ledger, server = totals(cluster)
+    assert server == pytest.approx(ledger)
+    st = status(cluster)
+    assert st["quarantined_seconds"] - before_q == pytest.approx(10.0)
+    # The license's usage in status: billed, quarantined, and what accrued since the flush.
+    assert st["instance_seconds_total"] - st["quarantined_seconds"] >= server - 0.001
+    (refused,) = [q for q in st["quarantined"] if q["report_id"] == report_id]
+    assert refused["reason"].startswith("HTTP 400: intervals.0.instance_id: ")
+    # Re-sent, the same report is refused the same way and counted nowhere.
+    assert usage_log_command(["--ledger", path, "resend", "--wait", "30", report_id]) == 1
+    ledger, server = totals(cluster)
+    assert server == pytest.approx(ledger)
+
+    def log_matches_server():
+        led = UsageLedger(path).start()
+        try:
+            check = led.verify_log()
+        finally:
+            led.close()
+        assert check.ok, check.problems
+        mine = {r["day"]: r["instance_seconds"] for r in check.days}
+        theirs = {r["day"]: r["instance_seconds"]
+                  for r in cluster["server"].service.usage(lic.license_id)}
+        return mine.keys() == theirs.keys() and all(
+            abs(mine[d] - theirs[d]) <= 0.002 for d in mine)
+
+    # A report may land between reading the two; they agree once it has.
+    wait_for(log_matches_server, timeout=30, interval=0.3, what="the usage log to match")
 
 
 def test_y_router_layout_serves_streams_and_counts(cluster):

@@ -56,11 +56,11 @@ def test_billed_seconds_equal_replica_lifetimes(ledger, clock):
         else:
             ledger.deregister(iid)
         if k % 97 == 0:  # reports sealed mid-run must not lose or double anything
-            report = ledger.seal_report()
+            (report,) = ledger.seal_reports() or (None,)
             if report:
                 sealed += report.seconds
                 ledger.mark_delivered(report.report_id)
-    final = ledger.seal_report()
+    (final,) = ledger.seal_reports() or (None,)
     sealed += final.seconds if final else 0.0
     expected = sum(lifetimes.values())
     assert ledger.totals()["instance_seconds"] == pytest.approx(sealed)
@@ -101,7 +101,7 @@ def test_reports_are_exactly_once_across_a_crash(tmp_path, clock):
     led.register("a", "m", 2)
     clock.t += 60
     led.heartbeat("a")
-    report = led.seal_report()
+    (report,) = led.seal_reports()
     assert report.seconds == 60 and report.intervals[0]["gpus"] == 2
     led.close()  # crash before delivery
 
@@ -113,7 +113,128 @@ def test_reports_are_exactly_once_across_a_crash(tmp_path, clock):
     led.mark_delivered(report.report_id)
     assert led.pending_reports() == []
     assert led.totals()["pending_seconds"] == 30
-    nxt = led.seal_report()
+    (nxt,) = led.seal_reports()
     assert nxt.report_id != report.report_id and nxt.seconds == 30
     assert led.totals()["instance_seconds"] == 90
     assert led.cluster_id() == led.cluster_id()
+
+
+def test_reports_keep_to_the_servers_limits(ledger, clock):
+    """No interval longer than a day, no report over the interval limit (2,000 by default,
+    5 here); each instance's intervals still chain end to start."""
+    ledger.register("long", "m", 1)
+    clock.t += 3 * 86400
+    for i in range(7):
+        ledger.register(f"r{i}", "m", 0)
+    clock.t += 5
+    for i in ["long"] + [f"r{i}" for i in range(7)]:
+        ledger.heartbeat(i)
+    reports = ledger.seal_reports("lic_a", max_intervals=5)
+    assert [len(r.intervals) for r in reports] == [5, 5, 1]
+    pieces = sorted((i["start"], i["end"]) for r in reports for i in r.intervals
+                    if i["instance_id"] == "long")
+    assert [round(e - s) for s, e in pieces] == [86400, 86400, 86400, 5]
+    assert all(a[1] == b[0] for a, b in zip(pieces, pieces[1:], strict=False))
+    assert sum(r.seconds for r in reports) == pytest.approx(3 * 86400 + 5 + 7 * 5)
+
+
+def test_rebase_keeps_every_second_and_never_overlaps_sealed_ones(ledger, clock):
+    ledger.register("a", "m", 0)
+    clock.t += 100
+    ledger.heartbeat("a")
+    (sealed,) = ledger.seal_reports()
+    clock.t += 50
+    ledger.heartbeat("a")
+    # The clock jumps back 300 s: the open interval cannot move back over the sealed one.
+    clock.t -= 300
+    ledger.rebase(-300)
+    clock.t += 20
+    ledger.heartbeat("a")
+    (after,) = ledger.seal_reports()
+    (it,) = after.intervals
+    assert it["start"] == sealed.intervals[-1]["end"] and it["end"] - it["start"] == 70
+    # It jumps forward again: the chain gives back its lead (a gap, not extra seconds).
+    clock.t += 300
+    ledger.rebase(300)
+    clock.t += 10
+    ledger.heartbeat("a")
+    (last,) = ledger.seal_reports()
+    assert last.intervals[0]["end"] == clock.t and last.seconds == 10
+    assert ledger.totals()["instance_seconds"] == 180
+
+
+def test_quarantine_steps_aside_and_requeue_offers_it_again(ledger, clock):
+    ledger.register("a", "m", 0)
+    clock.t += 10
+    ledger.heartbeat("a")
+    (first,) = ledger.seal_reports("lic_a")
+    clock.t += 20
+    ledger.heartbeat("a")
+    (second,) = ledger.seal_reports("lic_a")
+    ledger.quarantine(first.report_id, "HTTP 400: no (invalid)")
+    assert [r.report_id for r in ledger.pending_reports()] == [second.report_id]
+    totals = ledger.totals("lic_a")
+    assert (totals["pending_seconds"], totals["quarantined_seconds"],
+            totals["quarantined_reports"]) == (20, 10, 1)
+    (q,) = ledger.quarantined()
+    assert (q["report_id"], q["seconds"], q["reason"]) == (first.report_id, 10,
+                                                           "HTTP 400: no (invalid)")
+    ledger.mark_delivered(second.report_id, "lic_a")
+    assert ledger.requeue(first.report_id) and not ledger.requeue(first.report_id)
+    assert [r.report_id for r in ledger.pending_reports()] == [first.report_id]
+    ledger.mark_delivered(first.report_id, "lic_a")
+    ledger.mark_delivered(first.report_id, "lic_a")  # a replay changes nothing
+    assert ledger.quarantined() == [] and not ledger.requeue(first.report_id)
+    check = ledger.verify_log()
+    assert check.ok and check.entries == 2
+    assert check.days[0]["instance_seconds"] == 30
+
+
+def test_totals_are_the_license_in_force(ledger, clock):
+    ledger.register("a", "m", 0)
+    clock.t += 100
+    ledger.heartbeat("a")
+    (old,) = ledger.seal_reports("lic_old")
+    ledger.mark_delivered(old.report_id, "lic_old")
+    clock.t += 30
+    ledger.heartbeat("a")
+    assert ledger.totals("lic_new")["instance_seconds"] == 30  # not yet delivered: the new key's
+    assert ledger.totals("lic_old")["instance_seconds"] == 130
+    assert ledger.totals()["instance_seconds"] == 130
+
+
+OLD_SCHEMA = """
+CREATE TABLE instances (
+    instance_id TEXT PRIMARY KEY, model TEXT NOT NULL, gpus REAL NOT NULL,
+    registered_at REAL NOT NULL, last_seen REAL NOT NULL, stopped INTEGER NOT NULL DEFAULT 0);
+CREATE TABLE intervals (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, instance_id TEXT NOT NULL, start REAL NOT NULL,
+    "end" REAL NOT NULL, gpus REAL NOT NULL, report_id TEXT);
+CREATE INDEX intervals_open ON intervals (instance_id, report_id);
+CREATE TABLE reports (report_id TEXT PRIMARY KEY, created_at REAL NOT NULL, delivered_at REAL);
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+
+def test_a_ledger_from_before_migrates_and_goes_on(tmp_path, clock):
+    import sqlite3
+
+    path = tmp_path / "old.db"
+    t = clock.t
+    with sqlite3.connect(path) as db:
+        db.executescript(OLD_SCHEMA)
+        db.execute("INSERT INTO instances VALUES ('a', 'm', 1, ?, ?, 0)", (t - 60, t))
+        db.execute('INSERT INTO intervals(instance_id, start, "end", gpus, report_id) '
+                   "VALUES ('a', ?, ?, 1, 'rep_old'), ('a', ?, ?, 1, NULL)",
+                   (t - 60, t - 30, t - 30, t))
+        db.execute("INSERT INTO reports VALUES ('rep_old', ?, ?)", (t - 30, t - 29))
+    led = UsageLedger(path, now=clock).start()
+    clock.t += 10
+    assert led.heartbeat("a")
+    assert led.totals("lic")["instance_seconds"] == 40  # the old report's license is unknown
+    led.adopt_unlabelled("lic")
+    assert led.totals("lic")["instance_seconds"] == 70
+    (report,) = led.seal_reports("lic")
+    assert report.intervals == [{"instance_id": "a", "start": t - 30, "end": t + 10, "gpus": 1}]
+    led.close()
+    assert UsageLedger(path, now=clock).start().totals("lic")["instance_seconds"] == 70

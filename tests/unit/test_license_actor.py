@@ -1,5 +1,5 @@
-"""The license actor's logic as a plain object: injected clock, the real license server app
-behind an in-process transport that tests can cut or watch."""
+"""The license actor's logic as a plain object: injected clocks, the real license server app
+behind an in-process transport that tests can cut or watch (``tests.fakes.LicenseWire``)."""
 
 from __future__ import annotations
 
@@ -14,44 +14,20 @@ from infra.license_server.db import LicenseStore
 from serve_app.config import LicenseConfig
 from serve_app.license_actor import LicenseActor, LicenseGate
 from serve_app.licensing import new_private_key, public_key_text
-
-T0 = 1_800_000_000.0
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.t = T0
-
-    def __call__(self) -> float:
-        return self.t
-
-
-class Network(httpx.AsyncBaseTransport):
-    """The wire between actor and server: can be cut, and records every byte sent."""
-
-    def __init__(self, app) -> None:
-        self._inner = httpx.ASGITransport(app=app)
-        self.up = True
-        self.sent: list[bytes] = []
-
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        if not self.up:
-            raise httpx.ConnectError("license server unreachable")
-        body = await request.aread()
-        self.sent.append(request.url.raw_path + b" " + body)
-        return await self._inner.handle_async_request(request)
+from tests.fakes import Clocks, LicenseWire
 
 
 @pytest.fixture
 def world(tmp_path):
-    clock = Clock()
+    clock = Clocks()
     store = LicenseStore(f"sqlite:///{tmp_path / 'server.db'}", now=clock).start()
     service = LicenseService(store, new_private_key(), "http://license.test", now=clock)
-    network = Network(build_app(service, "admin"))
+    network = LicenseWire(build_app(service, "admin"), server_now=clock)
 
     def make(**issue_kw):
         lic, key = service.issue(IssueRequest(customer="ACME", heartbeat_interval_s=10,
                                               grace_period_s=3600, **issue_kw))
+        network.issued_at = lic.issued_at  # hold reports to the contract's interval rules
         config = LicenseConfig(key=SecretStr(key), public_key=public_key_text(
             service.signing_key.public_key()), ledger_path=str(tmp_path / "ledger.db"),
             report_interval_s=60)
@@ -60,7 +36,8 @@ def world(tmp_path):
     def actor(config, key_override=None):
         if key_override:
             config = config.model_copy(update={"key": SecretStr(key_override)})
-        return LicenseActor(config, now=clock, transport=network, autostart=False)
+        return LicenseActor(config, now=clock.wall, monotonic=clock.mono, transport=network,
+                            autostart=False)
 
     return clock, store, service, network, make, actor
 
@@ -122,7 +99,7 @@ def test_actor_restart_resends_undelivered_report_once(world):
     run(actor.register("r1", "m", 0.0))
     clock.t += 30
     run(actor.heartbeat("r1", "m", 0.0))
-    report = actor._ledger.seal_report()
+    (report,) = actor._ledger.seal_reports()
     # Delivered, but the actor "died" before recording it.
     run(actor._client().post("/v1/usage", json={
         "cluster_id": actor._cluster_id, "report_id": report.report_id,
@@ -203,7 +180,8 @@ def test_reports_carry_no_prompt_data(world):
         if not body:
             continue
         keys = set(json.loads(body))
-        assert keys <= {"cluster_id", "instances", "report_id", "intervals"}, keys
+        assert keys <= {"cluster_id", "instances", "report_id", "intervals",
+                        "quarantined_reports", "quarantined_seconds"}, keys
         for item in json.loads(body).get("intervals", []):
             assert set(item) == {"instance_id", "start", "end", "gpus"}
 
@@ -233,3 +211,29 @@ def test_gate_refuses_until_first_state_and_keeps_last_on_errors():
 
     asyncio.run(main())
     assert gate.refusal()["code"] == "license_revoked"
+
+
+def test_status_shows_the_usage_of_the_license_in_force(world):
+    clock, store, service, network, make, actor_of = world
+    lic, config = make()
+    first = actor_of(config)
+    run(first.register("r1", "m", 0.0))
+    run(first._tick())
+    clock.t += 100
+    run(first.deregister("r1"))
+    run(first.flush())
+    assert run(first.status())["instance_seconds_total"] == 100
+    first._ledger.close()
+    lic2, config2 = make()  # a new key on the same cluster, same ledger
+    network.issued_at = min(lic.issued_at, lic2.issued_at)
+    second = actor_of(config2)
+    run(second.register("r2", "m", 0.0))
+    run(second._tick())
+    clock.t += 30
+    run(second.heartbeat("r2", "m", 0.0))
+    assert run(second.status())["instance_seconds_total"] == 30
+    run(second.flush())
+    status = run(second.status())
+    assert (status["license_id"], status["instance_seconds_total"]) == (lic2.license_id, 30)
+    assert store.total_instance_seconds(lic.license_id) == 100
+    assert store.total_instance_seconds(lic2.license_id) == 30

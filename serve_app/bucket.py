@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,8 +22,17 @@ from typing import Any
 
 from serve_app.manifest import MANIFEST_NAME, Manifest, ManifestError, parse_manifest
 from serve_app.models import S3_PREFIX
-from serve_app.weights import MiB, RangeWriter, Tuning, WeightsError, fetch_model
+from serve_app.weights import (
+    UNREACHABLE,
+    MiB,
+    RangeWriter,
+    Tuning,
+    WeightsError,
+    fetch_model,
+    verified_copy,
+)
 
+logger = logging.getLogger(__name__)
 _IO_BLOCK = MiB
 # Error codes of S3 and the stores that imitate it, by what the user has to fix.
 _CREDENTIAL_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403",
@@ -159,11 +169,12 @@ class S3Source:
         except (EndpointConnectionError, ConnectTimeoutError, SSLError) as exc:
             raise WeightsError(
                 f"Cannot reach the S3 endpoint {endpoint} for {where} ({type(exc).__name__}): "
-                "check s3_endpoint_url (or AWS_ENDPOINT_URL) and the network.") from None
+                "check s3_endpoint_url (or AWS_ENDPOINT_URL) and the network.",
+                code=UNREACHABLE) from None
         except RetriesExceededError as exc:
             raise WeightsError(
                 f"Could not fetch {where}: the connection failed repeatedly ({exc}). Run again "
-                "to resume where it stopped.") from None
+                "to resume where it stopped.", code=UNREACHABLE) from None
         except ClientError as exc:
             raise self._client_error(exc, where, endpoint) from None
 
@@ -220,10 +231,18 @@ def fetch_s3_model(url: str, cache_dir: str | Path, options: S3Options = S3Optio
     ``client`` replaces the boto3 client built from ``options`` (tests point it at a fake).
     """
     bucket, prefix = parse_s3_url(url)
-    source = S3Source(client or make_s3_client(options, tuning), bucket, prefix, tuning)
-    manifest = source.read_manifest()
     # One folder per bucket and prefix; the hash keeps names from different prefixes apart
     # without nesting the cache as deep as the bucket.
     tag = hashlib.sha256(f"{bucket}/{prefix}".encode()).hexdigest()[:12]
-    leaf = (prefix.rsplit("/", 1)[-1] or bucket).replace(".", "_")
-    return fetch_model(manifest, source, Path(cache_dir) / "s3" / f"{leaf}-{tag}", tuning=tuning)
+    folder = Path(cache_dir) / "s3" / f"{prefix.rsplit('/', 1)[-1] or bucket}-{tag}"
+    source = S3Source(client or make_s3_client(options, tuning), bucket, prefix, tuning)
+    try:
+        manifest = source.read_manifest()
+    except WeightsError as exc:
+        # A replica restarting while the store is unreachable still serves the copy verified
+        # before; any other failure (keys, bucket, manifest) is a configuration to fix.
+        if exc.code != UNREACHABLE or verified_copy(folder) is None:
+            raise
+        logger.warning("%s Serving the copy verified earlier in %s.", exc.message, folder)
+        return folder
+    return fetch_model(manifest, source, folder, tuning=tuning)

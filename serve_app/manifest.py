@@ -51,10 +51,6 @@ class Manifest:
         files = [{"name": f.name, "size": f.size, "sha256": f.sha256} for f in self.files]
         return json.dumps({"version": MANIFEST_VERSION, "files": files}, indent=1) + "\n"
 
-    def digest(self) -> str:
-        """Identifies this exact set of files (stamped on a finished download)."""
-        return hashlib.sha256(self.to_json().encode()).hexdigest()
-
 
 def parse_manifest(data: bytes | str, origin: str = MANIFEST_NAME) -> Manifest:
     """Parse and validate a manifest; ``origin`` names it in error messages."""

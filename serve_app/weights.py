@@ -14,7 +14,7 @@ Layout of ``folder`` while and after fetching::
     <name>.partial          bytes being fetched, each written at its offset
     <name>.partial.ranges   the byte ranges of the .partial already written ("start end" lines),
                             so that a later run fetches only the rest
-    .complete               the digest of the manifest whose files were all verified
+    .complete               the manifest whose files were all verified
     ../.<folder>.lock       held while fetching: one download per node, however many replicas
 
 A file whose sha256 differs from the manifest is removed and fetched once more; a second
@@ -35,7 +35,13 @@ from pathlib import Path
 from typing import Protocol
 
 from serve_app.errors import ConfigError
-from serve_app.manifest import Manifest, ManifestEntry, sha256_file
+from serve_app.manifest import (
+    Manifest,
+    ManifestEntry,
+    ManifestError,
+    parse_manifest,
+    sha256_file,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +53,9 @@ class WeightsError(ConfigError):
     """Model weights could not be fetched or verified; the message says what to do."""
 
     code = "weights_error"
+
+
+UNREACHABLE = "weights_source_unreachable"  # the code of a WeightsError for a network failure
 
 
 @dataclass(frozen=True)
@@ -137,18 +146,30 @@ def fetch_model(manifest: Manifest, source: Source, folder: Path, *,
             return folder
         (folder / _STAMP).unlink(missing_ok=True)
         _remove_unlisted(folder, manifest)
+        logger.info("Fetching %d files (%.1f MiB) from %s into %s", len(manifest.files),
+                    manifest.total_bytes / MiB, source.describe(""), folder)
         progress = Progress(manifest.total_bytes, source.describe(""), tuning, now)
         for entry in manifest.files:
             _ensure_file(entry, source, folder, tuning, progress)
         progress.finish()
-        (folder / _STAMP).write_text(manifest.digest())
+        (folder / _STAMP).write_text(manifest.to_json())
     return folder
+
+
+def verified_copy(folder: Path) -> Manifest | None:
+    """The manifest of the complete, verified copy in ``folder``, if there is one; for serving
+    what is on disk when the source cannot be reached."""
+    try:
+        manifest = parse_manifest((folder / _STAMP).read_text(), str(folder / _STAMP))
+    except (FileNotFoundError, ManifestError):
+        return None
+    return manifest if _is_complete(folder, manifest) else None
 
 
 def _is_complete(folder: Path, manifest: Manifest) -> bool:
     # Checksums were verified when the stamp was written; sizes catch a file removed since.
     try:
-        if (folder / _STAMP).read_text() != manifest.digest():
+        if (folder / _STAMP).read_text() != manifest.to_json():
             return False
     except FileNotFoundError:
         return False
@@ -243,7 +264,8 @@ def _fetch_range(source: Source, name: str, start: int, end: int, out: RangeWrit
             logger.warning("%s: connection lost at byte %d of %d-%d (attempt %d of %d): %s",
                            name, position, start, end, attempt, attempts, exc)
     raise WeightsError(f"Could not fetch {source.describe(name)}: the connection failed "
-                       f"{attempts} times. Run again to resume where it stopped.")
+                       f"{attempts} times. Run again to resume where it stopped.",
+                       code=UNREACHABLE)
 
 
 def _ranges_path(partial: Path) -> Path:

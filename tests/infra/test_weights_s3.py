@@ -88,8 +88,9 @@ def test_a_run_cut_short_resumes_without_fetching_what_is_there(proxy, bucket, t
         fetch(proxy.url, bucket, tmp_path)
     (partial,) = tmp_path.glob("s3/*/model.safetensors.partial")
     kept = read_ranges(partial.with_name(partial.name + ".ranges"), len(WEIGHTS))
-    assert kept[0][0] == 0 and kept[0][1] > MiB  # the first part whole, some of the second
-    assert len(kept) == 4  # and some of each other one
+    # The first part arrived whole; how much of the cut ones was written before the transfer
+    # manager gave up (and dropped its queued writes) varies.
+    assert kept[0][0] == 0 and kept[0][1] >= MiB
 
     # ...and the next run fetches only the missing ranges, with ranged GETs.
     proxy.cut = lambda seen: None
@@ -264,3 +265,22 @@ def test_tuning_reaches_the_transfer_manager():
     source = S3Source(object(), "b", "p", Tuning(part_bytes=8 * MiB, concurrency=3))
     assert (source._transfer.multipart_chunksize, source._transfer.max_concurrency) == (
         8 * MiB, 3)
+
+
+def test_an_unreachable_store_serves_the_copy_verified_before(proxy, bucket, tmp_path, caplog):
+    folder = fetch(proxy.url, bucket, tmp_path)
+    proxy.close()  # the endpoint now refuses connections
+    with caplog.at_level(logging.WARNING, logger="serve_app.bucket"):
+        assert fetch(proxy.url, bucket, tmp_path) == folder
+    assert "Cannot reach the S3 endpoint" in caplog.text
+    assert "Serving the copy verified earlier" in caplog.text
+    (folder / "model.safetensors").unlink()  # no complete copy: the error stands
+    with pytest.raises(WeightsError, match="Cannot reach the S3 endpoint"):
+        fetch(proxy.url, bucket, tmp_path)
+
+
+def test_a_configuration_error_is_not_hidden_by_a_verified_copy(moto_endpoint, bucket, tmp_path):
+    fetch(moto_endpoint, bucket, tmp_path)
+    with pytest.raises(WeightsError, match="No credentials"):
+        fetch_s3_model(f"s3://{bucket}/model", tmp_path, S3Options(endpoint_url=moto_endpoint,
+                                                                  region="us-east-1"))

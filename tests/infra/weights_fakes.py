@@ -7,6 +7,7 @@ cut a response mid-body, as a lost connection would.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import uuid
@@ -61,6 +62,10 @@ class CuttingProxy:
                 .endswith(key_suffix)]
 
     def close(self) -> None:
+        # shutdown() wakes the thread blocked in accept() and makes new connections fail;
+        # close() alone would leave the kernel's socket listening for it.
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)
         self._sock.close()
 
     def _accept(self) -> None:

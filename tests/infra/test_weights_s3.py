@@ -6,7 +6,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import threading
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -55,8 +57,7 @@ def assert_model(folder):
 def test_parallel_ranged_download_through_the_transfer_manager(proxy, bucket, tmp_path):
     # Hold every part after the first until three are in flight: a sequential download would
     # wait out the timeout and show one at a time.
-    proxy.hold = lambda seen: seen.range_start not in (None, 0)
-    proxy.hold_until = 3
+    proxy.hold = lambda seen: seen.range_start not in (None, 0) and proxy.in_flight < 3
     folder = fetch(proxy.url, bucket, tmp_path)
     assert_model(folder)
     parts = proxy.gets("model/model.safetensors")
@@ -145,31 +146,30 @@ def test_a_corrupt_partial_is_removed_and_fetched_again(proxy, bucket, tmp_path,
     assert "fetching it once more" in caplog.text
 
 
+REPLICA = """
+import sys
+from serve_app.bucket import fetch_s3_model
+from tests.infra.weights_fakes import SMALL, options
+print(fetch_s3_model(sys.argv[1], sys.argv[2], options(sys.argv[3]), tuning=SMALL))
+"""
+
+
 def test_two_replicas_starting_at_once_download_once(proxy, bucket, tmp_path):
-    # Hold the weights until both replicas have read the manifest: the second then finds the
-    # folder incomplete and must wait on the lock while the first downloads.
-    proxy.hold = lambda seen: seen.path.endswith("model.safetensors")
-    proxy.hold_until = 1
-    manifests = lambda: len(proxy.gets("manifest.json"))  # noqa: E731
-    held = proxy.hold
-    proxy.hold = lambda seen: held(seen) and manifests() < 2
-    start = threading.Barrier(2)
-    results, errors = [], []
-
-    def replica():
-        start.wait()
-        try:
-            results.append(fetch(proxy.url, bucket, tmp_path))
-        except Exception as exc:  # noqa: BLE001 - reported below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=replica) for _ in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
-    assert not errors and len(results) == 2 and results[0] == results[1]
-    assert_model(results[0])
+    # Two processes, as two replicas on one node. The weights are held until both have read
+    # the manifest: the second then finds the folder incomplete and must wait on the lock
+    # while the first downloads.
+    proxy.hold = lambda seen: (seen.path.endswith("model.safetensors")
+                               and len(proxy.gets("manifest.json")) < 2)
+    proxy.hold_timeout_s = 60
+    replicas = [subprocess.Popen(
+        [sys.executable, "-c", REPLICA, f"s3://{bucket}/model", str(tmp_path), proxy.url],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}) for _ in range(2)]
+    outputs = [r.communicate(timeout=120) for r in replicas]
+    assert [r.returncode for r in replicas] == [0, 0], outputs
+    folders = {out.strip() for out, _ in outputs}
+    assert len(folders) == 1
+    assert_model(Path(folders.pop()))
     assert len(proxy.gets("manifest.json")) == 2
     assert sorted(p.range_start for p in proxy.gets("model/model.safetensors")) == [
         0, MiB, 2 * MiB, 3 * MiB, 4 * MiB]

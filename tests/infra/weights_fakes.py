@@ -45,9 +45,10 @@ class CuttingProxy:
         self.in_flight = self.max_in_flight = 0
         # cut(seen) -> bytes of the response to forward before closing, or None to forward all.
         self.cut: Callable[[Seen], int | None] = lambda seen: None
-        # hold(seen) -> True: wait until hold_until requests are in flight (or hold_timeout_s).
+        # hold(seen) -> True while the request must wait; checked again whenever another
+        # request arrives, and given up after hold_timeout_s.
         self.hold: Callable[[Seen], bool] = lambda seen: False
-        self.hold_until, self.hold_timeout_s = 1, 10.0
+        self.hold_timeout_s = 10.0
         self._cond = threading.Condition()
         self._sock = socket.create_server(("127.0.0.1", 0))
         self.port = self._sock.getsockname()[1]
@@ -94,9 +95,7 @@ class CuttingProxy:
                 self.in_flight += 1
                 self.max_in_flight = max(self.max_in_flight, self.in_flight)
                 self._cond.notify_all()
-                if self.hold(seen):
-                    self._cond.wait_for(lambda: self.in_flight >= self.hold_until,
-                                        timeout=self.hold_timeout_s)
+                self._cond.wait_for(lambda: not self.hold(seen), timeout=self.hold_timeout_s)
                 limit = self.cut(seen)
             try:
                 upstream.sendall(request + body)

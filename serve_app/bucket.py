@@ -101,7 +101,7 @@ class S3Source:
         )
 
         self._client, self.bucket, self.prefix = client, bucket, prefix
-        self._transfer = TransferConfig(
+        self.transfer_config = TransferConfig(
             multipart_threshold=tuning.part_bytes, multipart_chunksize=tuning.part_bytes,
             max_concurrency=tuning.concurrency, num_download_attempts=tuning.attempts,
             io_chunksize=_IO_BLOCK, use_threads=True)
@@ -129,7 +129,7 @@ class S3Source:
         """The whole object, through boto3's transfer manager: parallel ranged GETs."""
         with self._errors(name):
             self._client.download_fileobj(self.bucket, self.key(name), _OffsetFile(out),
-                                          Config=self._transfer)
+                                          Config=self.transfer_config)
 
     def read_range(self, name: str, start: int, end: int) -> Iterator[bytes]:
         with self._errors(name):

@@ -263,7 +263,7 @@ def test_tuning_reaches_the_transfer_manager():
     from serve_app.bucket import S3Source
 
     source = S3Source(object(), "b", "p", Tuning(part_bytes=8 * MiB, concurrency=3))
-    assert (source._transfer.multipart_chunksize, source._transfer.max_concurrency) == (
+    assert (source.transfer_config.multipart_chunksize, source.transfer_config.max_concurrency) == (
         8 * MiB, 3)
 
 

@@ -100,7 +100,7 @@ class RangeWriter:
         self._fd = os.open(partial, os.O_RDWR | os.O_CREAT, 0o644)
         os.ftruncate(self._fd, size)
         self._record = open(_ranges_path(partial), "a")  # noqa: SIM115 - closed in close()
-        self._runs: dict[int, list[int]] = {}  # run end -> [run start, recorded up to]
+        self._runs: dict[int, int] = {}  # where a run of writes ends -> recorded up to
         self._lock = threading.Lock()
         self._progress = progress
         self._record_every = record_every
@@ -109,22 +109,22 @@ class RangeWriter:
         os.pwrite(self._fd, data, offset)
         end = offset + len(data)
         with self._lock:
-            run = self._runs.pop(offset, None) or [offset, offset]
-            self._runs[end] = run
-            if end - run[1] >= self._record_every:
-                self._flush(run, end)
+            recorded = self._runs.pop(offset, offset)
+            if end - recorded >= self._record_every:
+                recorded = self._flush(recorded, end)
+            self._runs[end] = recorded
         self._progress.add(len(data))
 
-    def _flush(self, run: list[int], end: int) -> None:
-        self._record.write(f"{run[1]} {end}\n")
+    def _flush(self, start: int, end: int) -> int:
+        self._record.write(f"{start} {end}\n")
         self._record.flush()
-        run[1] = end
+        return end
 
     def close(self) -> None:
         with self._lock:
-            for end, run in self._runs.items():
-                if end > run[1]:
-                    self._flush(run, end)
+            for end, recorded in self._runs.items():
+                if end > recorded:
+                    self._flush(recorded, end)
             self._runs.clear()
         self._record.close()
         os.close(self._fd)

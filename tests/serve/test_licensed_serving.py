@@ -269,7 +269,7 @@ def test_f_a_refused_report_is_quarantined_and_the_reports_after_it_are_billed(c
         assert check.ok, check.problems
         mine = {r["day"]: r["instance_seconds"] for r in check.days}
         theirs = {r["day"]: r["instance_seconds"]
-                  for r in cluster["server"].service.usage(lic.license_id)}
+                  for r in cluster["server"].service.usage(lic.license_id)["usage"]}
         return mine.keys() == theirs.keys() and all(
             abs(mine[d] - theirs[d]) <= 0.002 for d in mine)
 

@@ -12,6 +12,7 @@ import contextlib
 import hmac
 import logging
 import re
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -50,9 +51,11 @@ from serve_app.validation import bad_request, check_generation_body, parse_json_
 if TYPE_CHECKING:
     from serve_app.license_actor import LicenseGate
 
-# Ray Serve sends this logger to the replica's log file and to the driver's terminal (what
-# `make serve` shows).
 logger = logging.getLogger("ray.serve")
+# Failures go to Serve's logger (the replica's log file) and always to stderr, which Ray keeps in
+# the worker's .err file and shows on the driver's terminal (what `make serve` shows): Serve's
+# throughput-optimized mode stops its own logger writing to stderr.
+failures = logging.getLogger("ray.serve.serve_app")
 
 JSON = "application/json"
 REQUEST_ID_HEADER = "x-request-id"
@@ -113,8 +116,8 @@ class RequestIdMiddleware:
         except Exception:
             if client_gone:  # the server's to handle, and no fault of the request's
                 raise
-            logger.exception("Unhandled error on %s %s (request id %s)", scope.get("method"),
-                             scope.get("path"), rid)
+            _to_stderr_too().exception("Unhandled error on %s %s (request id %s)",
+                                       scope.get("method"), scope.get("path"), rid)
             if started:  # the status is gone; the response ends short
                 return
             response = JSONResponse(to_error_body(internal_error(rid)), status_code=500)
@@ -453,9 +456,27 @@ class IngressApp:
         return _replica_response(status, text, rid, request.url.path)
 
 
+def _to_stderr_too() -> logging.Logger:
+    """``failures``, with a stderr handler of its own unless Serve's logger has one already
+    (checked when first needed: Serve configures its logger after this module is imported)."""
+    if not failures.handlers:
+        serve_logger = logging.getLogger("ray.serve")
+        on_stderr = any(
+            type(h) is logging.StreamHandler and h.stream in (sys.stderr, sys.stdout)
+            for h in serve_logger.handlers
+        )
+        handler: logging.Handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter(
+            "%(levelname)s %(asctime)s %(name)s %(process)d -- %(message)s"))
+        if on_stderr:
+            handler = logging.NullHandler()  # marks the check done
+        failures.addHandler(handler)
+    return failures
+
+
 def _log_internal(cause: BaseException, rid: str | None, path: str) -> None:
-    logger.error("Request %s on %s failed", rid, path,
-                 exc_info=(type(cause), cause, cause.__traceback__))
+    _to_stderr_too().error("Request %s on %s failed", rid, path,
+                           exc_info=(type(cause), cause, cause.__traceback__))
 
 
 def _replica_response(status: int, text: str, rid: str | None, path: str) -> Response:
@@ -463,8 +484,8 @@ def _replica_response(status: int, text: str, rid: str | None, path: str) -> Res
     replica logged its cause; the body it sent has no details)."""
     if status < 500:
         return Response(text, status_code=status, media_type=JSON)
-    logger.error("Request %s on %s: the model replica answered %d: %s", rid, path, status,
-                 text[:500])
+    _to_stderr_too().error("Request %s on %s: the model replica answered %d: %s", rid, path,
+                           status, text[:500])
     body = to_error_body(internal_error(rid))
     return JSONResponse(body, status_code=status)
 

@@ -24,11 +24,16 @@ FIELDS = {
                              "stream_options", "logit_bias", "presence_penalty",
                              "frequency_penalty", "tools", "tool_choice", "user",
                              "max_tokens", "max_completion_tokens", "n", "min_tokens",
-                             "ignore_eos", "repetition_penalty", "min_p"),
+                             "ignore_eos", "repetition_penalty", "min_p", "stop_token_ids",
+                             "allowed_token_ids", "bad_words", "truncate_prompt_tokens",
+                             "structured_outputs", "chat_template", "chat_template_kwargs",
+                             "add_generation_prompt", "continue_final_message", "priority"),
     "/v1/completions": ("model", "prompt", "temperature", "top_p", "top_k", "stream", "stop",
                         "seed", "logprobs", "echo", "suffix", "stream_options", "logit_bias",
                         "presence_penalty", "max_tokens", "n", "best_of", "min_tokens",
-                        "ignore_eos", "prompt_logprobs"),
+                        "ignore_eos", "prompt_logprobs", "stop_token_ids", "allowed_token_ids",
+                        "truncate_prompt_tokens", "structured_outputs", "add_special_tokens",
+                        "response_format", "priority"),
     "/generate": ("model", "prompt", "temperature", "top_p", "max_tokens", "do_sample",
                   "stop_sequences", "seed"),
     "/chat/generate": ("model", "messages", "temperature", "top_p", "max_tokens", "do_sample",
@@ -38,7 +43,7 @@ FIELDS = {
 TRICKY_STRINGS = ("", " ", "\x00", "\ud800", "\udfff", "\u202e", "\r\n", "\x1b[31m", "\ufeff",
                   "<|im_end|>", "<|endoftext|>", "{{ raise_exception('x') }}", "%s%n",
                   "💥" * 3, "a" * 5000)
-EDGE_NUMBERS = (0, -1, 1, 2**31, 2**63 - 1, 2**63, -(2**63) - 1, 10**30, 10**400,
+EDGE_NUMBERS = (0, -1, 1, 49151, 49152, 2**31, 2**63 - 1, 2**63, -(2**63) - 1, 10**30, 10**400,
                 0.0, -0.0, 1e-320, 1e308, -1e308, 3.0, 2.0000001, float("nan"), float("inf"),
                 float("-inf"))
 

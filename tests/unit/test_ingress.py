@@ -516,3 +516,29 @@ def test_the_request_id_middleware_is_the_last_resort(serve_log):
     assert resp.headers.get_list("x-request-id") == ["r-5"]
     logged = [r for r in serve_log.records if "r-5" in r.getMessage()]
     assert logged and isinstance(logged[0].exc_info[1], ZeroDivisionError)
+
+
+def test_failures_reach_stderr_when_serve_logs_to_its_file_only(tmp_path, capsys):
+    """Serve's throughput-optimized mode leaves its logger a file handler only; a failure must
+    still show on the terminal (Ray forwards a replica's stderr to the driver)."""
+    import logging
+
+    from serve_app import ingress
+
+    serve_logger = logging.getLogger("ray.serve")
+    saved = (serve_logger.handlers[:], ingress.failures.handlers[:])
+    file_handler = logging.FileHandler(tmp_path / "replica.log")
+    serve_logger.handlers[:] = [file_handler]
+    ingress.failures.handlers[:] = []
+    try:
+        c, servers = make_client()
+        servers["a"].raise_on_call = RuntimeError("disk on fire")
+        with c:
+            resp = c.post("/v1/completions", json={"prompt": "x"},
+                          headers={"X-Request-Id": "r-6"})
+        assert resp.status_code == 500
+    finally:
+        file_handler.close()
+        serve_logger.handlers[:], ingress.failures.handlers[:] = saved
+    for text in ((tmp_path / "replica.log").read_text(), capsys.readouterr().err):
+        assert "r-6" in text and "disk on fire" in text and "Traceback" in text

@@ -3,6 +3,10 @@
 The request path touches memory and one handle call only. Models are reached through
 ``DeploymentHandle``s injected by ``build_ingress``, or a ``LocalHandle`` for the model whose
 engine lives in this very process (see ``deployments.py``); tests pass fakes with the same methods.
+
+Every response carries ``X-Request-Id`` (the caller's, when safe, or a fresh one). Errors leave
+as OpenAI's error JSON through the handlers here; a 5xx shows the client only that id, under
+which its traceback is logged.
 """
 
 from __future__ import annotations
@@ -58,7 +62,7 @@ logger = logging.getLogger("ray.serve")
 failures = logging.getLogger("ray.serve.serve_app")
 
 JSON = "application/json"
-REQUEST_ID_HEADER = "x-request-id"
+REQUEST_ID_HEADER = b"x-request-id"
 # A caller's id is kept when it is short and made of characters safe in a header and a log line.
 _CALLER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/+=-]{0,127}")
 _MARITALK_MODELS = {"raw": GenerateRequest, "chat": ChatGenerateRequest}
@@ -79,8 +83,8 @@ class RequestIdMiddleware:
     """Gives every HTTP request an id and every response the ``X-Request-Id`` header.
 
     Also the last resort for an exception no handler took: it is logged with its traceback and
-    the id, and the client gets a bare 500 naming the id. Outside starlette's own error
-    middleware, so that 500 carries the header too."""
+    the id, and the client gets a bare 500 naming the id. It sits inside starlette's own error
+    middleware and takes the exception first, so that 500 carries the header too."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -91,19 +95,20 @@ class RequestIdMiddleware:
             return
         incoming = None
         for name, value in scope["headers"]:
-            if name == b"x-request-id":
+            if name == REQUEST_ID_HEADER:
                 incoming = value.decode("latin-1")
                 break
         rid = request_id_for(incoming)
         scope.setdefault("state", {})["request_id"] = rid
-        header = (b"x-request-id", rid.encode())
+        header = (REQUEST_ID_HEADER, rid.encode())
         started = client_gone = False
 
         async def send_with_id(message: Message) -> None:
             nonlocal started, client_gone
             if message["type"] == "http.response.start":
                 started = True
-                headers = [h for h in message.get("headers", []) if h[0].lower() != header[0]]
+                headers = [h for h in message.get("headers", [])
+                           if h[0].lower() != REQUEST_ID_HEADER]
                 message = {**message, "headers": [*headers, header]}
             try:
                 await send(message)

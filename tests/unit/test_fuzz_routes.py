@@ -31,7 +31,7 @@ def app_client():
 
 
 def test_no_input_gets_a_5xx_and_the_app_still_serves(app_client):
-    @settings(max_examples=2500, deadline=None, database=None,
+    @settings(max_examples=2000, deadline=None, database=None,
               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
     @given(case=requests(MODEL))
     def one(case):

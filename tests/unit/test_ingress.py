@@ -542,3 +542,28 @@ def test_failures_reach_stderr_when_serve_logs_to_its_file_only(tmp_path, capsys
         serve_logger.handlers[:], ingress.failures.handlers[:] = saved
     for text in ((tmp_path / "replica.log").read_text(), capsys.readouterr().err):
         assert "r-6" in text and "disk on fire" in text and "Traceback" in text
+
+
+def test_a_client_gone_while_sending_its_body_is_no_error(serve_log):
+    import asyncio
+
+    server = FakeLLMServer("a")
+    config = AppConfig(models=(ModelConfig(name="a", device="cpu"),))
+    app = build_ingress(config, {"a": FakeLLMHandle(server)})
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+             "scheme": "http", "path": "/v1/completions", "raw_path": b"/v1/completions",
+             "root_path": "", "query_string": b"", "server": ("t", 80), "client": ("c", 1),
+             "headers": [(b"content-type", b"application/json")]}
+    messages = [{"type": "http.request", "body": b'{"prompt": ', "more_body": True},
+                {"type": "http.disconnect"}]
+    sent = []
+
+    async def receive():
+        return messages.pop(0)
+
+    async def send(message):
+        sent.append(message)
+
+    asyncio.run(app(scope, receive, send))
+    assert sent == [] and not server.calls
+    assert not [r for r in serve_log.records if r.levelname == "ERROR"]

@@ -2,6 +2,7 @@
 
     ServeError                      status  type                   code
     ├── ConfigError                 500     server_error           config_error   (raised at start-up)
+    ├── InternalError               500     server_error           internal_error (a bug of ours)
     ├── BadRequestError             400     invalid_request_error  invalid_request (or a finer code)
     ├── AuthenticationError         401     authentication_error   invalid_api_key
     ├── ModelNotFoundError          404     invalid_request_error  model_not_found
@@ -12,12 +13,19 @@
 
 OpenAI clients pick their exception class from the status, so statuses matter most; ``code`` is a
 stable machine-readable string, ``param`` names the offending field when there is one.
+
+``to_serve_error`` is the one mapper from anything a request can raise (our tree, pydantic's
+``ValidationError``, Ray's handle errors, anything else) to a ``ServeError``; ``from_vllm_error``
+maps the error values vLLM's OpenAI layer returns. A 5xx never carries details to the client:
+its message names the request id, under which the traceback is logged.
 """
 
 from __future__ import annotations
 
 import json
 from typing import Any
+
+RETRY_AFTER_S = "1"
 
 
 class ServeError(Exception):
@@ -84,6 +92,43 @@ class LicenseRefusedError(ServeError):
         self.status = status
 
 
+class InternalError(ServeError):
+    """Something failed that the client could not have caused: logged with its traceback."""
+
+
+def internal_error(request_id: str | None) -> InternalError:
+    """The one message a client gets for a failure of ours: no details, the id to report."""
+    suffix = f" (request id {request_id})" if request_id else ""
+    return InternalError(f"The server failed to process the request{suffix}.")
+
+
+def to_serve_error(exc: BaseException, request_id: str | None = None) -> ServeError:
+    """Map anything a request path raises to the error the client gets."""
+    if isinstance(exc, ServeError):
+        return exc
+    from pydantic import ValidationError
+
+    if isinstance(exc, ValidationError):
+        from serve_app.validation import validation_error_body
+
+        err = validation_error_body(exc)["error"]
+        return BadRequestError(err["message"], param=err["param"])
+    from ray.exceptions import ActorDiedError, ActorUnavailableError
+    from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+
+    if isinstance(exc, BackPressureError):
+        return OverloadedError(
+            "The server is at capacity; retry shortly.", headers={"Retry-After": RETRY_AFTER_S}
+        )
+    if isinstance(exc, (ActorDiedError, ActorUnavailableError, DeploymentUnavailableError)):
+        return OverloadedError(
+            "The model replica is restarting; retry shortly.",
+            code="replica_unavailable",
+            headers={"Retry-After": RETRY_AFTER_S},
+        )
+    return internal_error(request_id)
+
+
 def error_body(
     message: str, type: str, *, param: str | None = None, code: str | None = None
 ) -> dict[str, Any]:
@@ -103,14 +148,18 @@ _CODE_BY_STATUS = {
     413: "request_too_large",
     422: "invalid_request",
     429: "rate_limited",
-    501: "not_implemented",
-    503: "overloaded",
 }
 
 
 def from_vllm_error(error: dict[str, Any]) -> tuple[int, dict[str, Any]]:
     """Map vLLM's ``ErrorResponse.error`` (whose ``code`` is the HTTP status) to our shape."""
     status = int(error.get("code") or 500)
+    if status == 501:
+        # A feature this model or build does not offer: the request asked for it, so it is
+        # the client's to change, and vLLM's message says which feature.
+        return 400, error_body(str(error.get("message") or "Not supported."),
+                               "invalid_request_error", param=error.get("param"),
+                               code="not_supported")
     if status >= 500:
         # vLLM's 5xx messages can carry internals; clients get a generic message.
         return status, error_body(

@@ -3,6 +3,10 @@
 The request path touches memory and one handle call only. Models are reached through
 ``DeploymentHandle``s injected by ``build_ingress``, or a ``LocalHandle`` for the model whose
 engine lives in this very process (see ``deployments.py``); tests pass fakes with the same methods.
+
+Every response carries ``X-Request-Id`` (the caller's, when safe, or a fresh one). Errors leave
+as OpenAI's error JSON through the handlers here; a 5xx shows the client only that id, under
+which its traceback is logged.
 """
 
 from __future__ import annotations
@@ -11,39 +15,120 @@ import asyncio
 import contextlib
 import hmac
 import logging
+import re
+import sys
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from pydantic import ValidationError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.middleware import Middleware
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serve_app.config import AppConfig, ModelConfig
 from serve_app.errors import (
+    RETRY_AFTER_S,
     AuthenticationError,
     BadRequestError,
+    InternalError,
     LicenseRefusedError,
     ModelNotFoundError,
     OverloadedError,
     PayloadTooLargeError,
     ServeError,
     error_body,
+    internal_error,
     sse_error,
     to_error_body,
+    to_serve_error,
 )
-from serve_app.validation import check_generation_body, parse_json_object
+from serve_app.maritalk import ChatGenerateRequest, GenerateRequest
+from serve_app.validation import bad_request, check_generation_body, parse_json_object
 
 if TYPE_CHECKING:
     from serve_app.license_actor import LicenseGate
 
 logger = logging.getLogger("ray.serve")
+# Failures go to Serve's logger (the replica's log file) and always to stderr, which Ray keeps in
+# the worker's .err file and shows on the driver's terminal (what `make serve` shows): Serve's
+# throughput-optimized mode stops its own logger writing to stderr.
+failures = logging.getLogger("ray.serve.serve_app")
 
 JSON = "application/json"
-RETRY_AFTER_S = "1"
+REQUEST_ID_HEADER = b"x-request-id"
+# A caller's id is kept when it is short and made of characters safe in a header and a log line.
+_CALLER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/+=-]{0,127}")
+_MARITALK_MODELS = {"raw": GenerateRequest, "chat": ChatGenerateRequest}
+
+
+def request_id_for(incoming: str | None) -> str:
+    """The caller's ``X-Request-Id`` when it is safe to echo and log, else a fresh one."""
+    if incoming and _CALLER_ID.fullmatch(incoming):
+        return incoming
+    return uuid.uuid4().hex
+
+
+def request_id(request: Request) -> str | None:
+    return request.scope.get("state", {}).get("request_id")
+
+
+class RequestIdMiddleware:
+    """Gives every HTTP request an id and every response the ``X-Request-Id`` header.
+
+    Also the last resort for an exception no handler took: it is logged with its traceback and
+    the id, and the client gets a bare 500 naming the id. It sits inside starlette's own error
+    middleware and takes the exception first, so that 500 carries the header too."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        incoming = None
+        for name, value in scope["headers"]:
+            if name == REQUEST_ID_HEADER:
+                incoming = value.decode("latin-1")
+                break
+        rid = request_id_for(incoming)
+        scope.setdefault("state", {})["request_id"] = rid
+        header = (REQUEST_ID_HEADER, rid.encode())
+        started = client_gone = False
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal started, client_gone
+            if message["type"] == "http.response.start":
+                started = True
+                headers = [h for h in message.get("headers", [])
+                           if h[0].lower() != REQUEST_ID_HEADER]
+                message = {**message, "headers": [*headers, header]}
+            try:
+                await send(message)
+            except Exception:
+                client_gone = True
+                raise
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        except ClientDisconnect:  # left while sending its body: nobody to answer
+            return
+        except Exception:
+            if client_gone:  # the server's to handle, and no fault of the request's
+                raise
+            _to_stderr_too().exception("Unhandled error on %s %s (request id %s)",
+                                       scope.get("method"), scope.get("path"), rid)
+            if started:  # the status is gone; the response ends short
+                return
+            response = JSONResponse(to_error_body(internal_error(rid)), status_code=500)
+            await response(scope, receive, send_with_id)
 
 
 class _Model:
@@ -77,25 +162,6 @@ class _Metrics:
             "serve_app_requests_in_flight", "Generation requests being served.",
             registry=self.registry,
         )
-
-
-def _map_handle_error(exc: Exception) -> ServeError:
-    """Translate what a handle call raises into a client-facing error."""
-    from ray.exceptions import ActorDiedError, ActorUnavailableError
-    from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
-
-    if isinstance(exc, BackPressureError):
-        return OverloadedError(
-            "The server is at capacity; retry shortly.", headers={"Retry-After": RETRY_AFTER_S}
-        )
-    if isinstance(exc, (ActorDiedError, ActorUnavailableError, DeploymentUnavailableError)):
-        return OverloadedError(
-            "The model replica is restarting; retry shortly.",
-            code="replica_unavailable",
-            headers={"Retry-After": RETRY_AFTER_S},
-        )
-    logger.exception("Replica call failed")
-    return ServeError("The server failed to process the request.")
 
 
 class IngressApp:
@@ -141,10 +207,10 @@ class IngressApp:
         ]
         return Starlette(
             routes=routes,
+            middleware=[Middleware(RequestIdMiddleware)],
             exception_handlers={
                 ServeError: self._on_serve_error,
                 HTTPException: self._on_http_error,
-                Exception: self._on_unexpected,
             },
             lifespan=self._lifespan,
         )
@@ -177,6 +243,9 @@ class IngressApp:
 
     async def _on_serve_error(self, request: Request, exc: Exception) -> Response:
         assert isinstance(exc, ServeError)
+        if isinstance(exc, InternalError):
+            # Raised while handling the failure, which is its context.
+            _log_internal(exc.__context__ or exc, request_id(request), request.url.path)
         return JSONResponse(to_error_body(exc), status_code=exc.status, headers=exc.headers)
 
     async def _on_http_error(self, request: Request, exc: Exception) -> Response:
@@ -185,14 +254,6 @@ class IngressApp:
         message = f"{request.method} {request.url.path}: {exc.detail}"
         return JSONResponse(
             error_body(message, "invalid_request_error", code=kind), status_code=exc.status_code
-        )
-
-    async def _on_unexpected(self, request: Request, exc: Exception) -> Response:
-        logger.exception("Unhandled error on %s", request.url.path)
-        return JSONResponse(
-            error_body("The server failed to process the request.", "server_error",
-                       code="internal_error"),
-            status_code=500,
         )
 
     def _authorize(self, request: Request) -> None:
@@ -290,7 +351,7 @@ class IngressApp:
         try:
             return JSONResponse(await asyncio.wait_for(self._license_status(), 10.0))
         except Exception as exc:
-            raise _map_handle_error(exc) from None
+            raise to_serve_error(exc, request_id(request)) from None
 
     async def list_models(self, request: Request) -> Response:
         self._authorize(request)
@@ -337,8 +398,10 @@ class IngressApp:
         started = time.perf_counter()
         raw, body, model = await self._admit(request)
         stream = check_generation_body(
-            body, max_n=self._config.max_n, max_model_len=model.config.max_model_len
+            body, max_n=self._config.max_n, max_model_len=model.config.max_model_len,
+            endpoint=endpoint,
         )
+        rid = request_id(request)
         self._acquire(model)
         release = True
         try:
@@ -346,20 +409,20 @@ class IngressApp:
                 try:
                     status, text = await model.unary.remote(endpoint, raw)
                 except Exception as exc:
-                    raise _map_handle_error(exc) from None
+                    raise to_serve_error(exc, rid) from None
                 self._count(endpoint, status, started)
-                return Response(text, status_code=status, media_type=JSON)
+                return _replica_response(status, text, rid, request.url.path)
             gen = model.stream.remote(endpoint, raw)
             try:
                 status, text = await gen.__anext__()
             except Exception as exc:
                 gen.cancel()
-                raise _map_handle_error(exc) from None
+                raise to_serve_error(exc, rid) from None
             self._count(endpoint, status, started)
             if status != 200:
-                return Response(text, status_code=status, media_type=JSON)
+                return _replica_response(status, text, rid, request.url.path)
             release = False  # the response releases when it is over
-            relay = _Relay(gen, text, lambda: self._release(model))
+            relay = _Relay(gen, text, lambda: self._release(model), rid, request.url.path)
             return _StreamResponse(
                 relay.chunks(),
                 on_close=relay.close,
@@ -382,25 +445,68 @@ class IngressApp:
 
     async def _maritalk(self, request: Request, kind: str) -> Response:
         started = time.perf_counter()
-        raw, _, model = await self._admit(request)
+        raw, body, model = await self._admit(request)
+        try:
+            # Refused here, before the Ray hop; the replica validates again for its values.
+            _MARITALK_MODELS[kind].model_validate(body)
+        except ValidationError as exc:
+            raise bad_request(exc) from None
+        rid = request_id(request)
         self._acquire(model)
         try:
             status, text = await model.maritalk.remote(kind, raw)
         except Exception as exc:
-            raise _map_handle_error(exc) from None
+            raise to_serve_error(exc, rid) from None
         finally:
             self._release(model)
         self._count(f"maritalk_{kind}", status, started)
+        return _replica_response(status, text, rid, request.url.path)
+
+
+def _to_stderr_too() -> logging.Logger:
+    """``failures``, with a stderr handler of its own unless Serve's logger has one already
+    (checked when first needed: Serve configures its logger after this module is imported)."""
+    if not failures.handlers:
+        serve_logger = logging.getLogger("ray.serve")
+        on_stderr = any(
+            type(h) is logging.StreamHandler and h.stream in (sys.stderr, sys.stdout)
+            for h in serve_logger.handlers
+        )
+        handler: logging.Handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter(
+            "%(levelname)s %(asctime)s %(name)s %(process)d -- %(message)s"))
+        if on_stderr:
+            handler = logging.NullHandler()  # marks the check done
+        failures.addHandler(handler)
+    return failures
+
+
+def _log_internal(cause: BaseException, rid: str | None, path: str) -> None:
+    _to_stderr_too().error("Request %s on %s failed", rid, path,
+                           exc_info=(type(cause), cause, cause.__traceback__))
+
+
+def _replica_response(status: int, text: str, rid: str | None, path: str) -> Response:
+    """A replica's answer as is, except that a 5xx names the request id and is logged (the
+    replica logged its cause; the body it sent has no details)."""
+    if status < 500:
         return Response(text, status_code=status, media_type=JSON)
+    _to_stderr_too().error("Request %s on %s: the model replica answered %d: %s", rid, path,
+                           status, text[:500])
+    body = to_error_body(internal_error(rid))
+    return JSONResponse(body, status_code=status)
 
 
 class _Relay:
     """Relays a replica's stream to the client; ``close`` runs once, however the response ends."""
 
-    def __init__(self, gen: Any, first: str, release: Callable[[], None]) -> None:
+    def __init__(self, gen: Any, first: str, release: Callable[[], None], rid: str | None,
+                 path: str) -> None:
         self._gen = gen
         self._first = first
         self._release = release
+        self._rid = rid
+        self._path = path
         self._finished = False
         self._closed = False
 
@@ -413,7 +519,9 @@ class _Relay:
             raise
         except Exception as exc:
             # Headers are gone; report in-band the way vLLM does.
-            err = _map_handle_error(exc)
+            err = to_serve_error(exc, self._rid)
+            if isinstance(err, InternalError):
+                _log_internal(exc, self._rid, self._path)
             yield sse_error(err.status, to_error_body(err))
         self._finished = True
 

@@ -18,7 +18,6 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-from pydantic import ValidationError
 from starlette.datastructures import State
 
 from serve_app.affinity import (
@@ -33,7 +32,7 @@ from serve_app.errors import error_body, from_vllm_error
 from serve_app.maritalk import ChatGenerateRequest, GenerateRequest, GenerateResponse, timings
 from serve_app.models import resolve_model, weight_bytes
 from serve_app.streaming import PacedEngine, coalesce
-from serve_app.validation import validation_error_body
+from serve_app.validation import request_error_body
 
 logger = logging.getLogger("ray.serve")
 
@@ -125,8 +124,8 @@ class LLMServer:
         request_cls, handler = self._handlers[endpoint]
         try:
             request = request_cls.model_validate_json(body)
-        except ValidationError as exc:
-            return 400, json.dumps(validation_error_body(exc))
+        except Exception as exc:  # vLLM's validators raise more than ValidationError
+            return 400, json.dumps(request_error_body(exc))
         try:
             result = await handler(request, None)
         except Exception as exc:
@@ -146,7 +145,7 @@ class LLMServer:
 
         error = create_error_response(exc).error
         if error.code >= 500:
-            logger.error("Request failed in vLLM: %r", exc)
+            logger.error("Request failed in vLLM: %r", exc, exc_info=exc)
         status, body = from_vllm_error(error.model_dump())
         return status, json.dumps(body)
 
@@ -190,8 +189,11 @@ class LLMServer:
             else:
                 params = GenerateRequest.model_validate_json(body)
                 ids = self._tokenizer.encode(params.prompt)
-        except ValidationError as exc:
-            return 400, json.dumps(validation_error_body(exc))
+            sampling = SamplingParams(
+                **params.sampling_kwargs(), output_kind=RequestOutputKind.FINAL_ONLY
+            )
+        except Exception as exc:  # all from the body: fields, chat template, sampling bounds
+            return 400, json.dumps(request_error_body(exc))
         room = self._max_model_len - len(ids)
         if params.max_tokens > room:
             message = (
@@ -207,9 +209,6 @@ class LLMServer:
                     code="context_length_exceeded",
                 )
             )
-        sampling = SamplingParams(
-            **params.sampling_kwargs(), output_kind=RequestOutputKind.FINAL_ONLY
-        )
         arrival = time.monotonic()
         final = None
         try:

@@ -12,20 +12,32 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-MAX_STOP_SEQUENCES = 16
+# vLLM's SamplingParams refuses a temperature above 2 (and checks again where its engine core
+# decodes the request, so it cannot be bypassed). MariTalk Local accepts more, and its benchmark
+# tool sends 3.0 on purpose for longer answers: a higher temperature runs at this one, the
+# flattest distribution vLLM samples from.
+VLLM_MAX_TEMPERATURE = 2.0
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 
 class _GenerateParams(BaseModel):
+    """The sampling fields of ``MariTalkLocal.generate`` and ``generate_raw``, with the client's
+    defaults. Each accepts what vLLM's ``SamplingParams`` can run."""
+
     # The client always sends every field; extra keys are refused so a typo is not silently
     # ignored.
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    temperature: float = Field(0.7, ge=0.0, le=2.0)
+    temperature: float = Field(0.7, ge=0.0, description=(
+        f"Any finite value >= 0; above {VLLM_MAX_TEMPERATURE:g} it runs at "
+        f"{VLLM_MAX_TEMPERATURE:g}."))
     top_p: float = Field(0.95, gt=0.0, le=1.0)
-    max_tokens: int = Field(512, ge=1)
+    max_tokens: int = Field(512, ge=1, description="At most what the context leaves after the "
+                            "prompt (checked on the replica, which tokenizes).")
     do_sample: bool = True
-    stop_sequences: list[str] = Field(default_factory=list, max_length=MAX_STOP_SEQUENCES)
-    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    stop_sequences: list[str] = Field(default_factory=list)
+    # vLLM's OpenAI layer takes any 64-bit seed; -1 means none, as in vLLM.
+    seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX)
     model: str | None = None
 
     def sampling_kwargs(self) -> dict[str, Any]:
@@ -36,7 +48,8 @@ class _GenerateParams(BaseModel):
             "seed": self.seed,
         }
         if self.do_sample:
-            kwargs.update(temperature=self.temperature, top_p=self.top_p)
+            kwargs.update(temperature=min(self.temperature, VLLM_MAX_TEMPERATURE),
+                          top_p=self.top_p)
         else:
             kwargs.update(temperature=0.0, top_p=1.0)
         return kwargs

@@ -235,3 +235,57 @@ class LicenseWire(httpx.AsyncBaseTransport):
 
     def billed(self) -> float:
         return sum(i["end"] - i["start"] for r in self.accepted.values() for i in r)
+class ParsingLLMServer(FakeLLMServer):
+    """A replica that refuses what ``LLMServer`` refuses before its engine runs: the OpenAI body
+    through vLLM's own request model and its ``to_sampling_params``, the MariTalk body through
+    ours and vLLM's ``SamplingParams``. Generates nothing; answers with the sampling values.
+
+    vLLM's classes are passed in, so only the tests that want them import vLLM."""
+
+    def __init__(self, name: str, request_models: dict[str, Any], sampling_params: Any) -> None:
+        super().__init__(name)
+        self._request_models = request_models
+        self._sampling_params = sampling_params
+
+    def _check_openai(self, endpoint: str, body: bytes) -> tuple[int, str] | None:
+        from serve_app.validation import request_error_body
+
+        try:
+            request = self._request_models[endpoint].model_validate_json(body)
+            request.to_sampling_params(16, {})
+        except Exception as exc:
+            return 400, json.dumps(request_error_body(exc))
+        return None
+
+    async def openai(self, endpoint: str, body: bytes) -> tuple[int, str]:
+        refused = self._check_openai(endpoint, body)
+        if refused is not None:
+            self.calls.append(("openai", (endpoint, body)))
+            return refused
+        return await super().openai(endpoint, body)
+
+    def openai_stream(self, endpoint: str, body: bytes) -> FakeStream:
+        refused = self._check_openai(endpoint, body)
+        if refused is not None:
+            self.calls.append(("openai_stream", (endpoint, body)))
+            return FakeStream([refused])
+        return super().openai_stream(endpoint, body)
+
+    async def maritalk(self, kind: str, body: bytes) -> tuple[int, str]:
+        from serve_app.maritalk import ChatGenerateRequest, GenerateRequest
+        from serve_app.validation import request_error_body
+
+        self.calls.append(("maritalk", (kind, body)))
+        model = ChatGenerateRequest if kind == "chat" else GenerateRequest
+        try:
+            params = model.model_validate_json(body)
+            sampling = self._sampling_params(**params.sampling_kwargs())
+        except Exception as exc:
+            return 400, json.dumps(request_error_body(exc))
+        return 200, json.dumps({
+            "output": "Paris", "queue_time": 0.0, "prompt_time": 0.1, "generation_time": 0.2,
+            "prompt_tokens": 3, "completion_tokens": 1, "finish_reason": "stop",
+            "sampling": {"temperature": sampling.temperature, "top_p": sampling.top_p,
+                         "max_tokens": sampling.max_tokens, "seed": sampling.seed,
+                         "stop": sampling.stop},
+        })

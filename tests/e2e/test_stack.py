@@ -10,10 +10,13 @@ import httpx
 import maritalk
 import openai
 import pytest
+from hypothesis import HealthCheck, given, settings
 from pydantic import SecretStr
 
 from tests.conftest import wait_for
 from tests.e2e.conftest import MODEL
+from tests.strategies import ROUTES, assert_error_shape, valid_body
+from tests.strategies import requests as fuzz_requests
 
 pytestmark = pytest.mark.e2e
 
@@ -150,6 +153,15 @@ BAD_INPUTS = [
     ("/generate", json.dumps({"prompt": "x", "temperature": "warm"}).encode(), 400),
     ("/chat/generate", json.dumps({"messages": [{"role": "bot", "content": "x"}]}).encode(), 400),
     ("/chat/generate", json.dumps({"messages": []}).encode(), 400),
+    # Wrong JSON types that vLLM's request models raise on with more than a ValidationError.
+    ("/v1/chat/completions", json.dumps({"model": MODEL, "messages": True}).encode(), 400),
+    ("/v1/chat/completions", json.dumps({"model": MODEL, "messages": 1e308}).encode(), 400),
+    ("/v1/completions", json.dumps({"prompt": None}).encode(), 400),
+    ("/v1/completions", b"{}", 400),
+    ("/v1/completions", b'{"prompt": "x", "temperature": NaN}', 400),
+    ("/v1/completions", b'{"prompt": "x", "seed": 99999999999999999999}', 400),
+    ("/v1/chat/completions", json.dumps(
+        {"messages": [{"role": "user", "content": "x"}], "temperature": 3.0}).encode(), 400),
 ]
 
 
@@ -289,6 +301,48 @@ def test_bench_cli_runs_against_the_stack(stack, tmp_path, api):
     assert all(r["generated_tokens"] in expected and 35 <= r["prompt_tokens"] <= 45 for r in ok)
     assert all(r["decode_time"] >= 0 and r["wall"] >= r["ttft"] > 0 for r in ok)
     assert (out / "results.png").stat().st_size > 1000
+
+
+def test_maritalk_client_at_temperature_3(stack):
+    """MariTalk Local's benchmark tool samples at temperature 3.0 on purpose."""
+    port = int(stack.url.rsplit(":", 1)[1])
+    local = maritalk.MariTalkLocal(host="127.0.0.1", port=port)
+    chat = local.generate(QUESTION, temperature=3.0, max_tokens=8, seed=1)
+    raw = local.generate_raw("Once upon a time", temperature=3.0, top_p=1.0, max_tokens=8)
+    for answer in (chat, raw):
+        assert "error" not in answer, answer
+        assert isinstance(answer["output"], str) and 1 <= answer["completion_tokens"] <= 8
+        assert answer["generation_time"] >= 0
+
+
+def test_request_ids_cross_the_real_stack(stack):
+    resp = httpx.post(f"{stack.url}/v1/completions", json={"prompt": "Hi", "max_tokens": 1},
+                      headers={"X-Request-Id": "e2e-trace-1"}, timeout=60)
+    assert resp.status_code == 200 and resp.headers["x-request-id"] == "e2e-trace-1"
+    bad = httpx.post(f"{stack.url}/v1/completions", json={"prompt": None}, timeout=60)
+    assert bad.status_code == 400 and len(bad.headers["x-request-id"]) == 32
+
+
+def test_fuzzed_bodies_never_get_a_5xx_and_the_stack_still_serves(stack):
+    # Valid bodies stay cheap (two tokens, no n): the cases are about input, not load.
+    with httpx.Client(base_url=stack.url, timeout=120) as http:
+
+        @settings(max_examples=300, deadline=None, database=None,
+                  suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+        @given(case=fuzz_requests(MODEL, keep_cheap=True))
+        def one(case):
+            path, raw = case
+            resp = http.post(path, content=raw, headers={"content-type": "application/json"})
+            assert resp.status_code < 500, (path, raw[:300], resp.text[:300])
+            assert resp.headers["x-request-id"]
+            if resp.status_code >= 400:
+                assert_error_shape(resp)
+
+        one()
+        for path in ROUTES:
+            resp = http.post(path, json=valid_body(path, MODEL))
+            assert resp.status_code == 200, (path, resp.text)
+    wait_for(lambda: stack.unfinished() == 0, timeout=30, what="the engine to drain")
 
 
 def test_zz_auth_on_every_route(stack):

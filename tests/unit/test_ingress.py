@@ -374,3 +374,196 @@ def test_a_client_gone_before_the_first_chunk_frees_its_slot_and_cancels():
     with TestClient(app) as c:  # the one slot is free again
         assert c.get("/").json()["status"] == "idle"
         assert c.post("/v1/chat/completions", json=CHAT).status_code == 200
+
+
+@pytest.fixture
+def serve_log(caplog):
+    """What the app logs to "ray.serve" (which does not propagate to the root logger)."""
+    import logging
+
+    logger = logging.getLogger("ray.serve")
+    logger.addHandler(caplog.handler)
+    try:
+        yield caplog
+    finally:
+        logger.removeHandler(caplog.handler)
+
+
+def test_every_response_carries_the_callers_request_id(client):
+    c, _ = client
+    rid = {"X-Request-Id": "trace-42:a/b+c=d.e_f"}
+    responses = [
+        c.post("/v1/chat/completions", json=CHAT, headers=rid),
+        c.post("/v1/chat/completions", json={**CHAT, "n": 0}, headers=rid),
+        c.post("/generate", content=b"{", headers=rid),
+        c.get("/nope", headers=rid),
+        c.get("/health", headers=rid),
+        c.get("/v1/chat/completions", headers=rid),
+    ]
+    with c.stream("POST", "/v1/chat/completions", json={**CHAT, "stream": True},
+                  headers=rid) as resp:
+        resp.read()
+        responses.append(resp)
+    for resp in responses:
+        assert resp.headers.get_list("x-request-id") == ["trace-42:a/b+c=d.e_f"], resp.url
+
+
+@pytest.mark.parametrize("incoming", [None, "", "x" * 129, "a b", "a\tb", "-leading", "é".encode(),
+                                      "id;drop", "<script>"])
+def test_a_missing_or_unsafe_request_id_is_replaced(client, incoming):
+    c, _ = client
+    headers = {} if incoming is None else {"X-Request-Id": incoming}
+    first = c.post("/v1/completions", json={"prompt": "x"}, headers=headers)
+    second = c.post("/v1/completions", json={"prompt": "x"}, headers=headers)
+    ids = [first.headers["x-request-id"], second.headers["x-request-id"]]
+    assert ids[0] != ids[1]
+    assert all(len(i) == 32 and int(i, 16) >= 0 for i in ids)
+
+
+def test_a_replica_failure_is_logged_with_traceback_and_id_and_hidden(serve_log):
+    c, servers = make_client()
+    servers["a"].raise_on_call = RuntimeError("secret internals")
+    with c:
+        for body in (CHAT, {**CHAT, "stream": True}):
+            resp = c.post("/v1/chat/completions", json=body, headers={"X-Request-Id": "r-1"})
+            err = assert_openai_error(resp, 500, "internal_error")
+            assert "secret" not in err["message"] and "r-1" in err["message"]
+            assert resp.headers["x-request-id"] == "r-1"
+    records = [r for r in serve_log.records if "r-1" in r.getMessage()]
+    assert len(records) == 2
+    assert all(r.exc_info and "secret internals" in str(r.exc_info[1]) for r in records)
+
+
+def test_an_unexpected_error_in_the_app_is_a_500_with_the_id_and_logged(serve_log):
+    c, servers = make_client()
+
+    def broken(kind, body):
+        raise KeyError("bug in the app")
+
+    with c:
+        # A bug on the app's own path: the handle call raises before there is anything to await.
+        servers["a"].maritalk = broken
+        resp = c.post("/generate", json={"prompt": "x"}, headers={"X-Request-Id": "r-2"})
+    err = assert_openai_error(resp, 500, "internal_error")
+    assert "bug" not in err["message"] and "r-2" in err["message"]
+    assert resp.headers["x-request-id"] == "r-2"
+    logged = [r for r in serve_log.records if "r-2" in r.getMessage()]
+    assert logged and logged[0].exc_info and isinstance(logged[0].exc_info[1], KeyError)
+
+
+def test_a_replica_5xx_value_names_the_id_and_is_logged(serve_log):
+    c, servers = make_client()
+
+    async def fails(endpoint, body):
+        return 500, json.dumps({"error": {"message": "The model server failed", "type": "x",
+                                          "param": None, "code": "internal_error"}})
+
+    servers["a"].openai = fails
+    with c:
+        resp = c.post("/v1/completions", json={"prompt": "x"}, headers={"X-Request-Id": "r-3"})
+    err = assert_openai_error(resp, 500, "internal_error")
+    assert "r-3" in err["message"]
+    assert any("r-3" in r.getMessage() and "500" in r.getMessage() for r in serve_log.records)
+
+
+def test_a_mid_stream_failure_is_in_band_and_logged_with_the_id(serve_log):
+    from tests.fakes import FakeStream
+
+    c, servers = make_client()
+
+    def stream(endpoint, body):
+        return FakeStream([(200, 'data: {"n": 0}\n\n')], fail_after=1,
+                          error=RuntimeError("engine died mid-stream"))
+
+    servers["a"].openai_stream = stream
+    with c, c.stream("POST", "/v1/chat/completions", json={**CHAT, "stream": True},
+                     headers={"X-Request-Id": "r-4"}) as resp:
+        text = resp.read().decode()
+    assert resp.status_code == 200 and resp.headers["x-request-id"] == "r-4"
+    events = [e for e in text.split("\n\n") if e]
+    assert events[-1] == "data: [DONE]"
+    err = json.loads(events[-2].removeprefix("data: "))["error"]
+    assert err["code"] == "internal_error" and "r-4" in err["message"]
+    logged = [r for r in serve_log.records if "r-4" in r.getMessage()]
+    assert logged and "engine died" in str(logged[0].exc_info[1])
+
+
+def test_maritalk_bodies_are_checked_before_the_replica(client):
+    c, servers = client
+    for body, param in [({"prompt": "x", "top_p": 0}, "top_p"),
+                        ({"prompt": "x", "temperature": -1}, "temperature"),
+                        ({"prompt": "x", "typo": 1}, "typo"),
+                        ({"prompt": None}, "prompt")]:
+        assert assert_openai_error(c.post("/generate", json=body), 400)["param"] == param
+    assert not servers["a"].calls
+
+
+def test_the_request_id_middleware_is_the_last_resort(serve_log):
+    from starlette.applications import Starlette
+    from starlette.middleware import Middleware
+    from starlette.routing import Route
+
+    from serve_app.ingress import RequestIdMiddleware
+
+    async def bug(request):
+        raise ZeroDivisionError("no handler takes this")
+
+    app = Starlette(routes=[Route("/", bug)], middleware=[Middleware(RequestIdMiddleware)])
+    with TestClient(app, raise_server_exceptions=False) as c:
+        resp = c.get("/", headers={"X-Request-Id": "r-5"})
+    err = assert_openai_error(resp, 500, "internal_error")
+    assert "r-5" in err["message"] and "no handler" not in err["message"]
+    assert resp.headers.get_list("x-request-id") == ["r-5"]
+    logged = [r for r in serve_log.records if "r-5" in r.getMessage()]
+    assert logged and isinstance(logged[0].exc_info[1], ZeroDivisionError)
+
+
+def test_failures_reach_stderr_when_serve_logs_to_its_file_only(tmp_path, capsys):
+    """Serve's throughput-optimized mode leaves its logger a file handler only; a failure must
+    still show on the terminal (Ray forwards a replica's stderr to the driver)."""
+    import logging
+
+    from serve_app import ingress
+
+    serve_logger = logging.getLogger("ray.serve")
+    saved = (serve_logger.handlers[:], ingress.failures.handlers[:])
+    file_handler = logging.FileHandler(tmp_path / "replica.log")
+    serve_logger.handlers[:] = [file_handler]
+    ingress.failures.handlers[:] = []
+    try:
+        c, servers = make_client()
+        servers["a"].raise_on_call = RuntimeError("disk on fire")
+        with c:
+            resp = c.post("/v1/completions", json={"prompt": "x"},
+                          headers={"X-Request-Id": "r-6"})
+        assert resp.status_code == 500
+    finally:
+        file_handler.close()
+        serve_logger.handlers[:], ingress.failures.handlers[:] = saved
+    for text in ((tmp_path / "replica.log").read_text(), capsys.readouterr().err):
+        assert "r-6" in text and "disk on fire" in text and "Traceback" in text
+
+
+def test_a_client_gone_while_sending_its_body_is_no_error(serve_log):
+    import asyncio
+
+    server = FakeLLMServer("a")
+    config = AppConfig(models=(ModelConfig(name="a", device="cpu"),))
+    app = build_ingress(config, {"a": FakeLLMHandle(server)})
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+             "scheme": "http", "path": "/v1/completions", "raw_path": b"/v1/completions",
+             "root_path": "", "query_string": b"", "server": ("t", 80), "client": ("c", 1),
+             "headers": [(b"content-type", b"application/json")]}
+    messages = [{"type": "http.request", "body": b'{"prompt": ', "more_body": True},
+                {"type": "http.disconnect"}]
+    sent = []
+
+    async def receive():
+        return messages.pop(0)
+
+    async def send(message):
+        sent.append(message)
+
+    asyncio.run(app(scope, receive, send))
+    assert sent == [] and not server.calls
+    assert not [r for r in serve_log.records if r.levelname == "ERROR"]

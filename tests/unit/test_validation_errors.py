@@ -7,7 +7,12 @@ from pydantic import ValidationError
 
 from serve_app.errors import BadRequestError, from_vllm_error, sse_error
 from serve_app.maritalk import ChatGenerateRequest, GenerateRequest, timings
-from serve_app.validation import check_generation_body, parse_json_object, validation_error_body
+from serve_app.validation import (
+    check_generation_body,
+    parse_json_object,
+    request_error_body,
+    validation_error_body,
+)
 
 
 def test_parse_json_object():
@@ -34,11 +39,11 @@ def test_check_generation_body_returns_stream_flag():
 
 def test_validation_error_body_names_the_field():
     with pytest.raises(ValidationError) as info:
-        GenerateRequest.model_validate_json(b'{"prompt": "x", "temperature": 9}')
+        GenerateRequest.model_validate_json(b'{"prompt": "x", "top_p": 9}')
     err = validation_error_body(info.value)["error"]
-    assert err["param"] == "temperature"
+    assert err["param"] == "top_p"
     assert err["type"] == "invalid_request_error"
-    assert "temperature" in err["message"]
+    assert "top_p" in err["message"]
 
 
 def test_vllm_errors_are_mapped_and_5xx_hidden():
@@ -78,7 +83,9 @@ def test_maritalk_sampling():
     {"messages": [{"role": "user"}]},
     {"messages": "hi"},
     {"messages": [{"role": "user", "content": "x"}], "max_tokens": 0},
-    {"messages": [{"role": "user", "content": "x"}], "stop_sequences": ["a"] * 17},
+    {"messages": [{"role": "user", "content": "x"}], "temperature": -0.1},
+    {"messages": [{"role": "user", "content": "x"}], "temperature": float("nan")},
+    {"messages": [{"role": "user", "content": "x"}], "seed": 2**63},
     {"messages": [{"role": "user", "content": "x"}], "unknown": 1},
 ])
 def test_maritalk_chat_rejects(body):
@@ -89,3 +96,50 @@ def test_maritalk_chat_rejects(body):
 def test_timings():
     assert timings(queued=1.0, scheduled=1.5, first_token=2.0, last_token=4.0) == (0.5, 0.5, 2.0)
     assert timings(queued=1.0, scheduled=0.0, first_token=0.0, last_token=0.0) == (0.0, 0.0, 0.0)
+
+
+def test_request_error_body_for_what_vllm_validators_raise():
+    class VLLMValidationError(ValueError):  # vLLM's: carries the field as `parameter`
+        parameter = "prompt"
+
+    err = request_error_body(VLLMValidationError("Either prompt or prompt_embeds"))["error"]
+    assert (err["param"], err["code"], err["type"]) == ("prompt", "invalid_request",
+                                                        "invalid_request_error")
+    assert "Either prompt" in err["message"]
+    err = request_error_body(TypeError("x" * 5000))["error"]
+    assert err["param"] is None and len(err["message"]) <= 1000
+    assert request_error_body(TypeError())["error"]["message"] == "Invalid request (TypeError)."
+    with pytest.raises(ValidationError) as info:
+        GenerateRequest.model_validate({"prompt": 3})
+    assert request_error_body(info.value)["error"]["param"] == "prompt"
+
+
+def test_a_vllm_501_is_a_400_that_says_what_is_unsupported():
+    status, body = from_vllm_error({"message": "beam search is not supported", "type": "X",
+                                    "code": 501, "param": None})
+    assert status == 400
+    assert body["error"]["code"] == "not_supported" and "beam" in body["error"]["message"]
+
+
+def test_to_serve_error_maps_every_kind_and_hides_internals():
+    from ray.serve.exceptions import BackPressureError
+
+    from serve_app.errors import InternalError, OverloadedError, to_serve_error
+
+    bad = BadRequestError("b")
+    assert to_serve_error(bad) is bad
+    busy = to_serve_error(BackPressureError(num_queued_requests=2, max_queued_requests=1))
+    assert isinstance(busy, OverloadedError) and busy.headers == {"Retry-After": "1"}
+    with pytest.raises(ValidationError) as info:
+        GenerateRequest.model_validate({"prompt": "x", "top_p": 0})
+    assert to_serve_error(info.value).status == 400
+    internal = to_serve_error(RuntimeError("secret"), "rid-1")
+    assert isinstance(internal, InternalError) and internal.status == 500
+    assert "secret" not in internal.message and "rid-1" in internal.message
+
+
+def test_maritalk_accepts_what_vllm_runs():
+    hot = GenerateRequest(prompt="x", temperature=3.0, seed=-(2**63), stop_sequences=["a"] * 40)
+    kw = hot.sampling_kwargs()
+    assert kw["temperature"] == 2.0 and kw["seed"] == -(2**63) and len(kw["stop"]) == 40
+    assert GenerateRequest(prompt="x", temperature=1e300).sampling_kwargs()["temperature"] == 2.0

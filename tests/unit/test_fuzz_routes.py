@@ -1,0 +1,103 @@
+"""Property-based fuzz of the four inference routes: the app with a stand-in replica that
+validates like the real one (vLLM's own request models and sampling parameters)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from starlette.testclient import TestClient
+
+from serve_app.config import AppConfig, ModelConfig
+from serve_app.ingress import build_ingress
+from tests.fakes import FakeLLMHandle, ParsingLLMServer
+from tests.strategies import ROUTES, assert_error_shape, encode, requests, valid_body
+
+MODEL = "m"
+
+
+@pytest.fixture(scope="module")
+def app_client():
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+    from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+    from vllm.sampling_params import SamplingParams
+
+    server = ParsingLLMServer(
+        MODEL, {"chat": ChatCompletionRequest, "completions": CompletionRequest}, SamplingParams)
+    config = AppConfig(models=(ModelConfig(name=MODEL, device="cpu"),))
+    with TestClient(build_ingress(config, {MODEL: FakeLLMHandle(server)})) as client:
+        yield client
+
+
+def test_no_input_gets_a_5xx_and_the_app_still_serves(app_client):
+    @settings(max_examples=2000, deadline=None, database=None,
+              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    @given(case=requests(MODEL))
+    def one(case):
+        path, raw = case
+        resp = app_client.post(path, content=raw, headers={"content-type": "application/json"})
+        assert resp.status_code < 500, (path, raw[:300], resp.text[:300])
+        assert resp.headers["x-request-id"]
+        if resp.status_code >= 400:
+            assert_error_shape(resp)
+
+    one()
+    for path in ROUTES:
+        resp = app_client.post(path, content=encode(valid_body(path, MODEL), True))
+        assert resp.status_code == 200, (path, resp.text)
+    assert app_client.get("/").json()["status"] == "idle"  # no admission slot leaked
+
+
+@pytest.mark.parametrize(("path", "body", "param"), [
+    ("/v1/chat/completions", {"model": MODEL, "messages": True}, "messages"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": 1e308}, "messages"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": None}, "messages"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [1]}, "messages"),
+    ("/v1/completions", {"model": MODEL, "prompt": True}, "prompt"),
+    ("/v1/completions", {"model": MODEL, "prompt": {"a": 1}}, "prompt"),
+])
+def test_wrong_input_types_are_400_at_the_ingress(app_client, path, body, param):
+    resp = app_client.post(path, json=body)
+    assert resp.status_code == 400
+    assert assert_error_shape(resp)["param"] == param
+
+
+@pytest.mark.parametrize(("path", "body"), [
+    # vLLM's models raise TypeError or their own validation error here, not ValidationError.
+    ("/v1/completions", {"model": MODEL, "prompt": None}),
+    ("/v1/completions", {"model": MODEL, "prompt": [None]}),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": 5}]}),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{}]}),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x"}],
+                              "temperature": 3.0}),
+])
+def test_what_vllm_refuses_is_400(app_client, path, body):
+    resp = app_client.post(path, json=body)
+    assert resp.status_code == 400, resp.text
+    assert_error_shape(resp)
+
+
+@pytest.mark.parametrize(("raw", "code"), [
+    (b'{"prompt": "x", "temperature": NaN}', "invalid_json"),
+    (b'{"prompt": "x", "temperature": -Infinity}', "invalid_json"),
+    (b'{"prompt": "x", "temperature": 1e400}', "number_out_of_range"),
+    (b'{"prompt": "x", "seed": 9223372036854775808}', "number_out_of_range"),
+    (b'{"prompt": "x", "seed": ' + b"9" * 5000 + b"}", "number_out_of_range"),
+    (b'{"prompt": "\\ud800"}', "invalid_encoding"),
+    (b'{"prompt": "\xed\xa0\x80"}', "invalid_encoding"),
+    (b'{"prompt": "x", "a": ' + b"[" * 100 + b"]" * 100 + b"}", "invalid_json"),
+    (b'{"prompt": "x", "a": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "invalid_json"),
+])
+def test_json_no_route_can_serve_is_400(app_client, raw, code):
+    for path in ROUTES:
+        resp = app_client.post(path, content=raw)
+        assert resp.status_code == 400, (path, resp.text)
+        assert assert_error_shape(resp)["code"] == code
+
+
+def test_control_characters_and_unknown_openai_fields_are_served(app_client):
+    body = {"model": MODEL, "prompt": "a\x00b\x1b[31m\u202e", "max_tokens": 2,
+            "not_an_openai_field": 1}
+    resp = app_client.post("/v1/completions", content=json.dumps(body).encode())
+    assert resp.status_code == 200, resp.text

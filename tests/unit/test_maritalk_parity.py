@@ -1,0 +1,100 @@
+"""The real ``maritalk`` client against the app (uvicorn on a loopback port, a stand-in replica
+that builds vLLM's real ``SamplingParams``), at the edges of every field of ``generate`` and
+``generate_raw``: what MariTalk Local and vLLM accept is served, only what vLLM cannot run is
+refused."""
+
+from __future__ import annotations
+
+import threading
+
+import httpx
+import maritalk
+import pytest
+import uvicorn
+
+from serve_app.config import AppConfig, ModelConfig
+from serve_app.ingress import build_ingress
+from tests.conftest import free_port, wait_for
+from tests.fakes import FakeLLMHandle, ParsingLLMServer
+
+
+@pytest.fixture(scope="module")
+def local():
+    from vllm.sampling_params import SamplingParams
+
+    server = ParsingLLMServer("m", {}, SamplingParams)
+    app = build_ingress(AppConfig(models=(ModelConfig(name="m", device="cpu"),)),
+                        {"m": FakeLLMHandle(server)})
+    port = free_port()
+    http = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
+                                         lifespan="on"))
+    thread = threading.Thread(target=http.run, daemon=True)
+    thread.start()
+    wait_for(lambda: httpx.get(f"http://127.0.0.1:{port}/", timeout=1).json()["status"] == "idle",
+             timeout=20, interval=0.05, what="the app under uvicorn")
+    try:
+        yield maritalk.MariTalkLocal(host="127.0.0.1", port=port)
+    finally:
+        http.should_exit = True
+        thread.join(timeout=20)
+
+
+def sampled(answer: dict) -> dict:
+    assert "error" not in answer, answer
+    assert answer["output"] == "Paris"
+    return answer["sampling"]
+
+
+def test_the_clients_defaults(local):
+    for answer in (local.generate("Oi"), local.generate_raw("Oi")):
+        assert sampled(answer) == {"temperature": 0.7, "top_p": 0.95, "max_tokens": 512,
+                                   "seed": None, "stop": []}
+
+
+@pytest.mark.parametrize("call", ["generate", "generate_raw"])
+@pytest.mark.parametrize(("kwargs", "expected"), [
+    # MariTalk Local's benchmark sends 3.0 for long answers; vLLM samples at 2 at most.
+    ({"temperature": 3.0}, {"temperature": 2.0}),
+    ({"temperature": 1e6}, {"temperature": 2.0}),
+    ({"temperature": 2.0}, {"temperature": 2.0}),
+    ({"temperature": 0.0}, {"temperature": 0.0, "top_p": 1.0}),
+    ({"temperature": 1e-6}, {"temperature": 0.01}),  # vLLM raises tiny temperatures to 0.01
+    ({"top_p": 1.0}, {"top_p": 1.0}),
+    ({"top_p": 1e-9}, {"top_p": 1e-9}),
+    ({"do_sample": False, "temperature": 3.0, "top_p": 0.1}, {"temperature": 0.0, "top_p": 1.0}),
+    ({"max_tokens": 1}, {"max_tokens": 1}),
+    ({"stop_sequences": ["\n", "", "Fim"]}, {"stop": ["\n", "Fim"]}),
+    ({"stop_sequences": [f"s{i}" for i in range(64)]}, {"stop": [f"s{i}" for i in range(64)]}),
+    ({"seed": 0}, {"seed": 0}),
+    ({"seed": 2**63 - 1}, {"seed": 2**63 - 1}),
+    ({"seed": -(2**63)}, {"seed": -(2**63)}),
+    ({"seed": -1}, {"seed": None}),  # vLLM's "no seed"
+])
+def test_edge_values_are_served(local, call, kwargs, expected):
+    first = "Oi" if call == "generate_raw" else [{"role": "system", "content": "Seja breve."},
+                                                 {"role": "user", "content": "Oi"},
+                                                 {"role": "assistant", "content": "Olá!"},
+                                                 {"role": "user", "content": "Tudo bem?"}]
+    got = sampled(getattr(local, call)(first, **kwargs))
+    assert {k: got[k] for k in expected} == expected
+
+
+@pytest.mark.parametrize("call", ["generate", "generate_raw"])
+@pytest.mark.parametrize(("kwargs", "param"), [
+    ({"temperature": -0.01}, "temperature"),
+    ({"top_p": 0.0}, "top_p"),
+    ({"top_p": 1.01}, "top_p"),
+    ({"max_tokens": 0}, "max_tokens"),
+    ({"seed": 2**63}, None),  # past 64 bits: refused with the JSON
+    ({"stop_sequences": "\n"}, "stop_sequences"),
+])
+def test_what_vllm_cannot_run_is_refused(local, call, kwargs, param):
+    # The client returns the error JSON (it refuses NaN and infinities itself).
+    answer = getattr(local, call)("Oi", **kwargs)
+    err = answer["error"]
+    assert err["type"] == "invalid_request_error" and err["message"]
+    assert err["param"] == param
+
+
+def test_status(local):
+    assert local.status() == {"status": "idle", "models": ["m"]}

@@ -7,8 +7,10 @@ Shared by the unit fuzz (a stand-in replica) and the e2e fuzz (the real stack).
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 ROUTES = ("/v1/chat/completions", "/v1/completions", "/generate", "/chat/generate")
@@ -129,3 +131,22 @@ def assert_error_shape(resp: Any) -> dict[str, Any]:
     assert err["param"] is None or isinstance(err["param"], str), err
     assert err["code"] is None or isinstance(err["code"], str), err
     return err
+
+
+def fuzz_routes(post: Callable[[str, bytes], Any], model: str, *, max_examples: int,
+                keep_cheap: bool = False) -> None:
+    """Send ``max_examples`` generated bodies through ``post(path, raw)``: none may get a 5xx,
+    every answer carries a request id, and every error has OpenAI's shape."""
+
+    @settings(max_examples=max_examples, deadline=None, database=None,
+              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    @given(case=requests(model, keep_cheap))
+    def one(case: tuple[str, bytes]) -> None:
+        path, raw = case
+        resp = post(path, raw)
+        assert resp.status_code < 500, (path, raw[:300], resp.text[:300])
+        assert resp.headers["x-request-id"]
+        if resp.status_code >= 400:
+            assert_error_shape(resp)
+
+    one()

@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from serve_app import ray_internals
 from serve_app.models import BUILTIN_PREFIX, SMOLLM2
 
 DEFAULT_MODEL_SOURCE = f"{BUILTIN_PREFIX}{SMOLLM2}"
@@ -31,36 +32,8 @@ TELEMETRY_OFF_ENV = {
     "TRANSFORMERS_OFFLINE": "1",
 }
 
-# Ray Serve switches read when Ray starts (set them before `ray start` / `serve run`; the CLI
-# does). Throughput-optimized mode runs user code on the replica's main loop, uses gRPC between
-# replicas and turns on direct ingress: ingress replicas run their own HTTP server. With HAProxy
-# on, Serve's HTTP port (when Serve's proxy runs: `serve run`, the router layout) is an HAProxy
-# (C, ~10 MB) that balances over those replica servers instead of Ray's Python proxy actor.
-# Measured on this 2-core box, 1.5M-parameter model, streaming, c=1: through Serve's proxy 2126
-# system tok/s, through HAProxy 3031-3111. `python -m serve_app` needs neither: its colocated
-# replicas listen on the public port themselves (listener.py).
-# HAProxy's per-request log lines feed Serve's ingress metrics through a Python parser on the
-# frontend core; our /metrics counts requests itself, so those stay off. A stopping ingress
-# replica keeps serving for a drain period so that load balancers notice; Serve tells HAProxy
-# itself within ~0.1 s, so 2 s replace the 30 s meant for cloud balancers (Ctrl-C, scale-down).
-#
-# Ray starts workers at niceness 15; vLLM's engine core, at normal priority, then preempts the
-# serving path on the shared core (TTFT p50 82 -> 637 ms at concurrency 1). Raw `vllm serve`
-# runs everything at niceness 0, and so do we. Prestarted idle workers (~80 MB each) serve no
-# purpose for a fixed set of long-lived replicas. Serve's controller loops every 0.1 s by
-# default: idle, the whole stack used 68 ms of CPU per second here, 21 of them the controller;
-# at 0.5 s, 48 (the controller 8). It reacts to a dead replica or a scaling decision 0.4 s
-# later (autoscaling delays are counted in seconds, not loops).
-RAY_SERVE_ENV = {
-    "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
-    "RAY_SERVE_ENABLE_HA_PROXY": "1",
-    "RAY_SERVE_HAPROXY_METRICS_ENABLED": "0",
-    "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2",
-    "RAY_worker_niceness": "0",
-    "RAY_enable_worker_prestart": "0",
-    "RAY_prestart_worker_first_driver": "0",
-    "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5",
-}
+# Ray's private switches live with Ray's other internals; the CLI and tests import them here.
+RAY_SERVE_ENV = ray_internals.RAY_SERVE_ENV
 
 _FROZEN = ConfigDict(frozen=True, extra="forbid")
 
@@ -134,6 +107,32 @@ class ModelConfig(BaseModel):
     max_queued_requests: int = Field(
         512, ge=-1, description="Requests queued per caller before 503 (-1: unbounded)."
     )
+    served_model_name: tuple[str, ...] = Field(
+        (),
+        description="vLLM's `--served-model-name`: more names the model answers to, after "
+        "`name` (clients may pass any of them as `model`; responses carry `name`).",
+    )
+    enable_auto_tool_choice: bool = Field(
+        False,
+        description="vLLM's `--enable-auto-tool-choice`: the model decides when to call tools "
+        "(`tool_choice: auto`). Needs `tool_call_parser`.",
+    )
+    tool_call_parser: str | None = Field(
+        None,
+        description="vLLM's `--tool-call-parser`, e.g. `hermes`, `llama3_json`, `mistral`: "
+        "turns the model's output into OpenAI tool calls. Needed for any `tool_choice` other "
+        "than `none` (`required` and named tools use structured output).",
+    )
+    reasoning_parser: str | None = Field(
+        None,
+        description="vLLM's `--reasoning-parser`, e.g. `deepseek_r1`, `qwen3`: puts the "
+        "model's reasoning in `reasoning_content`.",
+    )
+    chat_template: str | None = Field(
+        None,
+        description="vLLM's `--chat-template`: a file path or the template itself, used "
+        "instead of the tokenizer's.",
+    )
     engine_kwargs: dict[str, Any] = Field(
         default_factory=dict, description="Passed straight to vLLM's AsyncEngineArgs."
     )
@@ -143,6 +142,26 @@ class ModelConfig(BaseModel):
         if self.min_replicas > self.max_replicas:
             raise ValueError("min_replicas must not exceed max_replicas")
         return self
+
+    @model_validator(mode="after")
+    def _check_tools(self) -> ModelConfig:
+        # The same rule `vllm serve` applies to its flags before loading anything.
+        if self.enable_auto_tool_choice and not self.tool_call_parser:
+            raise ValueError("enable_auto_tool_choice requires tool_call_parser")
+        return self
+
+    @property
+    def served_names(self) -> tuple[str, ...]:
+        """Every name the model answers to, ``name`` first."""
+        return (self.name, *(n for n in self.served_model_name if n != self.name))
+
+    def frontend_args(self) -> dict[str, Any]:
+        """`vllm serve`'s per-model frontend options (vLLM's ``FrontendArgs`` names)."""
+        return {
+            "enable_auto_tool_choice": self.enable_auto_tool_choice,
+            "tool_call_parser": self.tool_call_parser,
+            "chat_template": self.chat_template,
+        }
 
     @property
     def resolved_dtype(self) -> str:
@@ -154,7 +173,7 @@ class ModelConfig(BaseModel):
         """Keyword arguments for vLLM's ``AsyncEngineArgs``; ``engine_kwargs`` wins."""
         args: dict[str, Any] = {
             "model": model_path,
-            "served_model_name": [self.name],
+            "served_model_name": list(self.served_names),
             "dtype": self.resolved_dtype,
             "max_model_len": self.max_model_len,
             "tensor_parallel_size": self.tensor_parallel_size,
@@ -163,6 +182,8 @@ class ModelConfig(BaseModel):
         }
         if self.enforce_eager is not None:
             args["enforce_eager"] = self.enforce_eager
+        if self.reasoning_parser:
+            args["reasoning_parser"] = self.reasoning_parser
         if self.device == "cpu":
             # Without an explicit size vLLM's CPU backend sizes the cache from the NUMA node's
             # free memory and refuses to start on these VMs.
@@ -224,13 +245,20 @@ class AppConfig(BaseModel):
     license: LicenseConfig | None = Field(
         None, description="Without one the app runs unlicensed (development only)."
     )
+    allow_unpinned_versions: bool = Field(
+        False,
+        description="Start even if the installed vLLM or Ray is not the release this app is "
+        "pinned to (see versions.py). For experts: the app relies on internals of both that "
+        "another release may have changed.",
+    )
 
     @field_validator("models")
     @classmethod
     def _unique_names(cls, models: tuple[ModelConfig, ...]) -> tuple[ModelConfig, ...]:
-        names = [m.name for m in models]
+        names = [n for m in models for n in m.served_names]
         if len(set(names)) != len(names):
-            raise ValueError(f"model names must be unique, got {names}")
+            raise ValueError(f"model names (and served_model_name aliases) must be unique, "
+                             f"got {names}")
         return models
 
     @model_validator(mode="after")
@@ -289,8 +317,16 @@ class Settings(BaseSettings):
     replica_http: bool = Field(
         True, description="Colocated replicas listen on host:port themselves (see "
         "AppConfig.http_port); false leaves the port to Serve's HTTP proxy.")
+    allow_unpinned_versions: bool = Field(
+        False, description="Start on a vLLM or Ray release other than the pinned one.")
+    served_model_name: Annotated[tuple[str, ...], NoDecode] = Field(
+        (), description="Comma-separated aliases of the model (vLLM's --served-model-name).")
+    enable_auto_tool_choice: bool = False
+    tool_call_parser: str | None = None
+    reasoning_parser: str | None = None
+    chat_template: str | None = None
 
-    @field_validator("api_keys", mode="before")
+    @field_validator("api_keys", "served_model_name", mode="before")
     @classmethod
     def _split_keys(cls, value: Any) -> Any:
         if isinstance(value, str):
@@ -316,6 +352,11 @@ class Settings(BaseSettings):
             accelerator_type=self.accelerator_type,
             min_replicas=self.min_replicas,
             max_replicas=max(self.max_replicas, self.min_replicas),
+            served_model_name=self.served_model_name,
+            enable_auto_tool_choice=self.enable_auto_tool_choice,
+            tool_call_parser=self.tool_call_parser,
+            reasoning_parser=self.reasoning_parser,
+            chat_template=self.chat_template,
             **model_kwargs,
         )
         license = None
@@ -338,6 +379,7 @@ class Settings(BaseSettings):
             colocate_ingress=self.colocate_ingress,
             http_host=self.host,
             http_port=self.port if self.replica_http and self.colocate_ingress else None,
+            allow_unpinned_versions=self.allow_unpinned_versions,
         )
 
 

@@ -1,5 +1,5 @@
-"""The fences around vLLM's and Ray's internals hold for the installed releases, and the
-per-model `vllm serve` options reach vLLM under vLLM's own names."""
+"""The fence around vLLM's internals holds for the installed release, and the per-model
+`vllm serve` options reach vLLM under vLLM's own names."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import pytest
 from pydantic import ValidationError
 from starlette.testclient import TestClient
 
-from serve_app import ray_internals
 from serve_app.config import AppConfig, ModelConfig, Settings
 from serve_app.ingress import build_ingress
 from tests.fakes import FakeLLMHandle, FakeLLMServer
@@ -25,29 +24,6 @@ def test_every_vllm_internal_the_app_relies_on_is_there():
     from serve_app import vllm_internals
 
     assert vllm_internals.missing() == []
-
-
-def test_every_ray_internal_the_app_relies_on_is_there():
-    assert ray_internals.missing() == []
-
-
-def test_ray_serve_reads_each_serve_switch_under_the_name_we_check():
-    # Serve's own parsing of our values (the e2e suite checks them in the running cluster).
-    switches = ray_internals.serve_switches()
-    for env, value in ray_internals.RAY_SERVE_ENV.items():
-        if env in ray_internals.SERVE_CONSTANTS:
-            like = switches[env]
-            assert isinstance(ray_internals.as_switch_value(value, like), type(like))
-        else:
-            assert env in ray_internals.RAYLET_SWITCHES, f"{env} has no read-back"
-
-
-def test_the_makefile_sets_the_same_ray_switches():
-    from pathlib import Path
-
-    makefile = (Path(__file__).resolve().parents[2] / "Makefile").read_text()
-    for env, value in ray_internals.RAY_SERVE_ENV.items():
-        assert f"export {env} ?= {value}\n" in makefile
 
 
 def test_frontend_options_reach_vllms_namespace_under_its_names():

@@ -58,6 +58,10 @@ class LLMServer:
             gpus = float(config.tensor_parallel_size) if config.device == "gpu" else 0.0
             self._reporter = InstanceReporter(get_license_actor(license), config.name, gpus)
             await self._reporter.start()
+        gaps = vllm.missing()
+        if gaps:  # only on a release other than the pinned one (allow_unpinned_versions)
+            logger.error("This vLLM lacks internals the app relies on; affected features may "
+                         "fail or quietly stop working: %s", "; ".join(gaps))
         path = await asyncio.to_thread(resolve_model, config.source, model_cache_dir)
         engine_args, vllm_config = vllm.engine_config(config.engine_args(str(path)))
         cpu = config.device == "cpu"

@@ -58,7 +58,7 @@ from typing import Any
 
 RESERVED_CPU_ENV = "VLLM_CPU_NUM_OF_RESERVED_CPU"
 
-# (module, attribute) pairs the app imports; see items 1, 2, 4 and 6 above.
+# (module, attribute) pairs the app imports or inspects; see the items above.
 IMPORTS = (
     ("vllm.engine.arg_utils", "AsyncEngineArgs"),
     ("vllm.usage.usage_lib", "UsageContext"),
@@ -75,6 +75,9 @@ IMPORTS = (
     ("vllm.v1.engine.output_processor", "OutputProcessor"),
     ("vllm.v1.engine.output_processor", "RequestOutputCollector"),
     ("vllm.v1.metrics.stats", "RequestStateStats"),
+    ("vllm.config", "ParallelConfig"),
+    ("vllm.entrypoints.openai.chat_completion.serving", "OpenAIServingChat"),
+    ("vllm.entrypoints.openai.completion.serving", "OpenAIServingCompletion"),
 )
 
 # `vllm serve` options a ModelConfig passes through by name (config.ModelConfig.frontend_args).
@@ -104,6 +107,14 @@ def missing() -> list[str]:
     engine_fields = {f.name for f in dataclasses.fields(_get("AsyncEngineArgs"))}
     out += [f"AsyncEngineArgs has no field {f!r}"
             for f in ("reasoning_parser", "served_model_name") if f not in engine_fields]
+    parallel_fields = {f.name for f in dataclasses.fields(_get("ParallelConfig"))}
+    if "distributed_executor_backend" not in parallel_fields:
+        out.append("ParallelConfig has no field 'distributed_executor_backend'")
+    for serving in ("OpenAIServingChat", "OpenAIServingCompletion"):
+        # Pacing replaces engine_client, so every output must be read through its generate.
+        if "self.engine_client.generate(" not in inspect.getsource(
+                importlib.import_module(_get(serving).__module__)):
+            out.append(f"{serving} no longer reads outputs through engine_client.generate")
     if not hasattr(_get("OMPProcessManager"), "configure_omp_envs"):
         out.append("OMPProcessManager has no configure_omp_envs")
     processor = _get("OutputProcessor")(None, log_stats=False)

@@ -17,6 +17,8 @@ import os
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+from serve_app.vllm_internals import RESERVED_CPU_ENV
+
 logger = logging.getLogger(__name__)
 
 
@@ -100,7 +102,7 @@ def engine_launch(reserved: int | None = None) -> Iterator[None]:
     ``reserved`` (see ``reserved_cores``) reaches the engine through its environment."""
     with contextlib.ExitStack() as stack:
         if reserved is not None:
-            stack.enter_context(_env("VLLM_CPU_NUM_OF_RESERVED_CPU", str(reserved)))
+            stack.enter_context(_env(RESERVED_CPU_ENV, str(reserved)))
         try:
             saved = os.sched_getaffinity(0)
             os.sched_setaffinity(0, _all_cpus())

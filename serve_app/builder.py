@@ -12,6 +12,7 @@ from ray.serve import Application
 from serve_app.config import AppConfig, ModelConfig, Settings
 from serve_app.deployments import Ingress, colocated
 from serve_app.llm_server import LLMServer
+from serve_app.versions import check_versions
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +102,11 @@ def instance_cap(config: AppConfig) -> int | None:
 
 def build_app_from_config(config: AppConfig, llm_cls: type = LLMServer) -> Application:
     """``llm_cls`` is the LLM deployment's class: ``LLMServer``, or a stand-in with the same
-    methods in tests of the serving graph that need no vLLM."""
+    methods in tests of the serving graph that need no vLLM.
+
+    Every way of starting the app builds it here, so this is where other vLLM or Ray releases
+    than the pinned ones are refused (``versions.check_versions``)."""
+    check_versions(config.allow_unpinned_versions)
     env = config.runtime_env_vars()
     cap = instance_cap(config)
     models = []

@@ -22,6 +22,7 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from serve_app import ray_internals
 from serve_app.models import BUILTIN_PREFIX, SMOLLM2
 
 if TYPE_CHECKING:
@@ -42,36 +43,8 @@ TELEMETRY_OFF_ENV = {
     "TRANSFORMERS_OFFLINE": "1",
 }
 
-# Ray Serve switches read when Ray starts (set them before `ray start` / `serve run`; the CLI
-# does). Throughput-optimized mode runs user code on the replica's main loop, uses gRPC between
-# replicas and turns on direct ingress: ingress replicas run their own HTTP server. With HAProxy
-# on, Serve's HTTP port (when Serve's proxy runs: `serve run`, the router layout) is an HAProxy
-# (C, ~10 MB) that balances over those replica servers instead of Ray's Python proxy actor.
-# Measured on this 2-core box, 1.5M-parameter model, streaming, c=1: through Serve's proxy 2126
-# system tok/s, through HAProxy 3031-3111. `python -m serve_app` needs neither: its colocated
-# replicas listen on the public port themselves (listener.py).
-# HAProxy's per-request log lines feed Serve's ingress metrics through a Python parser on the
-# frontend core; our /metrics counts requests itself, so those stay off. A stopping ingress
-# replica keeps serving for a drain period so that load balancers notice; Serve tells HAProxy
-# itself within ~0.1 s, so 2 s replace the 30 s meant for cloud balancers (Ctrl-C, scale-down).
-#
-# Ray starts workers at niceness 15; vLLM's engine core, at normal priority, then preempts the
-# serving path on the shared core (TTFT p50 82 -> 637 ms at concurrency 1). Raw `vllm serve`
-# runs everything at niceness 0, and so do we. Prestarted idle workers (~80 MB each) serve no
-# purpose for a fixed set of long-lived replicas. Serve's controller loops every 0.1 s by
-# default: idle, the whole stack used 68 ms of CPU per second here, 21 of them the controller;
-# at 0.5 s, 48 (the controller 8). It reacts to a dead replica or a scaling decision 0.4 s
-# later (autoscaling delays are counted in seconds, not loops).
-RAY_SERVE_ENV = {
-    "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
-    "RAY_SERVE_ENABLE_HA_PROXY": "1",
-    "RAY_SERVE_HAPROXY_METRICS_ENABLED": "0",
-    "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2",
-    "RAY_worker_niceness": "0",
-    "RAY_enable_worker_prestart": "0",
-    "RAY_prestart_worker_first_driver": "0",
-    "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5",
-}
+# Ray's private switches live with Ray's other internals; the CLI and tests import them here.
+RAY_SERVE_ENV = ray_internals.RAY_SERVE_ENV
 
 _FROZEN = ConfigDict(frozen=True, extra="forbid")
 
@@ -169,6 +142,32 @@ class ModelConfig(BaseModel):
     max_queued_requests: int = Field(
         512, ge=-1, description="Requests queued per caller before 503 (-1: unbounded)."
     )
+    served_model_name: tuple[str, ...] = Field(
+        (),
+        description="vLLM's `--served-model-name`: more names the model answers to, after "
+        "`name` (clients may pass any of them as `model`; responses carry `name`).",
+    )
+    enable_auto_tool_choice: bool = Field(
+        False,
+        description="vLLM's `--enable-auto-tool-choice`: the model decides when to call tools "
+        "(`tool_choice: auto`). Needs `tool_call_parser`.",
+    )
+    tool_call_parser: str | None = Field(
+        None,
+        description="vLLM's `--tool-call-parser`, e.g. `hermes`, `llama3_json`, `mistral`: "
+        "turns the model's output into OpenAI tool calls. Needed for any `tool_choice` other "
+        "than `none` (`required` and named tools use structured output).",
+    )
+    reasoning_parser: str | None = Field(
+        None,
+        description="vLLM's `--reasoning-parser`, e.g. `deepseek_r1`, `qwen3`: puts the "
+        "model's reasoning in `reasoning_content`.",
+    )
+    chat_template: str | None = Field(
+        None,
+        description="vLLM's `--chat-template`: a file path or the template itself, used "
+        "instead of the tokenizer's.",
+    )
     engine_kwargs: dict[str, Any] = Field(
         default_factory=dict, description="Passed straight to vLLM's AsyncEngineArgs."
     )
@@ -190,6 +189,26 @@ class ModelConfig(BaseModel):
             secret_access_key=_secret(self.s3_secret_access_key),
         )
 
+    @model_validator(mode="after")
+    def _check_tools(self) -> ModelConfig:
+        # The same rule `vllm serve` applies to its flags before loading anything.
+        if self.enable_auto_tool_choice and not self.tool_call_parser:
+            raise ValueError("enable_auto_tool_choice requires tool_call_parser")
+        return self
+
+    @property
+    def served_names(self) -> tuple[str, ...]:
+        """Every name the model answers to, ``name`` first."""
+        return (self.name, *(n for n in self.served_model_name if n != self.name))
+
+    def frontend_args(self) -> dict[str, Any]:
+        """`vllm serve`'s per-model frontend options (vLLM's ``FrontendArgs`` names)."""
+        return {
+            "enable_auto_tool_choice": self.enable_auto_tool_choice,
+            "tool_call_parser": self.tool_call_parser,
+            "chat_template": self.chat_template,
+        }
+
     @property
     def resolved_dtype(self) -> str:
         if self.dtype == "auto" and self.device == "cpu":
@@ -200,7 +219,7 @@ class ModelConfig(BaseModel):
         """Keyword arguments for vLLM's ``AsyncEngineArgs``; ``engine_kwargs`` wins."""
         args: dict[str, Any] = {
             "model": model_path,
-            "served_model_name": [self.name],
+            "served_model_name": list(self.served_names),
             "dtype": self.resolved_dtype,
             "max_model_len": self.max_model_len,
             "tensor_parallel_size": self.tensor_parallel_size,
@@ -209,6 +228,8 @@ class ModelConfig(BaseModel):
         }
         if self.enforce_eager is not None:
             args["enforce_eager"] = self.enforce_eager
+        if self.reasoning_parser:
+            args["reasoning_parser"] = self.reasoning_parser
         if self.device == "cpu":
             # Without an explicit size vLLM's CPU backend sizes the cache from the NUMA node's
             # free memory and refuses to start on these VMs.
@@ -270,13 +291,20 @@ class AppConfig(BaseModel):
     license: LicenseConfig | None = Field(
         None, description="Without one the app runs unlicensed (development only)."
     )
+    allow_unpinned_versions: bool = Field(
+        False,
+        description="Start even if the installed vLLM or Ray is not the release this app is "
+        "pinned to (see versions.py). For experts: the app relies on internals of both that "
+        "another release may have changed.",
+    )
 
     @field_validator("models")
     @classmethod
     def _unique_names(cls, models: tuple[ModelConfig, ...]) -> tuple[ModelConfig, ...]:
-        names = [m.name for m in models]
+        names = [n for m in models for n in m.served_names]
         if len(set(names)) != len(names):
-            raise ValueError(f"model names must be unique, got {names}")
+            raise ValueError(f"model names (and served_model_name aliases) must be unique, "
+                             f"got {names}")
         return models
 
     @model_validator(mode="after")
@@ -305,7 +333,7 @@ LICENSE_SETTING_NAMES = {"key": "license_key", "public_key": "license_public_key
 # ledger has a default path here; `device` also takes `auto` here (detect from the install).
 _NOT_DERIVED = {
     "AppConfig": {"models", "license", "api_keys", "http_host", "http_port"},
-    "ModelConfig": {"device"},
+    "ModelConfig": {"device", "served_model_name"},
     "LicenseConfig": {"ledger_path"},
 }
 
@@ -334,8 +362,10 @@ class _SettingsBase(BaseSettings):
         "auto", description="Where vLLM runs; `auto` detects it from the install."
     )
     ledger_path: str = Field(DEFAULT_LEDGER_PATH, description="Usage ledger (SQLite) file.")
+    served_model_name: Annotated[tuple[str, ...], NoDecode] = Field(
+        (), description="Comma-separated aliases of the model (vLLM's --served-model-name).")
 
-    @field_validator("api_keys", mode="before")
+    @field_validator("api_keys", "served_model_name", mode="before")
     @classmethod
     def _split_keys(cls, value: Any) -> Any:
         if isinstance(value, str):
@@ -361,6 +391,8 @@ class _SettingsBase(BaseSettings):
                                         ModelConfig.model_fields["max_replicas"].default)
         if self.device != "auto":
             model["device"] = self.device
+        if self.served_model_name:
+            model["served_model_name"] = self.served_model_name
         license = None
         picked = self._picked(LicenseConfig, LICENSE_SETTING_NAMES)
         if "key" in picked:

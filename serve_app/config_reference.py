@@ -94,7 +94,8 @@ def render() -> str:
 
     sections = [
         ("`ModelConfig`: one served model (a Serve config's `args.models[]`)",
-         ModelConfig, {**names(ModelConfig, MODEL_SETTING_NAMES), "device": "device"}),
+         ModelConfig, {**names(ModelConfig, MODEL_SETTING_NAMES), "device": "device",
+                       "served_model_name": "served_model_name"}),
         ("`AppConfig`: the application (a Serve config's `args`)",
          AppConfig, {**names(AppConfig, {}), "api_keys": "api_keys", "http_host": "host",
                      "http_port": "port"}),

@@ -97,6 +97,7 @@ class Ingress:
         self._app = build_ingress(config, handles, **license_kwargs(config))
 
     async def __serve_build_asgi_app__(self) -> Starlette:
+        # Serve's undocumented late-bound ASGI hook (ray_internals.ASGI_HOOK).
         return self._app
 
 
@@ -137,6 +138,7 @@ class ColocatedIngress:
             await self._listener.start()
 
     async def __serve_build_asgi_app__(self) -> Starlette:
+        # Serve's undocumented late-bound ASGI hook (ray_internals.ASGI_HOOK).
         return self._app
 
     def record_autoscaling_stats(self) -> dict[str, float]:

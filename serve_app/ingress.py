@@ -184,6 +184,8 @@ class IngressApp:
             m.name: _Model(m, handles[m.name], limits.get(m.name)) for m in config.models
         }
         self._default = config.models[0].name
+        # vLLM's served_model_name: a model also answers to its aliases.
+        self._aliases = {n: m.name for m in config.models for n in m.served_names}
         self._keys = [k.get_secret_value().encode() for k in config.api_keys]
         self._metrics = _Metrics()
         self._created = int(time.time())
@@ -296,7 +298,8 @@ class IngressApp:
     def _model(self, name: Any) -> _Model:
         if name is not None and not isinstance(name, str):
             raise BadRequestError("'model' must be a string.", param="model")
-        model = self._models.get(name if name is not None else self._default)
+        model = self._models.get(self._aliases.get(name, name) if name is not None
+                                 else self._default)
         if model is None:
             raise ModelNotFoundError(
                 f"The model {name!r} does not exist; available: {', '.join(self._models)}.",

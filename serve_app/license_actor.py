@@ -427,15 +427,22 @@ def _boot_id() -> str | None:
 
 
 def get_license_actor(config: LicenseConfig) -> Any:
-    """The cluster's singleton, created by whichever process asks first."""
+    """The cluster's singleton, created by whichever process asks first, on the head node:
+    the ledger lives there, and the head outlives worker nodes (``ray_internals`` says how
+    the head is found)."""
     import ray
 
+    from serve_app.ray_internals import head_node_options
+
+    try:  # the usual case, and no need to find the head
+        return ray.get_actor(config.actor_name, namespace=config.namespace)
+    except ValueError:
+        pass
     return (ray.remote(LicenseActor).options(
         name=config.actor_name, namespace=config.namespace, lifetime="detached",
         get_if_exists=True, max_restarts=-1, max_task_retries=-1, num_cpus=0,
-        # The ledger lives on the head node, which outlives worker nodes.
-        resources={"node:__internal_head__": 0.001},
         runtime_env={"env_vars": {"RAY_USAGE_STATS_ENABLED": "0"}},
+        **head_node_options(),
     ).remote(config))
 
 

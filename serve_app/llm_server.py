@@ -1,14 +1,14 @@
 """The LLM deployment: one vLLM ``AsyncLLM`` per replica, served through vLLM's own OpenAI layer.
 
-This is the only module that imports vLLM. Methods take the raw request body (bytes, cheap to
-ship across the Ray hop) and return ``(status, json_text)``; streaming methods yield
-``(status, text)`` first and then plain SSE text, coalesced (see ``streaming.py``). Expected
-failures are values, never exceptions, so a bad request cannot hurt the replica.
+vLLM is reached only through ``vllm_internals`` (the one module that imports it). Methods take
+the raw request body (bytes, cheap to ship across the Ray hop) and return ``(status,
+json_text)``; streaming methods yield ``(status, text)`` first and then plain SSE text,
+coalesced (see ``streaming.py``). Expected failures are values, never exceptions, so a bad
+request cannot hurt the replica.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import json
@@ -18,8 +18,7 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-from starlette.datastructures import State
-
+from serve_app import vllm_internals as vllm
 from serve_app.affinity import (
     cpu_count,
     engine_launch,
@@ -48,16 +47,6 @@ class LLMServer:
     async def __init__(
         self, config: ModelConfig, model_cache_dir: str, license: LicenseConfig | None = None
     ) -> None:
-        # vLLM is imported here, not at module level: the ingress and the driver import this
-        # package too and must stay light.
-        from vllm.engine.arg_utils import AsyncEngineArgs
-        from vllm.entrypoints.launchers.api_server.app_state import init_app_state
-        from vllm.entrypoints.launchers.cli_args import FrontendArgs
-        from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
-        from vllm.entrypoints.openai.completion.protocol import CompletionRequest
-        from vllm.usage.usage_lib import UsageContext
-        from vllm.v1.engine.async_llm import AsyncLLM
-
         self._config = config
         self._reporter = None
         if license is not None:
@@ -67,60 +56,41 @@ class LLMServer:
             gpus = float(config.tensor_parallel_size) if config.device == "gpu" else 0.0
             self._reporter = InstanceReporter(get_license_actor(license), config.name, gpus)
             await self._reporter.start()
-        path = await asyncio.to_thread(resolve_model, config.source, model_cache_dir)
-        engine_args = AsyncEngineArgs(**config.engine_args(str(path)))
-        vllm_config = engine_args.create_engine_config(UsageContext.OPENAI_API_SERVER)
+        gaps = vllm.missing()
+        if gaps:  # only on a release other than the pinned one (allow_unpinned_versions)
+            logger.error("This vLLM lacks internals the app relies on; affected features may "
+                         "fail or quietly stop working: %s", "; ".join(gaps))
+        path = await asyncio.to_thread(resolve_model, config.source, model_cache_dir,
+                                       s3=config.s3_options())
+        engine_args, vllm_config = vllm.engine_config(config.engine_args(str(path)))
         cpu = config.device == "cpu"
         inproc = cpu and config.cpu_inproc_worker and single_worker(
-            vllm_config.parallel_config.world_size, config.engine_kwargs
+            vllm.world_size(vllm_config), config.engine_kwargs
         )
         if inproc:
-            # vLLM's CPU platform rewrites "uni" to "mp" while it builds the config (its model
-            # worker must start in a fresh process, with libgomp preloaded); the engine-core
-            # process it spawns next is such a process, so "uni" is set after the fact.
-            vllm_config.parallel_config.distributed_executor_backend = "uni"
+            vllm.run_worker_in_engine_core(vllm_config)
         with contextlib.ExitStack() as launch:
             if cpu:
                 launch.enter_context(engine_launch(
                     reserved_cores(config.cpu_reserved_cores, cpu_count(), weight_bytes(path))))
             if inproc:
-                from vllm.utils.ompmultiprocessing import OMPProcessManager
-
-                # The OpenMP threads and core binding vLLM's executor gives its worker process,
-                # given to the engine core that runs the worker instead (made after the reserve
-                # is in the environment: the manager reads it).
-                launch.enter_context(
-                    OMPProcessManager(vllm_config).configure_omp_envs(rank=0, local_rank=0))
-            self._engine = AsyncLLM.from_vllm_config(
-                vllm_config, usage_context=UsageContext.OPENAI_API_SERVER, disable_log_stats=False
-            )
+                launch.enter_context(vllm.worker_omp_env(vllm_config))
+            self._engine = vllm.start_engine(vllm_config)
         if cpu:
             pin_to_frontend()  # off the engine's cores (or onto one shared core, no reserve)
-        # init_app_state wants the flat Namespace `vllm serve` builds from both arg groups.
-        args = argparse.Namespace(**(vars(FrontendArgs()) | vars(engine_args)))
-        state = State()
-        await init_app_state(
-            self._engine, state, args, supported_tasks=await self._engine.get_supported_tasks()
-        )
+        layer = await vllm.openai_layer(
+            self._engine, vllm.frontend_namespace(vars(engine_args), config.frontend_args()))
         if config.stream_interval_ms > 0:
-            # vLLM's OpenAI layer reads every output through `engine_client.generate`; pacing
-            # those reads lets vLLM merge tokens before they become SSE events.
-            paced = PacedEngine(self._engine, config.stream_interval_ms / 1000)
-            state.openai_serving_chat.engine_client = paced
-            state.openai_serving_completion.engine_client = paced
-        self._handlers = {
-            "chat": (ChatCompletionRequest, state.openai_serving_chat.create_chat_completion),
-            "completions": (CompletionRequest, state.openai_serving_completion.create_completion),
-        }
+            # Pacing the layer's reads lets vLLM merge tokens before they become SSE events.
+            layer.pace(PacedEngine(self._engine, config.stream_interval_ms / 1000))
+        self._handlers = layer.handlers()
         self._tokenizer = self._engine.get_tokenizer()
-        self._max_model_len = vllm_config.model_config.max_model_len
+        self._max_model_len = vllm.max_model_len(vllm_config)
         logger.info("LLM replica ready: %s from %s", config.name, path)
 
     # -- OpenAI ----------------------------------------------------------------------------
 
     async def _start(self, endpoint: str, body: bytes) -> Any:
-        from vllm.entrypoints.serve.engine.protocol import ErrorResponse
-
         request_cls, handler = self._handlers[endpoint]
         try:
             request = request_cls.model_validate_json(body)
@@ -130,8 +100,9 @@ class LLMServer:
             result = await handler(request, None)
         except Exception as exc:
             return self._error_result(exc)
-        if isinstance(result, ErrorResponse):
-            status, err = from_vllm_error(result.error.model_dump())
+        error = vllm.error_of(result)
+        if error is not None:
+            status, err = from_vllm_error(error)
             return status, json.dumps(err)
         return result
 
@@ -139,14 +110,10 @@ class LLMServer:
     def _error_result(exc: Exception) -> Result:
         """Some failures (a prompt longer than the context) are raised rather than returned;
         vLLM's own mapper gives them the status `vllm serve` would."""
-        from vllm.entrypoints.serve.exception_handling.error_response import (
-            create_error_response,
-        )
-
-        error = create_error_response(exc).error
-        if error.code >= 500:
+        error = vllm.error_from_exception(exc)
+        if error["code"] >= 500:
             logger.error("Request failed in vLLM: %r", exc, exc_info=exc)
-        status, body = from_vllm_error(error.model_dump())
+        status, body = from_vllm_error(error)
         return status, json.dumps(body)
 
     async def openai(self, endpoint: str, body: bytes) -> Result:
@@ -174,8 +141,6 @@ class LLMServer:
 
     async def maritalk(self, kind: str, body: bytes) -> Result:
         """``/generate`` (kind ``raw``) or ``/chat/generate`` (kind ``chat``)."""
-        from vllm.sampling_params import RequestOutputKind, SamplingParams
-
         try:
             if kind == "chat":
                 chat = ChatGenerateRequest.model_validate_json(body)
@@ -189,9 +154,7 @@ class LLMServer:
             else:
                 params = GenerateRequest.model_validate_json(body)
                 ids = self._tokenizer.encode(params.prompt)
-            sampling = SamplingParams(
-                **params.sampling_kwargs(), output_kind=RequestOutputKind.FINAL_ONLY
-            )
+            sampling = vllm.final_only_params(**params.sampling_kwargs())
         except Exception as exc:  # all from the body: fields, chat template, sampling bounds
             return 400, json.dumps(request_error_body(exc))
         room = self._max_model_len - len(ids)
@@ -221,13 +184,12 @@ class LLMServer:
         done = time.monotonic()
         assert final is not None
         completion = final.outputs[0]
-        stats = final.metrics
-        if stats is not None and getattr(stats, "first_token_ts", 0):
+        stamps = vllm.request_timings(final)
+        if stamps is not None:
+            queued, scheduled, first_token, last_token = stamps
             queue, prompt_s, generation = timings(
-                queued=stats.queued_ts,
-                scheduled=stats.scheduled_ts,
-                first_token=stats.first_token_ts,
-                last_token=stats.last_token_ts,
+                queued=queued, scheduled=scheduled, first_token=first_token,
+                last_token=last_token,
             )
         else:  # stats disabled: the replica's own view, all time before decode counted as prompt
             queue, prompt_s, generation = 0.0, done - arrival, 0.0
@@ -254,11 +216,8 @@ class LLMServer:
 
     async def metrics_text(self) -> str:
         """vLLM's own Prometheus families from this replica, plus the frontend's live count."""
-        from prometheus_client import REGISTRY, generate_latest
-
-        text = generate_latest(REGISTRY).decode()
-        lines = [ln for ln in text.splitlines() if "vllm:" in ln]
-        unfinished = self._engine.output_processor.get_num_unfinished_requests()
+        lines = vllm.engine_metrics_lines()
+        unfinished = vllm.unfinished_requests(self._engine)
         lines += [
             "# HELP serve_app_engine_unfinished_requests Requests the engine frontend still tracks.",
             "# TYPE serve_app_engine_unfinished_requests gauge",

@@ -17,6 +17,8 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
+from serve_app import vllm_internals
+
 logger = logging.getLogger("ray.serve")
 
 
@@ -88,11 +90,9 @@ class PacedEngine:
     """
 
     def __init__(self, engine: Any, interval_s: float) -> None:
-        from vllm.sampling_params import RequestOutputKind  # here: the router imports this module
-
         self._engine = engine
         self._interval = interval_s
-        self._delta = RequestOutputKind.DELTA  # streams; whole answers come as FINAL_ONLY
+        self._delta = vllm_internals.delta_kind()  # streams; whole answers come as FINAL_ONLY
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._engine, name)
@@ -119,9 +119,9 @@ class PacedEngine:
 class _FinalOutput:
     """Wakes a held stream when its final output or an error reaches vLLM's collector.
 
-    Finds the collector through the output processor's request-id index (vLLM 0.32 internals).
-    Without it, a held stream simply waits out the interval: its end may come up to one interval
-    later, and nothing else changes.
+    Finds the collector through the output processor's request-id index (a vLLM internal, see
+    ``vllm_internals``). Without it, a held stream simply waits out the interval: its end may
+    come up to one interval later, and nothing else changes.
     """
 
     warned = False  # one warning per process, not one per stream
@@ -129,24 +129,16 @@ class _FinalOutput:
     def __init__(self, collector: Any) -> None:
         self._collector = collector
         self._waiter: asyncio.Future[None] | None = None
-        if collector is None:
-            return
-        put = collector.put
+        if collector is not None:
+            vllm_internals.on_put(collector, self._wake_on_last)
 
-        def put_and_wake(output: Any) -> None:
-            put(output)
-            if self._waiter is not None and not self._waiter.done() and _is_last(output):
-                self._waiter.set_result(None)
-
-        collector.put = put_and_wake
+    def _wake_on_last(self, output: Any) -> None:
+        if self._waiter is not None and not self._waiter.done() and _is_last(output):
+            self._waiter.set_result(None)
 
     @classmethod
     def watch(cls, engine: Any, request_id: str) -> _FinalOutput:
-        processor = getattr(engine, "output_processor", None)
-        internal = getattr(processor, "external_req_ids", {}).get(request_id)
-        states = getattr(processor, "request_states", {})
-        state = states.get(internal[0]) if internal else None
-        collector = getattr(state, "queue", None)
+        collector = vllm_internals.output_collector(engine, request_id)
         if collector is None and not _FinalOutput.warned:
             _FinalOutput.warned = True
             logger.warning("vLLM's output collector was not found (a vLLM upgrade?): paced "
@@ -159,8 +151,8 @@ class _FinalOutput:
         if self._collector is None:
             await asyncio.sleep(delay)
             return
-        if _is_last(self._collector.output):  # arrived while the consumer was busy
-            return
+        if _is_last(vllm_internals.collected(self._collector)):
+            return  # arrived while the consumer was busy
         loop = asyncio.get_running_loop()
         self._waiter = waiter = loop.create_future()
         timer = loop.call_later(delay, lambda: waiter.done() or waiter.set_result(None))

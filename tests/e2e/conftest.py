@@ -13,10 +13,14 @@ from serve_app.config import RAY_SERVE_ENV, TELEMETRY_OFF_ENV, AppConfig, ModelC
 from tests.conftest import LicenseServerProcess, free_port, wait_for
 
 MODEL = "smollm2-135m-instruct"
+ALIAS = "smollm2"
 
 # Small limits so the overload test can reach them with a handful of requests.
 # Eager: the fixture starts in ~20 s instead of ~60 s; test_cli runs the compiled default.
-E2E_MODEL = ModelConfig(max_ongoing_requests=4, max_queued_requests=4, enforce_eager=True)
+# A tool-call parser and an alias, as `vllm serve --tool-call-parser ... --served-model-name`.
+E2E_MODEL = ModelConfig(max_ongoing_requests=4, max_queued_requests=4, enforce_eager=True,
+                        enable_auto_tool_choice=True, tool_call_parser="hermes",
+                        served_model_name=(ALIAS,))
 
 
 class Stack:
@@ -34,7 +38,10 @@ class Stack:
         return ray.get(actor.flush.remote(), timeout=60)
 
     def redeploy(self, config: AppConfig) -> None:
-        """Replace the app's config in place; Serve keeps replicas whose config is unchanged."""
+        """Replace the app's config in place; Serve keeps replicas whose config is unchanged.
+
+        Returns once the new replica alone serves the port: Serve reports the app running
+        when the new replica is up, and the old one may still be draining its listener."""
         from ray import serve
 
         from serve_app.builder import build_app_from_config
@@ -42,6 +49,19 @@ class Stack:
         serve.run(build_app_from_config(config), name="serve_app", route_prefix="/",
                   blocking=False)
         self.config = config
+        wait_for(lambda: len(self.listeners()) == 1, timeout=120,
+                 what="the replaced replica to stop listening")
+
+    @property
+    def port(self) -> int:
+        return int(self.url.rsplit(":", 1)[1])
+
+    def listeners(self) -> list[int]:
+        """Processes listening on the app's port (a replica's own listener)."""
+        import psutil
+
+        return sorted({c.pid for c in psutil.net_connections(kind="tcp")
+                       if c.status == psutil.CONN_LISTEN and c.laddr.port == self.port})
 
     def unfinished(self) -> int:
         text = httpx.get(f"{self.url}/metrics", timeout=10).text

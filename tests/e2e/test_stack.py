@@ -13,7 +13,7 @@ import pytest
 from pydantic import SecretStr
 
 from tests.conftest import wait_for
-from tests.e2e.conftest import MODEL
+from tests.e2e.conftest import ALIAS, MODEL
 from tests.strategies import ROUTES, fuzz_routes, valid_body
 
 pytestmark = pytest.mark.e2e
@@ -86,6 +86,123 @@ def test_a_paced_stream_carries_exactly_the_whole_answer(stack):
     assert text == whole["choices"][0]["text"]
     assert streamed[-1]["usage"]["completion_tokens"] == 40
     assert [e["choices"][0]["finish_reason"] for e in streamed if e["choices"]][-1] == "length"
+
+
+def stream_events(stack, max_tokens: int = 40) -> tuple[list[dict], str]:
+    """The JSON events of a greedy completion stream of ``max_tokens`` tokens, and its text."""
+    body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": max_tokens,
+            "temperature": 0, "ignore_eos": True, "stream": True,
+            "stream_options": {"include_usage": True}}
+    events = []
+    with httpx.stream("POST", f"{stack.url}/v1/completions", json=body, timeout=120) as resp:
+        assert resp.status_code == 200
+        for line in resp.iter_lines():
+            if line.startswith("data: {"):
+                events.append(json.loads(line[6:]))
+    content = [e for e in events if e["choices"]]
+    assert events[-1]["usage"]["completion_tokens"] == max_tokens
+    return content, "".join(e["choices"][0]["text"] for e in content)
+
+
+def test_pacing_is_wired_into_vllms_openai_layer(stack):
+    """stream_interval_ms reaches the OpenAI layer (streaming.PacedEngine): at 0 each of 40
+    tokens is its own SSE event, as in `vllm serve`; paced, tokens produced within one
+    interval share an event and the text is the same. SmolLM2 on a 2-core CPU makes a token
+    every ~50-70 ms, slower than the default 20 ms, so the paced run uses 1 s to be sure to
+    merge on any machine."""
+    original = stack.config
+
+    def with_interval(ms: float):
+        model = original.models[0].model_copy(update={"stream_interval_ms": ms})
+        return original.model_copy(update={"models": (model, *original.models[1:])})
+
+    try:
+        stack.redeploy(with_interval(0))
+        each, text = stream_events(stack)
+        assert len(each) == 40
+        stack.redeploy(with_interval(1000))
+        merged, paced_text = stream_events(stack)
+        assert 2 <= len(merged) < 40
+        assert paced_text == text
+    finally:
+        stack.redeploy(original)
+
+
+def test_each_ray_switch_took_effect(stack):
+    """The private switches (ray_internals.RAY_SERVE_ENV) as Ray's processes see them: Serve's
+    constants read back in a Ray worker, the raylet's from its environment, and the niceness
+    of the workers, the Serve controller and the replica."""
+    import os
+
+    import psutil
+    import ray
+
+    from serve_app.ray_internals import (
+        RAY_SERVE_ENV,
+        RAYLET_SWITCHES,
+        SERVE_CONSTANTS,
+        as_switch_value,
+        serve_switches,
+    )
+
+    @ray.remote(num_cpus=0)
+    def read_back():
+        return serve_switches(), os.getpriority(os.PRIO_PROCESS, 0)
+
+    switches, niceness = ray.get(read_back.remote(), timeout=120)
+    # The fixture sets RAY_SERVE_ENV unless the environment already chose (as `make serve`).
+    started = {env: os.environ[env] for env in RAY_SERVE_ENV}
+    for env in SERVE_CONSTANTS:
+        assert switches[env] == as_switch_value(started[env], switches[env]), env
+    processes = psutil.Process().children(recursive=True)
+    (raylet,) = [p for p in processes if p.name() == "raylet"]
+    for env in RAYLET_SWITCHES:
+        assert raylet.environ().get(env) == started[env], env
+    nice = int(started["RAY_worker_niceness"])
+    assert niceness == nice
+    titles = {p: " ".join(p.cmdline()) for p in processes if p.is_running()}
+    serve_actors = [p for p, t in titles.items()
+                    if t.startswith(("ray::ServeController", "ray::ServeReplica"))]
+    assert len(serve_actors) >= 2
+    assert all(p.nice() == nice for p in serve_actors)
+
+
+# `strict`: the arguments follow the schema (OpenAI's meaning; vLLM pins them by grammar).
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The current weather in a city.", "strict": True,
+    "parameters": {"type": "object", "required": ["city"], "properties": {
+        "city": {"type": "string", "enum": ["Paris", "London", "Tokyo"]}},
+    "additionalProperties": False}}}
+
+
+@pytest.mark.parametrize("tool_choice", [
+    "required", {"type": "function", "function": {"name": "get_weather"}}])
+def test_a_real_tool_call(client, tool_choice):
+    """tool_call_parser reaches vLLM's layer: a forced tool call. vLLM constrains the output
+    to the parser's tool-call format and a strict tool's schema, so even a tiny model calls
+    it correctly."""
+    resp = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "What is the weather in Paris?"}],
+        tools=[WEATHER], tool_choice=tool_choice, parallel_tool_calls=False, temperature=0,
+        max_tokens=100)
+    (call,) = resp.choices[0].message.tool_calls
+    assert call.type == "function" and call.id
+    assert call.function.name == "get_weather"
+    assert json.loads(call.function.arguments)["city"] in ("Paris", "London", "Tokyo")
+
+
+def test_auto_tool_choice_is_accepted(client):
+    resp = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": QUESTION}], tools=[WEATHER],
+        tool_choice="auto", temperature=0, max_tokens=30)
+    assert resp.choices[0].finish_reason in ("stop", "tool_calls", "length")
+
+
+def test_an_alias_reaches_the_model(client):
+    resp = client.completions.create(model=ALIAS, prompt="The capital of France is",
+                                     max_tokens=5, temperature=0)
+    assert "Paris" in resp.choices[0].text
+    assert resp.model == MODEL  # responses carry the model's name, as vLLM's first name
 
 
 def test_openai_completions_and_sampling_params(client):

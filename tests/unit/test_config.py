@@ -128,6 +128,7 @@ def test_every_config_field_can_be_set_from_the_environment(monkeypatch):
     covered = {(model.__name__, field) for model, field in setting_fields().values()}
     by_hand = {("AppConfig", f) for f in ("models", "license", "api_keys", "http_host",
                                           "http_port")} | {("ModelConfig", "device"),
+                                                           ("ModelConfig", "served_model_name"),
                                                            ("LicenseConfig", "ledger_path")}
     for model in (ModelConfig, AppConfig, LicenseConfig):
         for field in model.model_fields:

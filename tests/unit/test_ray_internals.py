@@ -1,0 +1,79 @@
+"""The fence around Ray's internals: what it relies on exists, the switches are read back
+under the names we check, and the head node is found by public means."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from serve_app import ray_internals
+from serve_app.ray_internals import HEAD_RESOURCE, HeadNodeNotFoundError, head_node_options
+
+
+def test_every_ray_internal_the_app_relies_on_is_there():
+    assert ray_internals.missing() == []
+
+
+def test_ray_serve_reads_each_serve_switch_under_the_name_we_check():
+    # Serve's own parsing of our values (the e2e suite checks them in the running cluster).
+    switches = ray_internals.serve_switches()
+    for env, value in ray_internals.RAY_SERVE_ENV.items():
+        if env in ray_internals.SERVE_CONSTANTS:
+            like = switches[env]
+            assert isinstance(ray_internals.as_switch_value(value, like), type(like))
+        else:
+            assert env in ray_internals.RAYLET_SWITCHES, f"{env} has no read-back"
+
+
+def test_the_makefile_sets_the_same_ray_switches():
+    makefile = (Path(__file__).resolve().parents[2] / "Makefile").read_text()
+    for env, value in ray_internals.RAY_SERVE_ENV.items():
+        assert f"export {env} ?= {value}\n" in makefile
+
+
+
+def node(name: str, address: str, alive: bool = True) -> dict:
+    return {"NodeID": hex_id(name), "NodeManagerAddress": address, "Alive": alive}
+
+
+def hex_id(name: str) -> str:
+    return name.encode().hex().ljust(56, "0")
+
+
+@pytest.fixture
+def cluster(monkeypatch):
+    """A stand-in for what Ray's public calls report; tests fill it in."""
+    import ray
+
+    state = SimpleNamespace(resources={}, nodes=[], gcs="10.0.0.1:6379")
+    monkeypatch.setattr(ray, "cluster_resources", lambda: state.resources)
+    monkeypatch.setattr(ray, "nodes", lambda: state.nodes)
+    monkeypatch.setattr(ray, "get_runtime_context",
+                        lambda: SimpleNamespace(gcs_address=state.gcs))
+    return state
+
+
+def test_a_declared_head_resource_wins(cluster):
+    cluster.resources = {HEAD_RESOURCE: 1.0, "CPU": 8.0}
+    cluster.nodes = [node("a", "10.0.0.1"), node("b", "10.0.0.2")]
+    assert head_node_options() == {"resources": {HEAD_RESOURCE: 0.001}}
+
+
+def test_else_the_node_at_the_gcs_address(cluster):
+    cluster.nodes = [node("w", "10.0.0.2"), node("h", "10.0.0.1"), node("x", "10.0.0.1", False)]
+    strategy = head_node_options()["scheduling_strategy"]
+    assert (strategy.node_id, strategy.soft) == (hex_id("h"), False)
+
+
+def test_a_single_node_is_the_head(cluster):
+    cluster.nodes = [node("only", "192.0.2.2")]  # the GCS reached as 127.0.0.1
+    cluster.gcs = "127.0.0.1:6379"
+    assert head_node_options()["scheduling_strategy"].node_id == hex_id("only")
+
+
+def test_undecidable_says_what_to_declare(cluster):
+    cluster.nodes = [node("a", "10.0.0.1"), node("b", "10.0.0.1")]  # nodes sharing one host
+    with pytest.raises(HeadNodeNotFoundError, match=HEAD_RESOURCE):
+        head_node_options()

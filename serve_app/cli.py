@@ -25,6 +25,35 @@ from serve_app.models import resolve_model
 
 logger = logging.getLogger("serve_app")
 
+LOOPBACK = "127.0.0.1"
+
+
+def single_box_ray_env() -> dict[str, str]:
+    """The environment that keeps a local Ray on loopback: its GCS, raylet, agents and workers
+    then listen on 127.0.0.1 and dial it, instead of listening on every interface and dialling
+    the machine's network address (Ray's default on Linux, where a local instance is also
+    the head of a possible cluster).
+
+    Relies on Ray's ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER`` switch (``ray._private.ray_constants
+    .ENABLE_RAY_CLUSTER``; false is Ray's own default on macOS and Windows), which Ray reads
+    once, when ``ray`` is first imported: set it before that import. ``ray.init``'s
+    ``_node_ip_address`` does not do it (Ray binds its servers to every interface and
+    resolves 127.0.0.1 to the interface address anyway). ``check_loopback`` verifies the effect.
+    """
+    return {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+
+
+def check_loopback() -> None:
+    """Refuse to go on when the local Ray did not come up on loopback (``ray`` was imported
+    before ``single_box_ray_env`` was in the environment)."""
+    import ray
+
+    host = ray.get_runtime_context().gcs_address.rsplit(":", 1)[0]
+    if host != LOOPBACK:
+        raise RuntimeError(
+            f"Ray's GCS is at {host}, not on loopback: it would listen on the network. Set "
+            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 before Ray is imported.")
+
 
 def _wait_healthy(url: str, timeout_s: float) -> bool:
     deadline = time.monotonic() + timeout_s
@@ -69,7 +98,8 @@ class DevLicenseServer:
 
         env = {**os.environ, "LICENSE_SERVER_DATA_DIR": str(self.data_dir)}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "infra.license_server", "serve", "--port", str(self.port)],
+            [sys.executable, "-m", "infra.license_server", "serve", "--host", LOOPBACK,
+             "--port", str(self.port)],
             env=env)
         service, _ = build_service(LicenseServerSettings(data_dir=str(self.data_dir),
                                                          port=self.port))
@@ -116,6 +146,7 @@ def run(settings: Settings, dev_license: bool = False) -> int:
 def _run(settings: Settings) -> int:
     # Set before Ray starts so every process it spawns (and vLLM's) inherits them.
     os.environ.update(TELEMETRY_OFF_ENV)
+    os.environ.update(single_box_ray_env())
     for key, value in RAY_SERVE_ENV.items():
         os.environ.setdefault(key, value)  # an explicit choice of the user's wins
     config = settings.to_app_config()
@@ -138,13 +169,16 @@ def _run(settings: Settings) -> int:
         pin_to_frontend()  # every Ray process inherits this; see affinity.py
     ray.init(include_dashboard=False, runtime_env={"env_vars": dict(TELEMETRY_OFF_ENV)})
     try:
+        check_loopback()
         if config.http_port is not None:
             # The replicas listen on the port themselves (listener.py): no proxy to start.
             serve.start(proxy_location="Disabled")
         else:
             serve.start(http_options={"host": settings.host, "port": settings.port})
         serve.run(build_app_from_config(config), name="serve_app", route_prefix="/", blocking=False)
-        url = f"http://{settings.host}:{settings.port}"
+        # Probe over loopback even when serving on every interface.
+        probe_host = LOOPBACK if settings.host in ("0.0.0.0", "::", "") else settings.host
+        url = f"http://{probe_host}:{settings.port}"
         print("Starting vLLM replicas ...", flush=True)
         if not _wait_healthy(url, timeout_s=600):
             print("The app did not become healthy within 10 minutes.", file=sys.stderr)

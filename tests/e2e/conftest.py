@@ -13,6 +13,7 @@ import uuid
 import httpx
 import pytest
 
+from serve_app.cli import check_loopback
 from serve_app.config import RAY_SERVE_ENV, TELEMETRY_OFF_ENV, AppConfig, ModelConfig
 from tests.conftest import LicenseServerProcess, free_port, wait_for
 from tests.processes import SESSION_ENV, session_processes
@@ -118,6 +119,7 @@ def stack(tmp_path_factory):
         os.environ.setdefault(key, value)
     ray.init(include_dashboard=False, runtime_env={"env_vars": dict(TELEMETRY_OFF_ENV)})
     try:
+        check_loopback()
         # As `python -m serve_app` runs it: the replica listens on the port, no Serve proxy.
         serve.start(proxy_location="Disabled")
         config = AppConfig(models=(E2E_MODEL,), license=license, http_port=port)

@@ -32,6 +32,7 @@ from serve_app.config import LicenseConfig, ModelConfig
 from serve_app.errors import error_body, from_vllm_error
 from serve_app.maritalk import ChatGenerateRequest, GenerateRequest, GenerateResponse, timings
 from serve_app.models import resolve_model, weight_bytes
+from serve_app.process_guard import guard_children
 from serve_app.streaming import PacedEngine, coalesce
 from serve_app.validation import validation_error_body
 
@@ -95,6 +96,8 @@ class LLMServer:
             self._engine = AsyncLLM.from_vllm_config(
                 vllm_config, usage_context=UsageContext.OPENAI_API_SERVER, disable_log_stats=False
             )
+        # The engine core must not outlive this replica, however the replica ends.
+        self._engine_guard = guard_children()
         if cpu:
             pin_to_frontend()  # off the engine's cores (or onto one shared core, no reserve)
         # init_app_state wants the flat Namespace `vllm serve` builds from both arg groups.

@@ -1,6 +1,6 @@
 """`python -m serve_app` (what `make serve` runs): starts the whole stack, prints how to call
 it, answers the MariTalk client, listens on nothing but its serving port (and the local license
-server's, on loopback), and leaves no process behind after Ctrl-C."""
+server's, on loopback), and leaves no process behind however it is stopped."""
 
 from __future__ import annotations
 
@@ -11,9 +11,12 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 import uuid
 
+import httpx
 import maritalk
+import psutil
 import pytest
 
 from tests.conftest import free_port, wait_for
@@ -148,4 +151,67 @@ def test_serve_command_serves_only_its_port_and_stops_on_ctrl_c(cli_factory, tmp
     # Ctrl-C in a terminal: SIGINT to the whole foreground process group.
     os.killpg(cli.proc.pid, signal.SIGINT)
     assert cli.proc.wait(timeout=120) == 0, cli.text()
+    cli.assert_all_gone()
+
+
+@pytest.mark.parametrize("stop", ["sigterm", "sigkill"])
+def test_stopping_the_main_process_leaves_nothing(cli_factory, stop):
+    """SIGTERM (a service manager's stop) unwinds like Ctrl-C; SIGKILL leaves no chance to
+    clean up, so Ray's processes and the license server die with the CLI through the kernel,
+    Ray's workers with their raylet, and vLLM's engine with its replica."""
+    cli = cli_factory()
+    cli.wait_started()
+    assert cli.named("VLLM::EngineCore")
+    if stop == "sigterm":
+        cli.proc.send_signal(signal.SIGTERM)
+        assert cli.proc.wait(timeout=120) == 0, cli.text()
+    else:
+        cli.proc.kill()
+        assert cli.proc.wait(timeout=30) == -signal.SIGKILL
+    cli.assert_all_gone()
+
+
+def _load(url: str, requests: int, started: threading.Event) -> None:
+    def one() -> None:
+        try:
+            with httpx.stream("POST", f"{url}/v1/completions", timeout=120, json={
+                "model": "smollm2-135m-instruct", "prompt": "Tell me a long story.",
+                "max_tokens": 400, "stream": True, "ignore_eos": True,
+            }) as resp:
+                for _ in resp.iter_lines():
+                    started.set()
+        except httpx.HTTPError:
+            pass  # the stack is being stopped under it
+
+    for _ in range(requests):
+        threading.Thread(target=one, daemon=True).start()
+
+
+def test_a_replaced_replica_takes_its_engine_along_and_a_loaded_stack_stops_on_group_sigterm(
+        cli_factory):
+    """Serve replaces a replica that died abruptly: its engine core must not stay behind.
+    Then SIGTERM to the process group while requests stream, as a supervisor stops a job."""
+    cli = cli_factory()
+    cli.wait_started()
+    (replica,) = cli.named("ray::ServeReplica")
+    (engine,) = cli.named("VLLM::EngineCore")
+    assert any(f"serve_app.process_guard {replica} {engine}" in f.cmdline
+               for f in cli.processes())
+
+    os.kill(replica, signal.SIGKILL)
+    wait_for(lambda: not psutil.pid_exists(engine) or
+             psutil.Process(engine).status() == psutil.STATUS_ZOMBIE,
+             timeout=30, interval=0.2, what="the dead replica's engine core to die")
+    wait_for(lambda: (set(cli.named("ray::ServeReplica")) - {replica})
+             and httpx.get(f"{cli.url}/health", timeout=5).status_code == 200,
+             timeout=300, interval=1, what="Serve's new replica to serve")
+    assert len(cli.named("VLLM::EngineCore")) == 1
+
+    started = threading.Event()
+    _load(cli.url, 8, started)
+    assert started.wait(timeout=120), cli.text()
+    stopped = time.monotonic()
+    os.killpg(cli.proc.pid, signal.SIGTERM)
+    cli.proc.wait(timeout=120)
+    assert time.monotonic() - stopped < 120
     cli.assert_all_gone()

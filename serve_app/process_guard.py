@@ -3,14 +3,15 @@
 Ray ends most of the stack's processes when the driver dies: it starts its GCS and raylet with
 a parent-death signal, and a worker whose raylet is gone exits. Its agents (dashboard agent,
 runtime-env agent) watch the raylet too, but were seen alive more than a minute after the
-driver was killed; ``guard_descendants`` right after ``ray.init`` ends them with the driver.
-vLLM's engine core is different:
-it is a child of the replica (a Ray worker), it handles SIGTERM itself, and nothing in it
-watches the replica. A replica that dies abruptly (SIGKILL, the OOM killer, Ray giving up on a
-graceful stop) can leave an engine core behind, holding the model's memory (on a GPU, the GPU's)
-and spinning on its work queue. ``guard_children`` closes that gap from outside the engine: a
-small watchdog process waits for the replica to end and then kills the engine's process tree.
-It needs no code inside vLLM's processes, so it works whatever state they are in.
+driver was killed; ``guard_descendants``, right after ``ray.init``, ends them with the driver.
+
+vLLM's engine core is a child of the replica (a Ray worker); it handles SIGTERM itself, and
+nothing in it watches the replica. A replica that dies abruptly (SIGKILL, the OOM killer, Ray
+giving up on a graceful stop) can leave an engine core behind, holding the model's memory (on
+a GPU, the GPU's) and spinning on its work queue. ``guard_children`` closes that gap from
+outside the engine: a small watchdog process waits for the replica to end and then kills the
+engine's process tree. It needs no code inside vLLM's processes, so it works whatever state
+they are in.
 
 ``die_with_parent`` is the same guarantee for processes we start ourselves (the local license
 server), through the kernel.
@@ -98,15 +99,18 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
-def _kill_tree(pidfd: int, pid: int) -> None:
-    # Children first, listed while their parent still lives (afterwards they would be
-    # reparented and lost); the guarded process itself through its pidfd, which cannot hit a
-    # recycled pid.
+def _kill_tree(pidfd: int, pid: int) -> bool:
+    """Whether ``pid`` was still running. Children first, listed while their parent still
+    lives (afterwards they would be reparented and lost); the guarded process itself through
+    its pidfd, which cannot hit a recycled pid."""
     for child in descendants(pid):
         with contextlib.suppress(OSError):
             os.kill(child, signal.SIGKILL)
-    with contextlib.suppress(OSError):
+    try:
         signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def watch(parent: int, pids: list[int]) -> int:
@@ -140,9 +144,7 @@ def watch(parent: int, pids: list[int]) -> int:
             poller.unregister(fd)
             guarded.pop(fd)
             os.close(fd)
-    for fd, pid in guarded.items():
-        _kill_tree(fd, pid)
-    return len(guarded)
+    return sum(_kill_tree(fd, pid) for fd, pid in guarded.items())
 
 
 def main(argv: list[str] | None = None) -> None:

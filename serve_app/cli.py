@@ -23,8 +23,60 @@ from pydantic import SecretStr
 from serve_app.affinity import pin_to_frontend
 from serve_app.config import RAY_SERVE_ENV, TELEMETRY_OFF_ENV, Settings
 from serve_app.models import resolve_model
+from serve_app.process_guard import die_with_parent, guard_descendants
 
 logger = logging.getLogger("serve_app")
+
+LOOPBACK = "127.0.0.1"
+
+
+def single_box_ray_env() -> dict[str, str]:
+    """The environment that keeps a local Ray on loopback: its GCS, raylet, agents and workers
+    then listen on 127.0.0.1 and dial it, instead of listening on every interface and dialling
+    the machine's network address (Ray's default on Linux, where a local instance is also
+    the head of a possible cluster).
+
+    Relies on Ray's ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER`` switch (``ray._private.ray_constants
+    .ENABLE_RAY_CLUSTER``; false is Ray's own default on macOS and Windows), which Ray reads
+    once, when ``ray`` is first imported: set it before that import. ``ray.init``'s
+    ``_node_ip_address`` does not do it (Ray binds its servers to every interface and
+    resolves 127.0.0.1 to the interface address anyway). ``check_loopback`` verifies the effect.
+    """
+    return {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+
+
+def check_loopback() -> None:
+    """Refuse to go on when the local Ray did not come up on loopback (``ray`` was imported
+    before ``single_box_ray_env`` was in the environment)."""
+    import ray
+
+    host = ray.get_runtime_context().gcs_address.rsplit(":", 1)[0]
+    if host != LOOPBACK:
+        raise RuntimeError(
+            f"Ray's GCS is at {host}, not on loopback: it would listen on the network. Set "
+            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 before Ray is imported.")
+
+
+class Stop(BaseException):
+    """SIGINT or SIGTERM: unwind, and stop everything on the way out."""
+
+
+def _trap_stop_signals() -> None:
+    """The first SIGINT or SIGTERM stops the stack cleanly, whatever the CLI is doing (starting,
+    waiting for health, serving); a second one ends the CLI at once. Ray's GCS and raylet and
+    the local license server die with the CLI (kernel parent-death signals), Ray's workers with
+    their raylet, and vLLM's engines with their replicas (``process_guard``)."""
+    def first(signum: int, frame: object) -> None:
+        signal.signal(signal.SIGINT, again)
+        signal.signal(signal.SIGTERM, again)
+        raise Stop(signal.Signals(signum).name)
+
+    def again(signum: int, frame: object) -> None:
+        print(f"\n{signal.Signals(signum).name} again: exiting now.", file=sys.stderr, flush=True)
+        os._exit(128 + signum)
+
+    signal.signal(signal.SIGINT, first)
+    signal.signal(signal.SIGTERM, first)
 
 
 def _wait_healthy(url: str, timeout_s: float) -> bool:
@@ -69,9 +121,13 @@ class DevLicenseServer:
         from infra.license_server.cli import LicenseServerSettings, build_service
 
         env = {**os.environ, "LICENSE_SERVER_DATA_DIR": str(self.data_dir)}
+        # Loopback: only this box's app uses it. SIGINT blocked: a Ctrl-C reaches the whole
+        # foreground process group, and the app reports its last usage while it stops; the
+        # CLI stops this server after the app. It dies with the CLI whatever happens to that.
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "infra.license_server", "serve", "--port", str(self.port)],
-            env=env)
+            [sys.executable, "-m", "infra.license_server", "serve", "--host", LOOPBACK,
+             "--port", str(self.port)],
+            env=env, preexec_fn=_license_server_preexec)
         service, _ = build_service(LicenseServerSettings(data_dir=str(self.data_dir),
                                                          port=self.port))
         lic, key = service.issue(IssueRequest(customer="local-development", days=30))
@@ -98,16 +154,30 @@ class DevLicenseServer:
                 self.proc.kill()
 
 
+def _license_server_preexec() -> None:
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    die_with_parent()
+
+
 def run(settings: Settings, dev_license: bool = False) -> int:
-    license_server = None
-    if dev_license and settings.license_key is None:
-        data_dir = Path(settings.data_dir).resolve()
-        license_server = DevLicenseServer(data_dir, settings.license_server_port)
-        key, public_key = license_server.start()
-        settings = settings.model_copy(update={
-            "license_key": SecretStr(key), "license_public_key": public_key,
-            "ledger_path": str(data_dir / "usage_ledger.db"), "report_interval_s": 30.0})
+    _trap_stop_signals()
     try:
+        return _run_with_license(settings, dev_license)
+    except Stop as stop:
+        print(f"\n{stop}: stopped.", flush=True)
+        return 0
+
+
+def _run_with_license(settings: Settings, dev_license: bool) -> int:
+    license_server = None
+    try:
+        if dev_license and settings.license_key is None:
+            data_dir = Path(settings.data_dir).resolve()
+            license_server = DevLicenseServer(data_dir, settings.license_server_port)
+            key, public_key = license_server.start()
+            settings = settings.model_copy(update={
+                "license_key": SecretStr(key), "license_public_key": public_key,
+                "ledger_path": str(data_dir / "usage_ledger.db"), "report_interval_s": 30.0})
         return _run(settings)
     finally:
         if license_server is not None:
@@ -117,6 +187,7 @@ def run(settings: Settings, dev_license: bool = False) -> int:
 def _run(settings: Settings) -> int:
     # Set before Ray starts so every process it spawns (and vLLM's) inherits them.
     os.environ.update(TELEMETRY_OFF_ENV)
+    os.environ.update(single_box_ray_env())
     for key, value in RAY_SERVE_ENV.items():
         os.environ.setdefault(key, value)  # an explicit choice of the user's wins
     config = settings.to_app_config()
@@ -129,35 +200,34 @@ def _run(settings: Settings) -> int:
 
     from serve_app.builder import build_app_from_config
 
-    stop = False
-
-    def _stop(signum: int, frame: object) -> None:
-        nonlocal stop
-        stop = True
-
     if any(m.device == "cpu" for m in config.models):
         pin_to_frontend()  # every Ray process inherits this; see affinity.py
     ray.init(include_dashboard=False, runtime_env={"env_vars": dict(TELEMETRY_OFF_ENV)})
+    # Ray's core worker replaces the SIGTERM handler with one that dumps a stack and aborts.
+    _trap_stop_signals()
     try:
+        guard_descendants()  # Ray's processes end with the CLI, however it ends
+        check_loopback()
         if config.http_port is not None:
             # The replicas listen on the port themselves (listener.py): no proxy to start.
             serve.start(proxy_location="Disabled")
         else:
             serve.start(http_options={"host": settings.host, "port": settings.port})
         serve.run(build_app_from_config(config), name="serve_app", route_prefix="/", blocking=False)
-        url = f"http://{settings.host}:{settings.port}"
+        # Probe over loopback even when serving on every interface.
+        probe_host = LOOPBACK if settings.host in ("0.0.0.0", "::", "") else settings.host
+        url = f"http://{probe_host}:{settings.port}"
         print("Starting vLLM replicas ...", flush=True)
         if not _wait_healthy(url, timeout_s=600):
             print("The app did not become healthy within 10 minutes.", file=sys.stderr)
             return 1
         print(_usage(settings.host, settings.port, config.models[0].name, bool(config.api_keys)),
               flush=True)
-        signal.signal(signal.SIGINT, _stop)
-        signal.signal(signal.SIGTERM, _stop)
-        while not stop:
-            time.sleep(0.5)
+        while True:
+            signal.pause()
+    except Stop:
         print("\nStopping ...", flush=True)
-        return 0
+        raise
     finally:
         try:
             serve.shutdown()

@@ -44,6 +44,37 @@ def reuseport_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+def keep_serve_grpc_on_loopback() -> None:
+    """On a single box (Ray itself on loopback), bind Ray Serve's inter-deployment gRPC server
+    of this replica to 127.0.0.1 instead of every interface: nothing off the box may reach it,
+    and on one box nothing needs to. A no-op when Ray runs on a network address (a cluster).
+
+    Relies on a Ray Serve internal: ``ray.serve._private.replica`` (Ray 2.60) starts that
+    server in ``_on_initialized``, after the deployment's constructor has run, by calling its
+    module-level name ``add_port_to_grpc_server(server, "[::]:0")`` (from
+    ``ray._common.tls_utils``); the address is hard-coded. The e2e listening-socket test
+    fails if this stops working.
+    """
+    import ray
+
+    if not ray.is_initialized() or ray.util.get_node_ip_address() != "127.0.0.1":
+        return
+    from ray.serve._private import replica
+
+    original = replica.add_port_to_grpc_server
+    if getattr(original, "on_loopback", False):
+        return
+
+    def add_port_on_loopback(server: object, address: str) -> int:
+        host, _, port = address.rpartition(":")
+        if host in ("[::]", "0.0.0.0", ""):
+            address = f"127.0.0.1:{port}"
+        return original(server, address)
+
+    add_port_on_loopback.on_loopback = True  # type: ignore[attr-defined]
+    replica.add_port_to_grpc_server = add_port_on_loopback
+
+
 class ReplicaListener:
     """uvicorn on the running loop; ``stop`` drains in-flight responses like `vllm serve`.
 
@@ -52,6 +83,8 @@ class ReplicaListener:
 
     def __init__(self, app: ASGIApp, host: str, port: int, drain_s: float) -> None:
         self.host, self.port = host, port
+        # This replica's only socket beyond the port it serves.
+        keep_serve_grpc_on_loopback()
         self._sock = reuseport_socket(host, port)
         config = uvicorn.Config(
             app, lifespan="on", access_log=False, log_level="warning", log_config=None,

@@ -30,6 +30,7 @@ from serve_app.config import LicenseConfig, ModelConfig
 from serve_app.errors import error_body, from_vllm_error
 from serve_app.maritalk import ChatGenerateRequest, GenerateRequest, GenerateResponse, timings
 from serve_app.models import resolve_model, weight_bytes
+from serve_app.process_guard import guard_children
 from serve_app.streaming import PacedEngine, coalesce
 from serve_app.validation import request_error_body
 
@@ -76,6 +77,8 @@ class LLMServer:
             if inproc:
                 launch.enter_context(vllm.worker_omp_env(vllm_config))
             self._engine = vllm.start_engine(vllm_config)
+        # The engine core must not outlive this replica, however the replica ends.
+        self._engine_guard = guard_children()
         if cpu:
             pin_to_frontend()  # off the engine's cores (or onto one shared core, no reserve)
         layer = await vllm.openai_layer(

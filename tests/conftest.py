@@ -7,10 +7,14 @@ import time
 import httpx
 import pytest
 
+from serve_app.cli import single_box_ray_env
 from serve_app.config import TELEMETRY_OFF_ENV
 
 # Every test process, and every Ray/vLLM process a test starts, runs with telemetry off.
 os.environ.update(TELEMETRY_OFF_ENV)
+# Tests talk to loopback only: a Ray started by a test listens and dials there. Ray reads this
+# when it is first imported, so it is set before any test module can import Ray.
+os.environ.update(single_box_ray_env())
 
 
 def free_port() -> int:

@@ -5,12 +5,18 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
+import signal
+import tempfile
+import uuid
 
 import httpx
 import pytest
 
+from serve_app.cli import check_loopback
 from serve_app.config import RAY_SERVE_ENV, TELEMETRY_OFF_ENV, AppConfig, ModelConfig
 from tests.conftest import LicenseServerProcess, free_port, wait_for
+from tests.processes import SESSION_ENV, session_processes
 
 MODEL = "smollm2-135m-instruct"
 ALIAS = "smollm2"
@@ -21,6 +27,53 @@ ALIAS = "smollm2"
 E2E_MODEL = ModelConfig(max_ongoing_requests=4, max_queued_requests=4, enforce_eager=True,
                         enable_auto_tool_choice=True, tool_call_parser="hermes",
                         served_model_name=(ALIAS,))
+
+
+class Session:
+    """What this test session starts carries ``marker`` in its environment and keeps Ray's
+    files (and so its processes' command lines) under ``ray_temp_dir``."""
+
+    def __init__(self) -> None:
+        self.marker = uuid.uuid4().hex
+        # Short: Ray's Unix sockets live under it (paths are limited to 107 bytes).
+        self.ray_temp_dir = tempfile.mkdtemp(prefix="sa-ray-")
+
+    def processes(self):
+        return session_processes(self.marker, self.ray_temp_dir)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def session():
+    """Every process the session started must be gone when it ends. Leftovers fail the
+    session (an error in its last test's teardown), and are then killed: they are provably
+    ours."""
+    ours = Session()
+    saved = {k: os.environ.get(k) for k in (SESSION_ENV, "RAY_TMPDIR")}
+    os.environ[SESSION_ENV] = ours.marker
+    os.environ["RAY_TMPDIR"] = ours.ray_temp_dir
+    try:
+        yield ours
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    try:
+        # A stopped stack's processes take a few seconds to finish exiting.
+        wait_for(lambda: not ours.processes(), timeout=60, interval=1,
+                 what="the session's processes to exit")
+    except AssertionError:
+        left = ours.processes()
+        for found in left:
+            try:
+                os.kill(found.pid, signal.SIGKILL)
+            except OSError:
+                pass
+        if left:
+            pytest.fail("processes outlived the test session:\n" + "\n".join(map(str, left)))
+    finally:
+        shutil.rmtree(ours.ray_temp_dir, ignore_errors=True)
 
 
 class Stack:
@@ -86,6 +139,7 @@ def stack(tmp_path_factory):
         os.environ.setdefault(key, value)
     ray.init(include_dashboard=False, runtime_env={"env_vars": dict(TELEMETRY_OFF_ENV)})
     try:
+        check_loopback()
         # As `python -m serve_app` runs it: the replica listens on the port, no Serve proxy.
         serve.start(proxy_location="Disabled")
         config = AppConfig(models=(E2E_MODEL,), license=license, http_port=port)

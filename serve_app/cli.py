@@ -24,37 +24,10 @@ from serve_app.affinity import pin_to_frontend
 from serve_app.config import RAY_SERVE_ENV, TELEMETRY_OFF_ENV, Settings
 from serve_app.models import resolve_model
 from serve_app.process_guard import die_with_parent, guard_descendants
+from serve_app.ray_internals import LOOPBACK, check_loopback, single_box_ray_env
 
 logger = logging.getLogger("serve_app")
 
-LOOPBACK = "127.0.0.1"
-
-
-def single_box_ray_env() -> dict[str, str]:
-    """The environment that keeps a local Ray on loopback: its GCS, raylet, agents and workers
-    then listen on 127.0.0.1 and dial it, instead of listening on every interface and dialling
-    the machine's network address (Ray's default on Linux, where a local instance is also
-    the head of a possible cluster).
-
-    Relies on Ray's ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER`` switch (``ray._private.ray_constants
-    .ENABLE_RAY_CLUSTER``; false is Ray's own default on macOS and Windows), which Ray reads
-    once, when ``ray`` is first imported: set it before that import. ``ray.init``'s
-    ``_node_ip_address`` does not do it (Ray binds its servers to every interface and
-    resolves 127.0.0.1 to the interface address anyway). ``check_loopback`` verifies the effect.
-    """
-    return {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
-
-
-def check_loopback() -> None:
-    """Refuse to go on when the local Ray did not come up on loopback (``ray`` was imported
-    before ``single_box_ray_env`` was in the environment)."""
-    import ray
-
-    host = ray.get_runtime_context().gcs_address.rsplit(":", 1)[0]
-    if host != LOOPBACK:
-        raise RuntimeError(
-            f"Ray's GCS is at {host}, not on loopback: it would listen on the network. Set "
-            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 before Ray is imported.")
 
 
 class Stop(BaseException):
@@ -193,7 +166,7 @@ def _run(settings: Settings) -> int:
     config = settings.to_app_config()
     for model in config.models:
         print(f"Preparing model {model.name} from {model.source} ...", flush=True)
-        resolve_model(model.source, config.model_cache_dir)
+        resolve_model(model.source, config.model_cache_dir, s3=model.s3_options())
 
     import ray
     from ray import serve

@@ -22,6 +22,8 @@ import socket
 import uvicorn
 from starlette.types import ASGIApp
 
+from serve_app.ray_internals import keep_serve_grpc_on_loopback
+
 logger = logging.getLogger("ray.serve")
 
 
@@ -42,37 +44,6 @@ def reuseport_socket(host: str, port: int) -> socket.socket:
             "leave HTTP to Serve's proxy."
         ) from exc
     return sock
-
-
-def keep_serve_grpc_on_loopback() -> None:
-    """On a single box (Ray itself on loopback), bind Ray Serve's inter-deployment gRPC server
-    of this replica to 127.0.0.1 instead of every interface: nothing off the box may reach it,
-    and on one box nothing needs to. A no-op when Ray runs on a network address (a cluster).
-
-    Relies on a Ray Serve internal: ``ray.serve._private.replica`` (Ray 2.60) starts that
-    server in ``_on_initialized``, after the deployment's constructor has run, by calling its
-    module-level name ``add_port_to_grpc_server(server, "[::]:0")`` (from
-    ``ray._common.tls_utils``); the address is hard-coded. The e2e listening-socket test
-    fails if this stops working.
-    """
-    import ray
-
-    if not ray.is_initialized() or ray.util.get_node_ip_address() != "127.0.0.1":
-        return
-    from ray.serve._private import replica
-
-    original = replica.add_port_to_grpc_server
-    if getattr(original, "on_loopback", False):
-        return
-
-    def add_port_on_loopback(server: object, address: str) -> int:
-        host, _, port = address.rpartition(":")
-        if host in ("[::]", "0.0.0.0", ""):
-            address = f"127.0.0.1:{port}"
-        return original(server, address)
-
-    add_port_on_loopback.on_loopback = True  # type: ignore[attr-defined]
-    replica.add_port_to_grpc_server = add_port_on_loopback
 
 
 class ReplicaListener:

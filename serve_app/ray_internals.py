@@ -128,3 +128,66 @@ def head_node_options() -> dict[str, Any]:
             "type's resources in the cluster config).")
     return {"scheduling_strategy": NodeAffinitySchedulingStrategy(candidates[0]["NodeID"],
                                                                    soft=False)}
+
+
+# -- a single box on loopback ------------------------------------------------------------------
+
+LOOPBACK = "127.0.0.1"
+
+
+def single_box_ray_env() -> dict[str, str]:
+    """The environment that keeps a local Ray on loopback: its GCS, raylet, agents and workers
+    then listen on 127.0.0.1 and dial it, instead of listening on every interface and dialling
+    the machine's network address (Ray's default on Linux, where a local instance is also
+    the head of a possible cluster).
+
+    Relies on Ray's ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER`` switch (``ray._private.ray_constants
+    .ENABLE_RAY_CLUSTER``; false is Ray's own default on macOS and Windows), which Ray reads
+    once, when ``ray`` is first imported: set it before that import. ``ray.init``'s
+    ``_node_ip_address`` does not do it (Ray binds its servers to every interface and
+    resolves 127.0.0.1 to the interface address anyway). ``check_loopback`` verifies the effect.
+    """
+    return {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+
+
+def check_loopback() -> None:
+    """Refuse to go on when the local Ray did not come up on loopback (``ray`` was imported
+    before ``single_box_ray_env`` was in the environment)."""
+    import ray
+
+    host = ray.get_runtime_context().gcs_address.rsplit(":", 1)[0]
+    if host != LOOPBACK:
+        raise RuntimeError(
+            f"Ray's GCS is at {host}, not on loopback: it would listen on the network. Set "
+            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 before Ray is imported.")
+
+
+def keep_serve_grpc_on_loopback() -> None:
+    """On a single box (Ray itself on loopback), bind Ray Serve's inter-deployment gRPC server
+    of this replica to 127.0.0.1 instead of every interface: nothing off the box may reach it,
+    and on one box nothing needs to. A no-op when Ray runs on a network address (a cluster).
+
+    Relies on a Ray Serve internal: ``ray.serve._private.replica`` (Ray 2.60) starts that
+    server in ``_on_initialized``, after the deployment's constructor has run, by calling its
+    module-level name ``add_port_to_grpc_server(server, "[::]:0")`` (from
+    ``ray._common.tls_utils``); the address is hard-coded. The e2e listening-socket test
+    fails if this stops working.
+    """
+    import ray
+
+    if not ray.is_initialized() or ray.util.get_node_ip_address() != "127.0.0.1":
+        return
+    from ray.serve._private import replica
+
+    original = replica.add_port_to_grpc_server
+    if getattr(original, "on_loopback", False):
+        return
+
+    def add_port_on_loopback(server: object, address: str) -> int:
+        host, _, port = address.rpartition(":")
+        if host in ("[::]", "0.0.0.0", ""):
+            address = f"127.0.0.1:{port}"
+        return original(server, address)
+
+    add_port_on_loopback.on_loopback = True  # type: ignore[attr-defined]
+    replica.add_port_to_grpc_server = add_port_on_loopback

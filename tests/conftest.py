@@ -7,8 +7,8 @@ import time
 import httpx
 import pytest
 
-from serve_app.cli import single_box_ray_env
 from serve_app.config import TELEMETRY_OFF_ENV
+from serve_app.ray_internals import single_box_ray_env
 
 # Every test process, and every Ray/vLLM process a test starts, runs with telemetry off.
 os.environ.update(TELEMETRY_OFF_ENV)

@@ -13,8 +13,8 @@ import uuid
 import httpx
 import pytest
 
-from serve_app.cli import check_loopback
 from serve_app.config import RAY_SERVE_ENV, TELEMETRY_OFF_ENV, AppConfig, ModelConfig
+from serve_app.ray_internals import check_loopback
 from tests.conftest import LicenseServerProcess, free_port, wait_for
 from tests.processes import SESSION_ENV, session_processes
 

@@ -451,10 +451,20 @@ def test_fuzzed_bodies_never_get_a_5xx_and_the_stack_still_serves(stack):
     wait_for(lambda: stack.unfinished() == 0, timeout=30, what="the engine to drain")
 
 
-def test_zz_auth_on_every_route(stack):
-    """Runs last: redeploys the ingress with keys (the vLLM replica is kept)."""
-    keyed = stack.config.model_copy(update={"api_keys": (SecretStr("sk-test-1"),)})
+def test_auth_on_every_route(stack):
+    """Redeploys the ingress with keys (the vLLM replica is kept), then without them again."""
+    original = stack.config
+    keyed = original.model_copy(update={"api_keys": (SecretStr("sk-test-1"),)})
     stack.redeploy(keyed)
+    try:
+        _check_auth(stack)
+    finally:
+        stack.redeploy(original)
+        wait_for(lambda: httpx.get(f"{stack.url}/v1/models").status_code == 200, timeout=120,
+                 what="the ingress without keys")
+
+
+def _check_auth(stack):
     wait_for(lambda: httpx.get(f"{stack.url}/v1/models").status_code == 401, timeout=120,
              what="the keyed ingress")
     routes = [

@@ -284,6 +284,12 @@ def test_compose_gpu_reservation_only_in_the_gpu_profile():
     assert not set(services["app"]["profiles"]) & set(services["app-gpu"]["profiles"])
 
 
+def test_compose_services_run_under_an_init():
+    """PID 1 ignores SIGTERM without a handler, and the app installs its own only once it is
+    healthy; an init forwards `docker stop`'s signal and reaps Ray's exited processes."""
+    assert all(s.get("init") is True for s in compose()["services"].values())
+
+
 def test_compose_volumes_are_all_used():
     spec = compose()
     used = {v.split(":")[0] for s in spec["services"].values() for v in s.get("volumes", [])}

@@ -59,7 +59,9 @@ def text_of(cell) -> str:
 
 
 def kernel_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SERVE_APP_")}
+    # The app starts a Ray of its own, as on Colab: never one a test before left an address of.
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("SERVE_APP_") and k != "RAY_ADDRESS"}
     # Ray workers and the app import this checkout's code, as the kernel does.
     env["PYTHONPATH"] = str(ROOT)
     return {**env, **extra}

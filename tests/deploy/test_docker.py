@@ -218,7 +218,7 @@ def test_build_context_holds_what_the_images_copy_and_builds_the_package(tmp_pat
         else:
             context.mkdir(exist_ok=True)
             shutil.copy(src, context / source)
-    run = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+    run = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps",
                           "-q", "-w", str(tmp_path / "dist"), str(context)],
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]

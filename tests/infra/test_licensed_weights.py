@@ -327,6 +327,26 @@ def test_urls_that_expire_mid_download_are_refreshed(vendor, gateway, tmp_path):
     assert len(downloads(vendor)) == 2  # the first grant and one refresh, however many parts
 
 
+def test_a_model_republished_mid_download_is_not_mixed_with_the_old_one(vendor, gateway,
+                                                                          tmp_path):
+    license = license_config(vendor, tmp_path, models=(NAME,))
+    republished = []
+
+    def republish_after_the_first_part(target: str) -> None:
+        if "model.safetensors" in target and not republished:
+            republished.append(target)
+            (vendor.folder / "model.safetensors").write_bytes(WEIGHTS[::-1])
+            vendor.catalog.publish(NAME, vendor.folder)
+            gateway.offset = 3600  # and the old URLs expire: the next parts ask again
+
+    gateway.on_get = republish_after_the_first_part
+    with pytest.raises(WeightsError, match="republished during the download"):
+        fetch_licensed_model(NAME, tmp_path / "cache", license, tuning=SMALL)
+    gateway.on_get, gateway.offset = (lambda target: None), 0
+    folder = fetch_licensed_model(NAME, tmp_path / "cache", license, tuning=SMALL)
+    assert (folder / "model.safetensors").read_bytes() == WEIGHTS[::-1]
+
+
 def test_a_refusal_reaches_the_replica_with_the_servers_reason(vendor, tmp_path):
     lic, key = vendor.issue(models=(NAME,))
     vendor.service.store.revoke(lic.license_id)

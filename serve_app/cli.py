@@ -166,7 +166,8 @@ def _run(settings: Settings) -> int:
     config = settings.to_app_config()
     for model in config.models:
         print(f"Preparing model {model.name} from {model.source} ...", flush=True)
-        resolve_model(model.source, config.model_cache_dir, s3=model.s3_options())
+        resolve_model(model.source, config.model_cache_dir, s3=model.s3_options(),
+                      license=config.license)
 
     import ray
     from ray import serve

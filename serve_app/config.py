@@ -70,9 +70,11 @@ class ModelConfig(BaseModel):
     name: str = Field(SMOLLM2, description="Name clients pass as `model`.", min_length=1)
     source: str = Field(
         DEFAULT_MODEL_SOURCE,
-        description="`builtin:smollm2-135m-instruct`, a local Hugging Face folder, or "
-        "`s3://bucket/prefix`: the folder's files and their `manifest.json` in an S3-compatible "
-        "bucket (AWS S3, OCI Object Storage, GCS), fetched once per node into model_cache_dir.",
+        description="`builtin:smollm2-135m-instruct`, a local Hugging Face folder, "
+        "`s3://bucket/prefix` (the folder's files and their `manifest.json` in an S3-compatible "
+        "bucket: AWS S3, OCI Object Storage, GCS), or `licensed:<model>` (the vendor's weights, "
+        "through the license server with the license key); fetched once per node into "
+        "model_cache_dir.",
     )
     s3_endpoint_url: str | None = Field(
         None,
@@ -317,6 +319,10 @@ class AppConfig(BaseModel):
         if self.http_port is not None and not self.colocate_ingress:
             raise ValueError("http_port is where colocated replicas listen; with "
                              "colocate_ingress false, HTTP goes through Serve's proxy only")
+        licensed = [m.name for m in self.models if m.source.startswith("licensed:")]
+        if licensed and self.license is None:
+            raise ValueError(f"the `licensed:` weights of {', '.join(licensed)} come with a "
+                             "license: set license (SERVE_APP_LICENSE_KEY)")
         return self
 
     def runtime_env_vars(self) -> dict[str, str]:

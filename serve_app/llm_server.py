@@ -62,7 +62,7 @@ class LLMServer:
             logger.error("This vLLM lacks internals the app relies on; affected features may "
                          "fail or quietly stop working: %s", "; ".join(gaps))
         path = await asyncio.to_thread(resolve_model, config.source, model_cache_dir,
-                                       s3=config.s3_options())
+                                       s3=config.s3_options(), license=license)
         engine_args, vllm_config = vllm.engine_config(config.engine_args(str(path)))
         cpu = config.device == "cpu"
         inproc = cpu and config.cpu_inproc_worker and single_worker(

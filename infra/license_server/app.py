@@ -1,7 +1,8 @@
 """The license server's HTTP API (starlette).
 
 Client side (``Authorization: Bearer <license key>``): ``POST /v1/activate``,
-``POST /v1/heartbeat``, ``POST /v1/usage`` (idempotent by ``report_id``), ``GET /v1/status``.
+``POST /v1/heartbeat``, ``POST /v1/usage`` (idempotent by ``report_id``), ``GET /v1/status``,
+``POST /v1/models/{name}/download`` (a model's manifest and presigned URLs, unmetered).
 Admin side (``Authorization: Bearer <admin token>``): ``POST /admin/licenses`` (issue),
 ``GET /admin/licenses``, ``POST /admin/licenses/{id}/revoke``, ``GET /admin/usage`` (JSON or
 ``?format=csv``; ``from``/``to`` days, ``limit`` with ``cursor`` or ``offset``).
@@ -22,6 +23,7 @@ from typing import Any
 
 from sqlalchemy.exc import OperationalError
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -134,6 +136,13 @@ def build_app(service: LicenseService, admin_token: str) -> ASGIApp:
         lic, status = client(request)
         return JSONResponse({"license_id": lic.license_id, "status": status})
 
+    async def download(request: Request) -> Response:
+        lic, status = client(request)
+        # Reading the manifest is a bucket round trip: off the event loop.
+        grant = await run_in_threadpool(service.download, lic, status,
+                                        request.path_params["name"])
+        return JSONResponse(grant)
+
     async def issue(request: Request) -> Response:
         admin(request)
         lic, key = service.issue(await body(request, IssueRequest))
@@ -208,6 +217,7 @@ def build_app(service: LicenseService, admin_token: str) -> ASGIApp:
             Route("/v1/heartbeat", heartbeat, methods=["POST"]),
             Route("/v1/usage", usage_report, methods=["POST"]),
             Route("/v1/status", status),
+            Route("/v1/models/{name}/download", download, methods=["POST"]),
             Route("/admin/licenses", issue, methods=["POST"]),
             Route("/admin/licenses", list_licenses, methods=["GET"]),
             Route("/admin/licenses/{license_id}/revoke", revoke, methods=["POST"]),

@@ -1,7 +1,10 @@
-"""``python -m infra.license_server serve|issue|list|revoke|usage|public-key|rotate-admin-token``.
+"""``python -m infra.license_server serve|issue|list|revoke|usage|public-key|rotate-admin-token|
+publish-model|models``.
 
 Admin commands act on the same database as the server (``LICENSE_SERVER_DATABASE_URL`` or the
 SQLite file in ``LICENSE_SERVER_DATA_DIR``), so they work whether or not it is running.
+``publish-model`` and ``models`` act on the vendor bucket (``LICENSE_SERVER_BUCKET__URL`` and its
+siblings), the one the server presigns downloads from.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from infra.license_server.app import IssueRequest, LicenseService, build_app, to_csv
 from infra.license_server.billing import Refusal
+from infra.license_server.catalog import ModelBucket, ModelCatalog
 from infra.license_server.db import LicenseStore
 from infra.license_server.limits import ServerPolicy
 from serve_app.licensing import load_private_key, new_private_key, private_key_pem
@@ -40,6 +44,9 @@ class LicenseServerSettings(BaseSettings):
         "count per client address); comma-separated, as uvicorn's --forwarded-allow-ips.")
     policy: ServerPolicy = Field(default_factory=ServerPolicy, description="Wire limits, rate "
                                  "limits, cross-checks (env LICENSE_SERVER_POLICY__<FIELD>).")
+    bucket: ModelBucket | None = Field(None, description="Where published models live, for "
+                                       "licensed downloads (env LICENSE_SERVER_BUCKET__<FIELD>). "
+                                       "None: the server publishes no models.")
 
     @property
     def url(self) -> str:
@@ -66,7 +73,16 @@ def build_service(settings: LicenseServerSettings) -> tuple[LicenseService, str]
         data / "admin_token", secrets.token_urlsafe(32).encode()).decode().strip()
     public_url = settings.public_url or f"http://{settings.host}:{settings.port}"
     store = LicenseStore(settings.url).start()
-    return LicenseService(store, signing_key, public_url, policy=settings.policy), token
+    catalog = build_catalog(settings) if settings.bucket else None
+    return LicenseService(store, signing_key, public_url, policy=settings.policy,
+                          catalog=catalog), token
+
+
+def build_catalog(settings: LicenseServerSettings) -> ModelCatalog:
+    if settings.bucket is None:
+        sys.exit("no bucket configured: set LICENSE_SERVER_BUCKET__URL=s3://bucket/prefix "
+                 "(and __ENDPOINT_URL, __REGION, __ACCESS_KEY_ID, __SECRET_ACCESS_KEY as needed)")
+    return ModelCatalog(settings.bucket).start()
 
 
 def rotate_admin_token(settings: LicenseServerSettings) -> str:
@@ -110,11 +126,19 @@ def main(argv: list[str] | None = None) -> None:
     sub.add_parser("public-key", help="print the vendor public key customers configure")
     sub.add_parser("rotate-admin-token", help="write a new admin token into the data dir and "
                    "print it (restart the server to use it)")
+    publish = sub.add_parser("publish-model", help="upload a model folder to the vendor bucket "
+                             "and write its manifest; licenses that cover the name can download it")
+    publish.add_argument("--name", required=True, help="the name licenses list, e.g. "
+                         "smollm2-135m-instruct; customers use the source licensed:<name>")
+    publish.add_argument("--folder", required=True, help="a Hugging Face model folder")
+    sub.add_parser("models", help="list the models published in the vendor bucket")
     args = parser.parse_args(argv)
 
     overrides = {k: v for k, v in (("host", getattr(args, "host", None)),
                                    ("port", getattr(args, "port", None))) if v is not None}
     settings = LicenseServerSettings(**overrides)
+    if args.command in ("publish-model", "models"):  # the bucket only, not the database
+        return _models_command(args, build_catalog(settings))
     service, token = build_service(settings)
 
     if args.command == "serve":
@@ -165,3 +189,22 @@ def main(argv: list[str] | None = None) -> None:
         print(service.public_key)
     elif args.command == "rotate-admin-token":
         print(rotate_admin_token(settings))
+
+
+def _models_command(args: argparse.Namespace, catalog: ModelCatalog) -> None:
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    from serve_app.manifest import ManifestError
+
+    where = f"s3://{catalog.bucket}/{catalog.key('')}"
+    try:
+        if args.command == "publish-model":
+            manifest = catalog.publish(args.name, args.folder, log=print)
+            print(f"published {args.name}: {len(manifest.files)} files, {manifest.total_bytes} "
+                  f"bytes, under {where}/{args.name}/")
+        else:
+            for model in catalog.published():
+                print(f"{model.name}  {len(model.manifest.files)} files  "
+                      f"{model.manifest.total_bytes} bytes")
+    except (BotoCoreError, ClientError, ManifestError, ValueError, OSError) as exc:
+        sys.exit(f"{args.command} ({where}): {exc}")

@@ -1,5 +1,6 @@
 """The license server's service, shared by the HTTP routes and the admin CLI: issue and check
-licenses, take heartbeats and usage reports, and page through usage with its cross-checks."""
+licenses, take heartbeats and usage reports, page through usage with its cross-checks, and hand
+an entitled license the presigned URLs of a published model."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from infra.license_server.billing import DAY, Interval, Refusal, day_index, day_name, parse_day
+from infra.license_server.catalog import MODEL_NAME, ModelCatalog
 from infra.license_server.crosscheck import license_usage
 from infra.license_server.db import LicenseStore, ReportRules
 from infra.license_server.limits import ServerPolicy
@@ -27,8 +29,9 @@ class LicenseService:
 
     def __init__(self, store: LicenseStore, signing_key: Ed25519PrivateKey, public_url: str,
                  now: Callable[[], float] = time.time,
-                 policy: ServerPolicy | None = None) -> None:
+                 policy: ServerPolicy | None = None, catalog: ModelCatalog | None = None) -> None:
         self.store = store
+        self.catalog = catalog
         self.signing_key = signing_key
         self.public_url = public_url
         self.now = now
@@ -84,6 +87,22 @@ class LicenseService:
             report_id=req.report_id, license_id=lic.license_id, cluster_id=req.cluster_id,
             items=[Interval(i.instance_id, i.start, i.end, i.gpus) for i in req.intervals],
             rules=rules)
+
+    def download(self, lic: License, status: str, name: str) -> dict[str, Any]:
+        """The manifest and presigned URLs of model ``name`` for an active license that covers
+        it. Nothing is recorded: a download is neither an activation nor billed time."""
+        if not MODEL_NAME.match(name):
+            raise Refusal(f"model name {name[:64]!r}: not a model name")
+        if status != "active":
+            raise Refusal(f"license {lic.license_id} is {status}: no model downloads"
+                          + (". Renew it with the vendor." if status == "expired" else "."),
+                          f"license_{status}", 403)
+        if not lic.allows_model(name):
+            raise Refusal(f"license {lic.license_id} does not cover model {name!r} (it covers: "
+                          f"{', '.join(lic.models)})", "model_not_licensed", 403)
+        if self.catalog is None:
+            raise Refusal("this license server publishes no models", "model_not_found", 404)
+        return self.catalog.grant(name, self.now())
 
     def usage(self, license_id: str | None = None, *, day_from: str | None = None,
               day_to: str | None = None, limit: int | None = None, cursor: str | None = None,

@@ -156,3 +156,8 @@ def test_settings_are_checked_by_the_models_rules():
     with pytest.raises(ValidationError, match="min_replicas must not exceed max_replicas"):
         Settings(min_replicas="3", max_replicas="2").to_app_config()
     assert Settings(min_replicas="2").to_app_config().models[0].max_replicas == 2
+
+
+def test_licensed_weights_need_a_license():
+    with pytest.raises(ValidationError, match="come with a license"):
+        AppConfig(models=(ModelConfig(source="licensed:smollm2-135m-instruct"),))

@@ -1,0 +1,182 @@
+"""The vendor's weights under license: the model source ``licensed:<model-name>``.
+
+The replica presents its license key to the license server named in the key
+(``POST /v1/models/<name>/download``) and gets back the model's manifest and a presigned GET URL
+per file on the vendor's bucket, valid for minutes. The files come through plain ranged GETs
+(httpx; no bucket credentials, no boto3 on the customer's side) into ``fetch_model``: parallel
+parts, resume, verify, one download per node. A URL that expired meanwhile (the bucket answers
+403, or 400/401 on some stores) is replaced by asking the server again; the range is retried.
+
+An invalid, expired or revoked license, or a model it does not cover, is refused by the server
+(401/403/404) and fails the replica with the server's reason. When the server cannot be reached,
+a copy verified earlier is served (the license actor's grace period governs serving, not this).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import httpx
+
+from serve_app.errors import ConfigError
+from serve_app.licensing import LicenseError, load_public_key, verify_key
+from serve_app.manifest import Manifest, ManifestError, parse_manifest
+from serve_app.models import LICENSED_PREFIX
+from serve_app.weights import UNREACHABLE, MiB, Tuning, WeightsError, fetch_model, verified_copy
+
+if TYPE_CHECKING:
+    from serve_app.config import LicenseConfig
+
+logger = logging.getLogger(__name__)
+
+REFUSED = "model_download_refused"  # the code of a WeightsError for the server's refusal
+# What stores answer a presigned URL past its expiry: S3 403, GCS 400, some others 401.
+_EXPIRED_STATUSES = (400, 401, 403)
+# A model name is one key component in the vendor's bucket and one folder in the cache.
+MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_BLOCK = MiB
+
+
+@dataclass(frozen=True)
+class Grant:
+    """What the license server handed out: the manifest and a URL per file."""
+
+    manifest: Manifest
+    urls: dict[str, str]
+
+
+def request_grant(http: httpx.Client, server_url: str, key: str, name: str) -> Grant:
+    """Ask the license server for model ``name``; raise WeightsError with its reason."""
+    url = f"{server_url.rstrip('/')}/v1/models/{name}/download"
+    try:
+        response = http.post(url, headers={"Authorization": f"Bearer {key}"})
+    except httpx.TransportError as exc:
+        raise WeightsError(f"Cannot reach the license server at {server_url} for model {name!r} "
+                           f"({type(exc).__name__}: {exc}).", code=UNREACHABLE) from None
+    detail = _error_detail(response)
+    if response.status_code == 429 or response.status_code >= 500:
+        raise WeightsError(f"The license server at {server_url} could not hand out model "
+                           f"{name!r} now ({response.status_code}: {detail}).", code=UNREACHABLE)
+    if response.status_code != 200:
+        raise WeightsError(f"The license server refused model {name!r} for this license "
+                           f"({response.status_code}: {detail}).", code=REFUSED)
+    try:
+        doc = response.json()
+        manifest = parse_manifest(json.dumps(doc["manifest"]), f"{url} manifest")
+        urls = {f.name: str(doc["urls"][f.name]) for f in manifest.files}
+    except (ValueError, KeyError, TypeError, ManifestError) as exc:
+        raise WeightsError(f"The license server's answer for model {name!r} is not a download "
+                           f"grant ({exc}); is {server_url} the vendor's license server?") from None
+    return Grant(manifest, urls)
+
+
+def _error_detail(response: httpx.Response) -> str:
+    try:
+        error = response.json()["error"]
+        return f"{error.get('code')}: {error.get('message')}"
+    except (ValueError, KeyError, TypeError):
+        return response.text[:200]
+
+
+class LicensedSource:
+    """A licensed model's files, read through the presigned URLs of the latest grant."""
+
+    retryable: tuple[type[BaseException], ...] = (httpx.TransportError,)
+
+    def __init__(self, name: str, grant: Grant, ask: Callable[[], Grant],
+                 http: httpx.Client) -> None:
+        self.name = name
+        self._grant, self._ask, self._http = grant, ask, http
+        self._generation = 0
+        self._lock = threading.Lock()
+        self.refreshes = 0
+
+    def describe(self, name: str) -> str:
+        return f"{LICENSED_PREFIX}{self.name}" + (f"/{name}" if name else "")
+
+    def _url(self, name: str) -> tuple[str, int]:
+        with self._lock:
+            return self._grant.urls[name], self._generation
+
+    def _refresh(self, seen: int) -> None:
+        # Under the lock: of the parts that found their URL expired at once, the first asks
+        # the server and the others take its answer.
+        with self._lock:
+            if self._generation != seen:
+                return
+            grant = self._ask()
+            if grant.manifest != self._grant.manifest:
+                raise WeightsError(f"Model {self.name!r} was republished during the download; "
+                                   "run again to fetch the new version.")
+            self._grant, self._generation = grant, self._generation + 1
+            self.refreshes += 1
+
+    def read_range(self, name: str, start: int, end: int) -> Iterator[bytes]:
+        for attempt in (1, 2):
+            url, generation = self._url(name)
+            headers = {"Range": f"bytes={start}-{end - 1}", "Accept-Encoding": "identity"}
+            with self._http.stream("GET", url, headers=headers) as response:
+                if response.status_code in _EXPIRED_STATUSES and attempt == 1:
+                    logger.info("%s: the bucket answered %d (URLs expired); asking the license "
+                                "server for new ones", self.describe(name), response.status_code)
+                    self._refresh(generation)
+                    continue
+                if response.status_code != 206:
+                    response.read()
+                    raise WeightsError(f"{self.describe(name)}: the vendor bucket answered "
+                                       f"{response.status_code} to bytes {start}-{end - 1}: "
+                                       f"{response.text[:300]}")
+                # A store that ignores Range answers with the whole object; its bytes would
+                # land at the wrong offsets.
+                content_range = response.headers.get("content-range", "")
+                if not content_range.startswith(f"bytes {start}-"):
+                    raise WeightsError(f"{self.describe(name)}: asked for bytes from {start}, got "
+                                       f"Content-Range {content_range!r}")
+                yield from response.iter_raw(_BLOCK)
+                return
+
+
+def fetch_licensed_model(name: str, cache_dir: str | Path, license: LicenseConfig | None, *,
+                         http: httpx.Client | None = None, tuning: Tuning = Tuning()) -> Path:
+    """Fetch licensed model ``name`` into ``cache_dir`` (once per node) and return the folder.
+
+    ``http`` replaces the client used for the license server and the bucket (tests)."""
+    if license is None:
+        raise ConfigError(f"The model source {LICENSED_PREFIX}{name} needs the license: set "
+                          "license_key and license_public_key (the key says which server to ask).")
+    if not MODEL_NAME.match(name):
+        raise ConfigError(f"{LICENSED_PREFIX}{name!r}: not a model name (letters, digits, '.', "
+                          "'_' and '-'), e.g. licensed:smollm2-135m-instruct.")
+    key = license.key.get_secret_value()
+    try:
+        # Expiry and revocation are the server's to judge: it answers with the reason.
+        lic = verify_key(key, load_public_key(license.public_key), check_expiry=False)
+    except LicenseError as exc:
+        raise ConfigError(f"{LICENSED_PREFIX}{name}: {exc}", code=exc.code) from None
+    folder = Path(cache_dir) / "licensed" / name
+    own = http is None
+    http = http or httpx.Client(timeout=httpx.Timeout(60.0, connect=10.0),
+                                limits=httpx.Limits(max_connections=tuning.concurrency + 2))
+    try:
+        def ask() -> Grant:
+            return request_grant(http, lic.server_url, key, name)
+
+        try:
+            grant = ask()
+        except WeightsError as exc:
+            if exc.code != UNREACHABLE or verified_copy(folder) is None:
+                raise
+            logger.warning("%s Serving the copy verified earlier in %s.", exc.message, folder)
+            return folder
+        return fetch_model(grant.manifest, LicensedSource(name, grant, ask, http), folder,
+                           tuning=tuning)
+    finally:
+        if own:
+            http.close()

@@ -8,6 +8,7 @@ Serve's HTTP proxy in the router layout); prints how to call it.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import signal
@@ -90,10 +91,15 @@ class DevLicenseServer:
 
     def start(self) -> tuple[str, str]:
         """Start the server and return (license key, vendor public key)."""
-        from infra.license_server.app import IssueRequest
-        from infra.license_server.cli import LicenseServerSettings, build_service
-
-        env = {**os.environ, "LICENSE_SERVER_DATA_DIR": str(self.data_dir)}
+        # The vendor's server runs as its own program (it ships in the `license-server` extra);
+        # the app only speaks to it over HTTP, as to the vendor's.
+        env = {**os.environ, "LICENSE_SERVER_DATA_DIR": str(self.data_dir),
+               "LICENSE_SERVER_PORT": str(self.port)}
+        issued = subprocess.run(
+            [sys.executable, "-m", "infra.license_server", "issue", "--customer",
+             "local-development", "--days", "30", "--json"],
+            env=env, check=True, capture_output=True, text=True)
+        dev = json.loads(issued.stdout)
         # Loopback: only this box's app uses it. SIGINT blocked: a Ctrl-C reaches the whole
         # foreground process group, and the app reports its last usage while it stops; the
         # CLI stops this server after the app. It dies with the CLI whatever happens to that.
@@ -101,9 +107,6 @@ class DevLicenseServer:
             [sys.executable, "-m", "infra.license_server", "serve", "--host", LOOPBACK,
              "--port", str(self.port)],
             env=env, preexec_fn=_license_server_preexec)
-        service, _ = build_service(LicenseServerSettings(data_dir=str(self.data_dir),
-                                                         port=self.port))
-        lic, key = service.issue(IssueRequest(customer="local-development", days=30))
         url = f"http://127.0.0.1:{self.port}"
         deadline = time.monotonic() + 60
         while True:
@@ -114,9 +117,9 @@ class DevLicenseServer:
                 if time.monotonic() > deadline or self.proc.poll() is not None:
                     raise RuntimeError("the local license server did not start") from None
                 time.sleep(0.3)
-        print(f"License server at {url}; development license {lic.license_id} "
+        print(f"License server at {url}; development license {dev['license']['license_id']} "
               f"(data in {self.data_dir})", flush=True)
-        return key, service.public_key
+        return dev["key"], dev["public_key"]
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

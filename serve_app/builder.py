@@ -28,7 +28,8 @@ def deployment_options(model: ModelConfig, env_vars: dict[str, str]) -> dict[str
         "health_check_timeout_s": 120,
         "graceful_shutdown_timeout_s": 30,
     }
-    if model.device == "cpu":
+    device = model.scheduling_device()
+    if device == "cpu":
         # vLLM pins its engine to a core of its own choosing; reserving CPUs in Ray on top
         # of that leaves the next deployment unschedulable on small boxes.
         actor["num_cpus"] = 0
@@ -42,7 +43,7 @@ def deployment_options(model: ModelConfig, env_vars: dict[str, str]) -> dict[str
             {"GPU": 1} for _ in range(model.tensor_parallel_size - 1)
         ]
         options["placement_group_strategy"] = "STRICT_PACK"
-    if model.accelerator_type and model.device == "gpu":
+    if model.accelerator_type and device == "gpu":
         actor["accelerator_type"] = model.accelerator_type
     options["ray_actor_options"] = actor
     if model.min_replicas == model.max_replicas:

@@ -92,7 +92,7 @@ class Ingress:
     """The router layout's ingress: a CPU-only replica that reaches every model by handle."""
 
     def __init__(self, config: AppConfig, handles: dict[str, Any]) -> None:
-        if any(m.device == "cpu" for m in config.models):
+        if any(m.local_device() == "cpu" for m in config.models):
             pin_to_frontend()
         self._app = build_ingress(config, handles, **license_kwargs(config))
 

@@ -48,6 +48,8 @@ class LLMServer:
     async def __init__(
         self, config: ModelConfig, model_cache_dir: str, license: LicenseConfig | None = None
     ) -> None:
+        # `auto` becomes this node's device here, where the replica runs.
+        config = config.model_copy(update={"device": config.local_device()})
         self._config = config
         self._reporter = None
         if license is not None:

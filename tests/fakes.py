@@ -244,62 +244,6 @@ class LicenseWire(httpx.AsyncBaseTransport):
         return sum(i["end"] - i["start"] for r in self.accepted.values() for i in r)
 
 
-class ParsingLLMServer(FakeLLMServer):
-    """A replica that refuses what ``LLMServer`` refuses before its engine runs: the OpenAI body
-    through vLLM's own request model and its ``to_sampling_params``, the MariTalk body through
-    ours and vLLM's ``SamplingParams``. Generates nothing; answers with the sampling values.
-
-    vLLM's classes are passed in, so only the tests that want them import vLLM."""
-
-    def __init__(self, name: str, request_models: dict[str, Any], sampling_params: Any) -> None:
-        super().__init__(name)
-        self._request_models = request_models
-        self._sampling_params = sampling_params
-
-    def _check_openai(self, endpoint: str, body: bytes) -> tuple[int, str] | None:
-        from serve_app.validation import request_error_body
-
-        try:
-            request = self._request_models[endpoint].model_validate_json(body)
-            request.to_sampling_params(16, {})
-        except Exception as exc:
-            return 400, json.dumps(request_error_body(exc))
-        return None
-
-    async def openai(self, endpoint: str, body: bytes) -> tuple[int, str]:
-        refused = self._check_openai(endpoint, body)
-        if refused is not None:
-            self.calls.append(("openai", (endpoint, body)))
-            return refused
-        return await super().openai(endpoint, body)
-
-    def openai_stream(self, endpoint: str, body: bytes) -> FakeStream:
-        refused = self._check_openai(endpoint, body)
-        if refused is not None:
-            self.calls.append(("openai_stream", (endpoint, body)))
-            return FakeStream([refused])
-        return super().openai_stream(endpoint, body)
-
-    async def maritalk(self, kind: str, body: bytes) -> tuple[int, str]:
-        from serve_app.maritalk import ChatGenerateRequest, GenerateRequest
-        from serve_app.validation import request_error_body
-
-        self.calls.append(("maritalk", (kind, body)))
-        model = ChatGenerateRequest if kind == "chat" else GenerateRequest
-        try:
-            params = model.model_validate_json(body)
-            sampling = self._sampling_params(**params.sampling_kwargs())
-        except Exception as exc:
-            return 400, json.dumps(request_error_body(exc))
-        return 200, json.dumps({
-            "output": "Paris", "queue_time": 0.0, "prompt_time": 0.1, "generation_time": 0.2,
-            "prompt_tokens": 3, "completion_tokens": 1, "finish_reason": "stop",
-            "sampling": {"temperature": sampling.temperature, "top_p": sampling.top_p,
-                         "max_tokens": sampling.max_tokens, "seed": sampling.seed,
-                         "stop": sampling.stop},
-        })
-
-
 # -- the engine under LLMServer ------------------------------------------------------------------
 
 TINY_WORDS = ("<unk>", "<s>", "</s>", "user", "assistant", "system", "The", "capital", "of",
@@ -406,6 +350,9 @@ class FakeEngine:
 
     async def generate(self, prompt: Any, sampling_params: Any, request_id: str,
                        **kwargs: Any) -> AsyncIterator[Any]:
+        """As ``AsyncLLM``: DELTA requests get one output per token, FINAL_ONLY ones the whole
+        answer once; ``n`` completions each; logprobs when asked for (all tokens at -0.5)."""
+        from vllm.logprobs import Logprob
         from vllm.outputs import CompletionOutput, RequestOutput
         from vllm.sampling_params import RequestOutputKind
         from vllm.v1.metrics.stats import RequestStateStats
@@ -415,6 +362,15 @@ class FakeEngine:
         ids = prompt.get("prompt_token_ids") if isinstance(prompt, dict) else None
         delta = sampling_params.output_kind == RequestOutputKind.DELTA
         words = list(script.words)[: sampling_params.max_tokens or None]
+        vocab = len(TINY_WORDS)
+        tokens = [(len(TINY_WORDS) - len(words) + i) % vocab for i in range(len(words))]
+
+        def logprobs(token_ids: list[int]) -> list[dict[int, Any]]:
+            return [{t: Logprob(logprob=-0.5, rank=1, decoded_token=None)} for t in token_ids]
+
+        prompt_logprobs = None
+        if sampling_params.prompt_logprobs is not None and ids:
+            prompt_logprobs = [None, *logprobs(ids[1:])]
         self._running.add(request_id)
         try:
             for i in range(len(words)):
@@ -424,7 +380,7 @@ class FakeEngine:
                 if not (delta or last):
                     continue
                 text = words[i] if delta else "".join(words)
-                tokens = [11 + i] if delta else [11 + j for j in range(len(words))]
+                token_ids = [tokens[i]] if delta else tokens
                 stats = None
                 if last and script.stamps is not None:
                     stats = RequestStateStats()
@@ -432,10 +388,14 @@ class FakeEngine:
                      stats.last_token_ts) = script.stamps
                 yield RequestOutput(
                     request_id=request_id, prompt=None, prompt_token_ids=ids,
-                    prompt_logprobs=None, finished=last, metrics=stats,
+                    prompt_logprobs=prompt_logprobs if (i == 0 or not delta) else None,
+                    finished=last, metrics=stats,
                     outputs=[CompletionOutput(
-                        index=0, text=text, token_ids=tokens, cumulative_logprob=None,
-                        logprobs=None, finish_reason=script.finish_reason if last else None)])
+                        index=n, text=text, token_ids=token_ids, cumulative_logprob=None,
+                        logprobs=(logprobs(token_ids) if sampling_params.logprobs is not None
+                                  else None),
+                        finish_reason=script.finish_reason if last else None)
+                        for n in range(sampling_params.n)])
                 await asyncio.sleep(0)  # as a real engine, let other requests run between outputs
             if script.error is not None and script.fail_after >= len(words):
                 raise script.error

@@ -339,3 +339,73 @@ def test_a_replica_the_license_refuses_never_loads(runner, tiny, tmp_path):
     with pytest.raises(RuntimeError, match="Not starting this replica: the license allows"):
         runner.run(server.start())
     assert factory.engines == [] and len(actor.registered) == 1
+
+
+# -- as Serve runs it --------------------------------------------------------------------------
+
+
+def construct(cls, runner, *args, **kwargs):
+    """What Serve does with a deployment class whose constructor is async."""
+    obj = cls.__new__(cls)
+    runner.run(obj.__init__(*args, **kwargs))
+    return obj
+
+
+def test_serve_gets_a_replica_only_once_its_engine_is_up(runner, tiny, tmp_path):
+    from serve_app.deployments import started
+
+    factory = FakeEngineFactory()
+    replica = construct(started(LLMServer), runner, model_config(tiny), str(tmp_path),
+                        engine_factory=factory)
+    assert len(factory.engines) == 1
+    status, _ = runner.run(replica.openai("completions", json.dumps(COMPLETION).encode()))
+    assert status == 200
+
+
+def test_the_colocated_replica_serves_http_over_its_own_engine(runner, tiny, tmp_path):
+    import httpx
+
+    from serve_app.config import AppConfig
+    from serve_app.deployments import colocated
+
+    factory = FakeEngineFactory()
+    config = AppConfig(models=(model_config(tiny),), model_cache_dir=str(tmp_path))
+    replica = construct(colocated(LLMServer), runner, config, {}, engine_factory=factory)
+    assert len(factory.engines) == 1
+
+    async def ask():
+        app = await replica.__serve_build_asgi_app__()
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                     base_url="http://replica") as client:
+            chat = await client.post("/v1/chat/completions", json=CHAT)
+            raw = await client.post("/generate", json={"prompt": "Oi", "max_tokens": 2})
+            return chat, raw
+
+    chat, raw = runner.run(ask())
+    assert chat.status_code == 200, chat.text
+    assert chat.json()["choices"][0]["message"]["content"] == "The capital is Paris."
+    assert raw.status_code == 200 and raw.json()["output"] == "The capital"
+    runner.run(replica.check_health())
+    runner.run(replica.__del__())  # Serve awaits it when it stops the replica
+    assert factory.engines[0].stopped
+    # The garbage collector would call the async __del__ again, unawaited.
+    replica.__class__ = type("Stopped", (), {})
+
+
+def test_the_builder_hands_the_engine_factory_to_every_llm_deployment():
+    from serve_app.builder import build_app_from_config
+    from serve_app.config import AppConfig
+
+    factory = FakeEngineFactory()
+    models = (ModelConfig(name="a"), ModelConfig(name="b"))
+    for colocate in (True, False):
+        app = build_app_from_config(AppConfig(models=models, colocate_ingress=colocate),
+                                    engine_factory=factory)
+        front = app._bound_deployment
+        behind = front.init_args[1]  # the handles
+        assert set(behind) == ({"b"} if colocate else {"a", "b"})
+        for handle in behind.values():
+            assert handle._bound_deployment.init_kwargs == {"engine_factory": factory}
+        assert front.init_kwargs == ({"engine_factory": factory} if colocate else {})
+    plain = build_app_from_config(AppConfig(models=models))._bound_deployment
+    assert plain.init_kwargs == {} and plain.init_args[1]["b"]._bound_deployment.init_kwargs == {}

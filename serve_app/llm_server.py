@@ -38,8 +38,8 @@ from serve_app.validation import request_error_body
 logger = logging.getLogger("ray.serve")
 
 Result = tuple[int, str]
-
-
+# (the model's config with its device decided, vLLM's config) -> an engine client, or an
+# awaitable of one; ``launch_engine`` is the real one, tests pass stand-ins.
 EngineFactory = Callable[[ModelConfig, Any], Any]
 
 

@@ -104,10 +104,12 @@ class Ingress:
 class ColocatedIngress:
     """Mixed in before the LLM class (``colocated(LLMServer)``): the engine's replica serves
     HTTP itself, on ``config.http_port`` (``listener.py``) and, if Serve's proxy runs, through
-    Serve's direct ingress too; both reach the same app. Requests for the local model are
-    admitted up to its ``max_ongoing_requests + max_queued_requests`` (vLLM queues them) and
-    refused with 503 beyond that, in OpenAI's error format; the deployment's own Serve limit is
-    sized for all HTTP traffic so that health and metrics probes never queue behind generation.
+    Serve's direct ingress too; both reach the same app. Its async constructor constructs the
+    LLM class and awaits its ``start()`` before it builds the app and listens. Requests for the
+    local model are admitted up to its ``max_ongoing_requests + max_queued_requests`` (vLLM
+    queues them) and refused with 503 beyond that, in OpenAI's error format; the deployment's
+    own Serve limit is sized for all HTTP traffic so that health and metrics probes never queue
+    behind generation.
     """
 
     # Within one process there is no hop whose messages coalescing would save.

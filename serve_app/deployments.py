@@ -92,7 +92,7 @@ class Ingress:
     """The router layout's ingress: a CPU-only replica that reaches every model by handle."""
 
     def __init__(self, config: AppConfig, handles: dict[str, Any]) -> None:
-        if any(m.device == "cpu" for m in config.models):
+        if any(m.local_device() == "cpu" for m in config.models):
             pin_to_frontend()
         self._app = build_ingress(config, handles, **license_kwargs(config))
 
@@ -104,10 +104,12 @@ class Ingress:
 class ColocatedIngress:
     """Mixed in before the LLM class (``colocated(LLMServer)``): the engine's replica serves
     HTTP itself, on ``config.http_port`` (``listener.py``) and, if Serve's proxy runs, through
-    Serve's direct ingress too; both reach the same app. Requests for the local model are
-    admitted up to its ``max_ongoing_requests + max_queued_requests`` (vLLM queues them) and
-    refused with 503 beyond that, in OpenAI's error format; the deployment's own Serve limit is
-    sized for all HTTP traffic so that health and metrics probes never queue behind generation.
+    Serve's direct ingress too; both reach the same app. Its async constructor constructs the
+    LLM class and awaits its ``start()`` before it builds the app and listens. Requests for the
+    local model are admitted up to its ``max_ongoing_requests + max_queued_requests`` (vLLM
+    queues them) and refused with 503 beyond that, in OpenAI's error format; the deployment's
+    own Serve limit is sized for all HTTP traffic so that health and metrics probes never queue
+    behind generation.
     """
 
     # Within one process there is no hop whose messages coalescing would save.
@@ -115,13 +117,12 @@ class ColocatedIngress:
     # Serve stops a replica after its graceful_shutdown_timeout_s; drain within it.
     _drain_s = 25.0
 
-    async def __init__(self, config: AppConfig, handles: dict[str, Any]) -> None:
+    async def __init__(self, config: AppConfig, handles: dict[str, Any], **llm_kwargs: Any) -> None:
         self._listener: ReplicaListener | None = None
         local = config.models[0]
         self._local_name = local.name
-        started = super().__init__(local, config.model_cache_dir, config.license)  # type: ignore[call-arg]
-        if inspect.isawaitable(started):
-            await started
+        await _construct_and_start(super(), local, config.model_cache_dir, config.license,
+                                   **llm_kwargs)
         queued = max(local.max_queued_requests, 0)
         self._ingress = IngressApp(
             config,
@@ -161,6 +162,30 @@ class ColocatedIngress:
             result = super_del()
             if inspect.isawaitable(result):
                 await result
+
+
+async def _construct_and_start(parent: Any, *args: Any, **kwargs: Any) -> None:
+    """``parent.__init__`` (the LLM class's, which only stores), then its ``start()``."""
+    constructed = parent.__init__(*args, **kwargs)
+    if inspect.isawaitable(constructed):  # a stand-in that still starts in its constructor
+        await constructed
+    start = getattr(parent, "start", None)
+    if start is not None:
+        await start()
+
+
+class Started:
+    """Mixed in before the LLM class (``started(LLMServer)``) for Serve: an async constructor
+    that returns once the engine is up. Serve awaits it, so the replica takes no request and
+    counts as healthy only after ``start()``."""
+
+    async def __init__(self, *args: Any, **kwargs: Any) -> None:
+        await _construct_and_start(super(), *args, **kwargs)
+
+
+def started(llm_cls: type) -> type:
+    """``Started`` over ``llm_cls``: what Serve deploys for a model behind a handle."""
+    return type(f"Started{llm_cls.__name__}", (Started, llm_cls), {})
 
 
 def colocated(llm_cls: type) -> type:

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from serve_app import vllm_internals as vllm
@@ -37,57 +38,104 @@ from serve_app.validation import request_error_body
 logger = logging.getLogger("ray.serve")
 
 Result = tuple[int, str]
+# (the model's config with its device decided, vLLM's config) -> an engine client, or an
+# awaitable of one; ``launch_engine`` is the real one, tests pass stand-ins.
+EngineFactory = Callable[[ModelConfig, Any], Any]
+
+
+def launch_engine(config: ModelConfig, vllm_config: Any) -> Any:
+    """The default engine factory: vLLM's ``AsyncLLM`` for ``vllm_config``, started with this
+    app's CPU placement (``affinity.py``) when ``config.device`` is ``cpu``."""
+    cpu = config.device == "cpu"
+    inproc = cpu and config.cpu_inproc_worker and single_worker(
+        vllm.world_size(vllm_config), config.engine_kwargs
+    )
+    if inproc:
+        vllm.run_worker_in_engine_core(vllm_config)
+    with contextlib.ExitStack() as launch:
+        if cpu:
+            weights = weight_bytes(vllm.model_path(vllm_config))
+            launch.enter_context(engine_launch(
+                reserved_cores(config.cpu_reserved_cores, cpu_count(), weights)))
+        if inproc:
+            launch.enter_context(vllm.worker_omp_env(vllm_config))
+        engine = vllm.start_engine(vllm_config)
+    if cpu:
+        pin_to_frontend()  # off the engine's cores (or onto one shared core, no reserve)
+    return engine
 
 
 class LLMServer:
-    """One vLLM engine. Constructed by Serve on a GPU (or, on CPU boxes, ``num_cpus: 0``)."""
+    """One vLLM engine. Serve constructs it on a GPU (or, on CPU boxes, with ``num_cpus: 0``)
+    and awaits ``start()`` before the replica serves (``deployments.started``).
+
+    The constructor only stores. ``engine_factory(config, vllm_config)`` makes the engine
+    client (default ``launch_engine``; it may return an awaitable): anything with the surface
+    of vLLM's ``AsyncLLM`` that this class and vLLM's OpenAI layer use. ``license_actor``
+    finds the license actor (default ``license_actor.get_license_actor``)."""
 
     # Streams cross a Ray hop to the router ingress; ``ColocatedIngress`` turns this off.
     _coalesce_streams = True
 
-    async def __init__(
-        self, config: ModelConfig, model_cache_dir: str, license: LicenseConfig | None = None
+    def __init__(
+        self,
+        config: ModelConfig,
+        model_cache_dir: str,
+        license: LicenseConfig | None = None,
+        *,
+        engine_factory: EngineFactory | None = None,
+        license_actor: Callable[[LicenseConfig], Any] | None = None,
     ) -> None:
         self._config = config
-        self._reporter = None
-        if license is not None:
-            from serve_app.license_actor import InstanceReporter, get_license_actor
+        self._model_cache_dir = model_cache_dir
+        self._license = license
+        self._engine_factory = engine_factory or launch_engine
+        self._license_actor = license_actor
+        self._reporter: Any = None
+        self._engine: Any = None
 
-            # Before loading anything: a replica past the license's cap must not start.
-            gpus = float(config.tensor_parallel_size) if config.device == "gpu" else 0.0
-            self._reporter = InstanceReporter(get_license_actor(license), config.name, gpus)
-            await self._reporter.start()
+    async def start(self) -> None:
+        """Register with the license, then load the model and start the engine."""
+        # `auto` becomes this node's device here, where the replica runs.
+        self._config = self._config.model_copy(update={"device": self._config.local_device()})
+        await self.register()
+        await self.load()
+
+    async def register(self) -> None:
+        """Before loading anything: a replica past the license's cap must not start."""
+        if self._license is None:
+            return
+        from serve_app.license_actor import InstanceReporter, get_license_actor
+
+        config = self._config
+        actor = (self._license_actor or get_license_actor)(self._license)
+        gpus = float(config.tensor_parallel_size) if config.device == "gpu" else 0.0
+        self._reporter = InstanceReporter(actor, config.name, gpus)
+        await self._reporter.start()
+
+    async def load(self) -> None:
+        """Fetch the model, start the engine and vLLM's OpenAI layer over it."""
+        config = self._config
         gaps = vllm.missing()
         if gaps:  # only on a release other than the pinned one (allow_unpinned_versions)
             logger.error("This vLLM lacks internals the app relies on; affected features may "
                          "fail or quietly stop working: %s", "; ".join(gaps))
-        path = await asyncio.to_thread(resolve_model, config.source, model_cache_dir,
-                                       s3=config.s3_options(), license=license)
+        path = await asyncio.to_thread(resolve_model, config.source, self._model_cache_dir,
+                                       s3=config.s3_options(), license=self._license)
         engine_args, vllm_config = vllm.engine_config(config.engine_args(str(path)))
-        cpu = config.device == "cpu"
-        inproc = cpu and config.cpu_inproc_worker and single_worker(
-            vllm.world_size(vllm_config), config.engine_kwargs
-        )
-        if inproc:
-            vllm.run_worker_in_engine_core(vllm_config)
-        with contextlib.ExitStack() as launch:
-            if cpu:
-                launch.enter_context(engine_launch(
-                    reserved_cores(config.cpu_reserved_cores, cpu_count(), weight_bytes(path))))
-            if inproc:
-                launch.enter_context(vllm.worker_omp_env(vllm_config))
-            self._engine = vllm.start_engine(vllm_config)
+        engine = self._engine_factory(config, vllm_config)
+        if inspect.isawaitable(engine):
+            engine = await engine
+        self._engine = engine
         # The engine core must not outlive this replica, however the replica ends.
         self._engine_guard = guard_children()
-        if cpu:
-            pin_to_frontend()  # off the engine's cores (or onto one shared core, no reserve)
         layer = await vllm.openai_layer(
-            self._engine, vllm.frontend_namespace(vars(engine_args), config.frontend_args()))
+            engine, vllm.frontend_namespace(vars(engine_args), config.frontend_args()))
         if config.stream_interval_ms > 0:
             # Pacing the layer's reads lets vLLM merge tokens before they become SSE events.
-            layer.pace(PacedEngine(self._engine, config.stream_interval_ms / 1000))
+            layer.pace(PacedEngine(engine, config.stream_interval_ms / 1000))
         self._handlers = layer.handlers()
-        self._tokenizer = self._engine.get_tokenizer()
+        self._tokenizer = engine.get_tokenizer()
         self._max_model_len = vllm.max_model_len(vllm_config)
         logger.info("LLM replica ready: %s from %s", config.name, path)
 

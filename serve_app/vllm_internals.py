@@ -151,6 +151,11 @@ def max_model_len(vllm_config: Any) -> int:
     return vllm_config.model_config.max_model_len
 
 
+def model_path(vllm_config: Any) -> str:
+    """The local folder the engine loads."""
+    return vllm_config.model_config.model
+
+
 def run_worker_in_engine_core(vllm_config: Any) -> None:
     """Item 3: the engine-core process runs the model worker itself (CPU, one worker).
 

@@ -4,6 +4,11 @@
 returns a handle bound to one method, ``.remote(...)`` returns an awaitable (unary) or an async
 iterator with ``cancel()`` (streaming), exactly what ``ingress.py`` uses.
 
+``FakeEngine`` stands in for vLLM's ``AsyncLLM`` under ``LLMServer`` (its ``engine_factory``):
+the engine-client surface that ``LLMServer`` and vLLM's own OpenAI layer use, over a real
+``VllmConfig`` of a tiny model folder (``write_tiny_model``) and vLLM's real renderer, with
+scripted outputs. ``FakeLicenseActor`` answers ``register``/``heartbeat``/``deregister``.
+
 ``LicenseWire`` stands between the license actor and the license server app, with the server's
 clock and the wire contract.
 """
@@ -15,6 +20,8 @@ import json
 import math
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -235,57 +242,209 @@ class LicenseWire(httpx.AsyncBaseTransport):
 
     def billed(self) -> float:
         return sum(i["end"] - i["start"] for r in self.accepted.values() for i in r)
-class ParsingLLMServer(FakeLLMServer):
-    """A replica that refuses what ``LLMServer`` refuses before its engine runs: the OpenAI body
-    through vLLM's own request model and its ``to_sampling_params``, the MariTalk body through
-    ours and vLLM's ``SamplingParams``. Generates nothing; answers with the sampling values.
 
-    vLLM's classes are passed in, so only the tests that want them import vLLM."""
 
-    def __init__(self, name: str, request_models: dict[str, Any], sampling_params: Any) -> None:
-        super().__init__(name)
-        self._request_models = request_models
-        self._sampling_params = sampling_params
+# -- the engine under LLMServer ------------------------------------------------------------------
 
-    def _check_openai(self, endpoint: str, body: bytes) -> tuple[int, str] | None:
-        from serve_app.validation import request_error_body
+TINY_WORDS = ("<unk>", "<s>", "</s>", "user", "assistant", "system", "The", "capital", "of",
+              "France", "is", "Paris", ".", "hi", "hello", "Oi")
+TINY_CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }} {{ m['content'] }} {% endfor %}"
+                      "{% if add_generation_prompt %}assistant {% endif %}")
 
+
+def write_tiny_model(folder: Path, max_len: int = 4096) -> Path:
+    """A Hugging Face folder vLLM builds a config and a renderer from: a one-layer Llama's
+    config.json and a word-level tokenizer with a chat template. No weights: nothing loads it."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    folder.mkdir(parents=True, exist_ok=True)
+    words = Tokenizer(models.WordLevel({w: i for i, w in enumerate(TINY_WORDS)},
+                                       unk_token="<unk>"))
+    words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=words, unk_token="<unk>",
+                                        bos_token="<s>", eos_token="</s>")
+    tokenizer.chat_template = TINY_CHAT_TEMPLATE
+    tokenizer.save_pretrained(folder)
+    (folder / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 16,
+        "intermediate_size": 32, "num_attention_heads": 2, "num_key_value_heads": 2,
+        "num_hidden_layers": 1, "vocab_size": len(TINY_WORDS), "max_position_embeddings": max_len,
+        "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "float32", "rms_norm_eps": 1e-5}))
+    return folder
+
+
+@dataclass
+class Script:
+    """What ``FakeEngine.generate`` answers: ``words`` one output each (a stream's deltas),
+    the stats vLLM would stamp, and an exception to raise after ``fail_after`` outputs."""
+
+    words: tuple[str, ...] = ("The", " capital", " is", " Paris", ".")
+    finish_reason: str = "stop"
+    stamps: tuple[float, float, float, float] | None = (100.0, 100.25, 100.75, 102.0)
+    error: Exception | None = None
+    fail_after: int = 0
+
+
+@dataclass
+class Generated:
+    """One ``generate`` call the engine received."""
+
+    prompt: Any
+    sampling_params: Any
+    request_id: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+class FakeEngine:
+    """vLLM's engine client (``EngineClient``/``AsyncLLM``) as ``LLMServer`` and vLLM's OpenAI
+    layer use it: the config, renderer and input processor are vLLM's own; ``generate``
+    follows ``script`` and records each call."""
+
+    def __init__(self, vllm_config: Any, script: Script | None = None) -> None:
+        from vllm.renderers import renderer_from_config
+        from vllm.v1.engine.input_processor import InputProcessor
+
+        self.vllm_config = vllm_config
+        self.model_config = vllm_config.model_config
+        self.renderer = renderer_from_config(vllm_config)
+        self.input_processor = InputProcessor(vllm_config, self.renderer)
+        self.script = script or Script()
+        self.calls: list[Generated] = []
+        self.aborted: list[str] = []
+        self.healthy = True
+        self.stopped = False
+        self.output_processor = self  # vllm_internals.unfinished_requests reads it here
+        self._running: set[str] = set()
+
+    # EngineClient's state
+    is_running = property(lambda self: not self.stopped)
+    is_stopped = property(lambda self: self.stopped)
+    errored = property(lambda self: not self.healthy)
+    dead_error = property(lambda self: RuntimeError("engine dead"))
+
+    def get_num_unfinished_requests(self) -> int:
+        return len(self._running)
+
+    async def get_supported_tasks(self) -> tuple[str, ...]:
+        return ("generate",)
+
+    def get_tokenizer(self) -> Any:
+        return self.renderer.get_tokenizer()
+
+    async def is_tracing_enabled(self) -> bool:
+        return False
+
+    def check_admission(self, n: int = 1, request_id: str | None = None) -> None:
+        pass
+
+    async def abort(self, request_id: Any) -> None:
+        self.aborted.append(str(request_id))
+
+    async def check_health(self) -> None:
+        if not self.healthy:
+            raise self.dead_error
+
+    def shutdown(self) -> None:
+        self.stopped = True
+
+    async def generate(self, prompt: Any, sampling_params: Any, request_id: str,
+                       **kwargs: Any) -> AsyncIterator[Any]:
+        """As ``AsyncLLM``: DELTA requests get one output per token, FINAL_ONLY ones the whole
+        answer once; ``n`` completions each; logprobs when asked for (all tokens at -0.5)."""
+        from vllm.logprobs import Logprob
+        from vllm.outputs import CompletionOutput, RequestOutput
+        from vllm.sampling_params import RequestOutputKind
+        from vllm.v1.metrics.stats import RequestStateStats
+
+        self.calls.append(Generated(prompt, sampling_params, request_id, kwargs))
+        script = self.script
+        ids = prompt.get("prompt_token_ids") if isinstance(prompt, dict) else None
+        delta = sampling_params.output_kind == RequestOutputKind.DELTA
+        words = list(script.words)[: sampling_params.max_tokens or None]
+        vocab = len(TINY_WORDS)
+        tokens = [(len(TINY_WORDS) - len(words) + i) % vocab for i in range(len(words))]
+
+        def logprobs(token_ids: list[int]) -> list[dict[int, Any]]:
+            return [{t: Logprob(logprob=-0.5, rank=1, decoded_token=None)} for t in token_ids]
+
+        prompt_logprobs = None
+        if sampling_params.prompt_logprobs is not None and ids:
+            prompt_logprobs = [None, *logprobs(ids[1:])]
+        self._running.add(request_id)
         try:
-            request = self._request_models[endpoint].model_validate_json(body)
-            request.to_sampling_params(16, {})
-        except Exception as exc:
-            return 400, json.dumps(request_error_body(exc))
-        return None
+            for i in range(len(words)):
+                if script.error is not None and i == script.fail_after:
+                    raise script.error
+                last = i == len(words) - 1
+                if not (delta or last):
+                    continue
+                text = words[i] if delta else "".join(words)
+                token_ids = [tokens[i]] if delta else tokens
+                stats = None
+                if last and script.stamps is not None:
+                    stats = RequestStateStats()
+                    (stats.queued_ts, stats.scheduled_ts, stats.first_token_ts,
+                     stats.last_token_ts) = script.stamps
+                yield RequestOutput(
+                    request_id=request_id, prompt=None, prompt_token_ids=ids,
+                    prompt_logprobs=prompt_logprobs if (i == 0 or not delta) else None,
+                    finished=last, metrics=stats,
+                    outputs=[CompletionOutput(
+                        index=n, text=text, token_ids=token_ids, cumulative_logprob=None,
+                        logprobs=(logprobs(token_ids) if sampling_params.logprobs is not None
+                                  else None),
+                        finish_reason=script.finish_reason if last else None)
+                        for n in range(sampling_params.n)])
+                await asyncio.sleep(0)  # as a real engine, let other requests run between outputs
+            if script.error is not None and script.fail_after >= len(words):
+                raise script.error
+        finally:
+            self._running.discard(request_id)
 
-    async def openai(self, endpoint: str, body: bytes) -> tuple[int, str]:
-        refused = self._check_openai(endpoint, body)
-        if refused is not None:
-            self.calls.append(("openai", (endpoint, body)))
-            return refused
-        return await super().openai(endpoint, body)
 
-    def openai_stream(self, endpoint: str, body: bytes) -> FakeStream:
-        refused = self._check_openai(endpoint, body)
-        if refused is not None:
-            self.calls.append(("openai_stream", (endpoint, body)))
-            return FakeStream([refused])
-        return super().openai_stream(endpoint, body)
+class FakeEngineFactory:
+    """``LLMServer``'s ``engine_factory``: makes ``FakeEngine``s and keeps them for the test.
+    ``order`` (shared with a ``FakeLicenseActor``) records when the engine was made."""
 
-    async def maritalk(self, kind: str, body: bytes) -> tuple[int, str]:
-        from serve_app.maritalk import ChatGenerateRequest, GenerateRequest
-        from serve_app.validation import request_error_body
+    def __init__(self, script: Script | None = None, order: list[str] | None = None) -> None:
+        self.script = script or Script()
+        self.engines: list[FakeEngine] = []
+        self.order = order if order is not None else []
 
-        self.calls.append(("maritalk", (kind, body)))
-        model = ChatGenerateRequest if kind == "chat" else GenerateRequest
-        try:
-            params = model.model_validate_json(body)
-            sampling = self._sampling_params(**params.sampling_kwargs())
-        except Exception as exc:
-            return 400, json.dumps(request_error_body(exc))
-        return 200, json.dumps({
-            "output": "Paris", "queue_time": 0.0, "prompt_time": 0.1, "generation_time": 0.2,
-            "prompt_tokens": 3, "completion_tokens": 1, "finish_reason": "stop",
-            "sampling": {"temperature": sampling.temperature, "top_p": sampling.top_p,
-                         "max_tokens": sampling.max_tokens, "seed": sampling.seed,
-                         "stop": sampling.stop},
-        })
+    def __call__(self, config: Any, vllm_config: Any) -> FakeEngine:
+        self.order.append("engine")
+        engine = FakeEngine(vllm_config, self.script)
+        self.engines.append(engine)
+        return engine
+
+
+class _Remote:
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        self._fn = fn
+
+    def remote(self, *args: Any) -> Any:
+        return self._fn(*args)
+
+
+class FakeLicenseActor:
+    """The license actor's calls an ``InstanceReporter`` makes, as awaitable ``.remote``s."""
+
+    def __init__(self, allow: bool = True, order: list[str] | None = None) -> None:
+        self.allow = allow
+        self.order = order if order is not None else []
+        self.registered: list[tuple[str, str, float]] = []
+        self.deregistered: list[str] = []
+        self.register = _Remote(self._register)
+        self.heartbeat = _Remote(self._heartbeat)
+        self.deregister = _Remote(self.deregistered.append)
+
+    async def _register(self, instance_id: str, model: str, gpus: float) -> dict[str, Any]:
+        self.order.append("register")
+        self.registered.append((instance_id, model, gpus))
+        if not self.allow:
+            return {"ok": False, "reason": "the license allows no more instances"}
+        return {"ok": True, "heartbeat_interval_s": 3600.0}
+
+    async def _heartbeat(self, instance_id: str, model: str, gpus: float) -> dict[str, Any]:
+        return {"ok": True}

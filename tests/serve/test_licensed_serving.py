@@ -12,6 +12,7 @@ import httpx
 import pytest
 
 from serve_app.config import RAY_SERVE_ENV, TELEMETRY_OFF_ENV, AppConfig, ModelConfig
+from serve_app.llm_server import LLMServer
 from tests.conftest import LicenseServerProcess, free_port, wait_for
 from tests.fakes import FakeLLMServer
 
@@ -21,17 +22,15 @@ CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
 INTERVAL = 1.0
 
 
-class LicensedFakeLLM(FakeLLMServer):
-    """Same methods as LLMServer; registers and heartbeats exactly as LLMServer does."""
+class LicensedFakeLLM(LLMServer):
+    """``LLMServer`` itself, license registration and heartbeats included; what it loads is a
+    scripted replica (``FakeLLMServer``'s answers, slow streams) instead of a vLLM engine."""
 
-    async def __init__(self, config, model_cache_dir, license=None):
-        super().__init__(config.name)
-        self._reporter = None
-        if license is not None:
-            from serve_app.license_actor import InstanceReporter, get_license_actor
+    async def load(self):
+        self._fake = FakeLLMServer(self._config.name)
 
-            self._reporter = InstanceReporter(get_license_actor(license), config.name, 0.0)
-            await self._reporter.start()
+    async def openai(self, endpoint, body):
+        return await self._fake.openai(endpoint, body)
 
     async def openai_stream(self, endpoint, body):
         yield 200, 'data: {"n": 0}\n\n'
@@ -40,9 +39,14 @@ class LicensedFakeLLM(FakeLLMServer):
             yield f'data: {{"n": {i}}}\n\n'
         yield "data: [DONE]\n\n"
 
-    def __del__(self):
-        if self._reporter is not None:
-            self._reporter.stop()
+    async def maritalk(self, kind, body):
+        return await self._fake.maritalk(kind, body)
+
+    async def check_health(self):
+        pass
+
+    async def metrics_text(self):
+        return await self._fake.metrics_text()
 
 
 @pytest.fixture(scope="module")

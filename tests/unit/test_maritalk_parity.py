@@ -1,10 +1,11 @@
-"""The real ``maritalk`` client against the app (uvicorn on a loopback port, a stand-in replica
-that builds vLLM's real ``SamplingParams``), at the edges of every field of ``generate`` and
-``generate_raw``: what MariTalk Local and vLLM accept is served, only what vLLM cannot run is
-refused."""
+"""The real ``maritalk`` client against the app (uvicorn on a loopback port, the real
+``LLMServer`` over a stand-in engine that records vLLM's ``SamplingParams`` it gets), at the
+edges of every field of ``generate`` and ``generate_raw``: what MariTalk Local and vLLM accept is
+served, only what vLLM cannot run is refused."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 
 import httpx
@@ -13,25 +14,38 @@ import pytest
 import uvicorn
 
 from serve_app.config import AppConfig, ModelConfig
+from serve_app.deployments import LocalHandle
 from serve_app.ingress import build_ingress
+from serve_app.llm_server import LLMServer
 from tests.conftest import free_port, wait_for
-from tests.fakes import FakeLLMHandle, ParsingLLMServer
+from tests.fakes import FakeEngineFactory, write_tiny_model
+
+pytest.importorskip("vllm")
 
 
 @pytest.fixture(scope="module")
-def local():
-    from vllm.sampling_params import SamplingParams
+def engines():
+    return FakeEngineFactory()
 
-    server = ParsingLLMServer("m", {}, SamplingParams)
-    app = build_ingress(AppConfig(models=(ModelConfig(name="m", device="cpu"),)),
-                        {"m": FakeLLMHandle(server)})
+
+@pytest.fixture(scope="module")
+def local(tmp_path_factory, engines):
+    tiny = write_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+    model = ModelConfig(name="m", source=str(tiny), max_model_len=2048)
+    server = LLMServer(model, str(tmp_path_factory.mktemp("cache")), engine_factory=engines)
+    app = build_ingress(AppConfig(models=(model,)), {"m": LocalHandle(server)})
     port = free_port()
     http = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
                                          lifespan="on"))
-    thread = threading.Thread(target=http.run, daemon=True)
+
+    async def serve():
+        await server.start()  # on the loop that serves the requests
+        await http.serve()
+
+    thread = threading.Thread(target=asyncio.run, args=(serve(),), daemon=True)
     thread.start()
     wait_for(lambda: httpx.get(f"http://127.0.0.1:{port}/", timeout=1).json()["status"] == "idle",
-             timeout=20, interval=0.05, what="the app under uvicorn")
+             timeout=60, interval=0.05, what="the app under uvicorn")
     try:
         yield maritalk.MariTalkLocal(host="127.0.0.1", port=port)
     finally:
@@ -39,13 +53,21 @@ def local():
         thread.join(timeout=20)
 
 
-def sampled(answer: dict) -> dict:
-    assert "error" not in answer, answer
-    assert answer["output"] == "Paris"
-    return answer["sampling"]
+@pytest.fixture
+def sampled(engines):
+    """The sampling parameters the engine got for the request that produced ``answer``."""
+
+    def check(answer: dict) -> dict:
+        assert "error" not in answer, answer
+        assert answer["output"] and "The capital is Paris.".startswith(answer["output"])
+        params = engines.engines[0].calls[-1].sampling_params
+        return {"temperature": params.temperature, "top_p": params.top_p,
+                "max_tokens": params.max_tokens, "seed": params.seed, "stop": params.stop}
+
+    return check
 
 
-def test_the_clients_defaults(local):
+def test_the_clients_defaults(local, sampled):
     for answer in (local.generate("Oi"), local.generate_raw("Oi")):
         assert sampled(answer) == {"temperature": 0.7, "top_p": 0.95, "max_tokens": 512,
                                    "seed": None, "stop": []}
@@ -70,7 +92,7 @@ def test_the_clients_defaults(local):
     ({"seed": -(2**63)}, {"seed": -(2**63)}),
     ({"seed": -1}, {"seed": None}),  # vLLM's "no seed"
 ])
-def test_edge_values_are_served(local, call, kwargs, expected):
+def test_edge_values_are_served(local, sampled, call, kwargs, expected):
     first = "Oi" if call == "generate_raw" else [{"role": "system", "content": "Seja breve."},
                                                  {"role": "user", "content": "Oi"},
                                                  {"role": "assistant", "content": "Olá!"},

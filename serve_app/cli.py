@@ -258,15 +258,21 @@ def usage_log_command(argv: list[str]) -> int:
     """``python -m serve_app usage-log verify|resend``: the customer's audit of the bill, read
     straight from the usage ledger on this (head) node."""
     parser = argparse.ArgumentParser(prog="python -m serve_app usage-log")
-    parser.add_argument("--ledger", help="the usage ledger (default: SERVE_APP_LEDGER_PATH, or "
-                        "the data dir's with --dev-license)")
-    parser.add_argument("--dev-license", action="store_true",
-                        help="the ledger of `python -m serve_app --dev-license`")
+    # Where the ledger is may be said before or after the action (`usage-log verify --ledger
+    # X` as well as `usage-log --ledger X verify`); SUPPRESS keeps an action's parser from
+    # overwriting what was said before it.
+    for target, default in ((parser, None), (common := argparse.ArgumentParser(add_help=False),
+                                              argparse.SUPPRESS)):
+        target.add_argument("--ledger", default=default, help="the usage ledger (default: "
+                            "SERVE_APP_LEDGER_PATH, or the data dir's with --dev-license)")
+        target.add_argument("--dev-license", action="store_true",
+                            default=default if default is not None else False,
+                            help="the ledger of `python -m serve_app --dev-license`")
     sub = parser.add_subparsers(dest="action", required=True)
-    sub.add_parser("verify", help="check the hash chain and print usage per license and UTC "
-                   "day (what the vendor's GET /admin/usage shows)")
-    resend = sub.add_parser("resend", help="offer quarantined reports to the license server "
-                            "again, once the cause of the refusal is fixed")
+    sub.add_parser("verify", parents=[common], help="check the hash chain and print usage per "
+                   "license and UTC day (what the vendor's GET /admin/usage shows)")
+    resend = sub.add_parser("resend", parents=[common], help="offer quarantined reports to the "
+                            "license server again, once the cause of the refusal is fixed")
     resend.add_argument("report_ids", nargs="*", metavar="REPORT_ID")
     resend.add_argument("--all", action="store_true", help="every quarantined report")
     resend.add_argument("--wait", type=float, default=120.0,

@@ -151,13 +151,28 @@ _CODE_BY_STATUS = {
 }
 
 
+# vLLM's messages name its `vllm serve` flags; here the same options are per-model settings.
+_VLLM_FLAGS = {
+    "--tool-call-parser": "the model's tool_call_parser (SERVE_APP_TOOL_CALL_PARSER)",
+    "--enable-auto-tool-choice":
+        "the model's enable_auto_tool_choice (SERVE_APP_ENABLE_AUTO_TOOL_CHOICE)",
+    "--reasoning-parser": "the model's reasoning_parser (SERVE_APP_REASONING_PARSER)",
+}
+
+
+def _our_names(message: str) -> str:
+    for flag, setting in _VLLM_FLAGS.items():
+        message = message.replace(flag, setting)
+    return message
+
+
 def from_vllm_error(error: dict[str, Any]) -> tuple[int, dict[str, Any]]:
     """Map vLLM's ``ErrorResponse.error`` (whose ``code`` is the HTTP status) to our shape."""
     status = int(error.get("code") or 500)
     if status == 501:
         # A feature this model or build does not offer: the request asked for it, so it is
         # the client's to change, and vLLM's message says which feature.
-        return 400, error_body(str(error.get("message") or "Not supported."),
+        return 400, error_body(_our_names(str(error.get("message") or "Not supported.")),
                                "invalid_request_error", param=error.get("param"),
                                code="not_supported")
     if status >= 500:
@@ -166,7 +181,7 @@ def from_vllm_error(error: dict[str, Any]) -> tuple[int, dict[str, Any]]:
             "The model server failed to process the request.", "server_error", code="internal_error"
         )
     code = _CODE_BY_STATUS.get(status, "invalid_request")
-    message = str(error.get("message") or "Invalid request.")
+    message = _our_names(str(error.get("message") or "Invalid request."))
     if status == 400 and "maximum context length" in message:
         code = "context_length_exceeded"
     # vLLM names types after exception classes ("BadRequestError"); OpenAI's is one string.

@@ -79,3 +79,10 @@ def test_status_lists_quarantined_reports_with_their_reasons():
     assert lines[3].split() == ["rep_1", "60.000", "s", "refused", "2027-01-16", "00:00:00",
                                 "UTC:", "HTTP", "400:", "bad", "(invalid_request)"]
     assert "usage-log resend" in lines[4]
+
+
+@pytest.mark.parametrize("argv", [["verify", "--ledger", "{p}"], ["--ledger", "{p}", "verify"]])
+def test_the_ledger_may_be_named_before_or_after_the_action(tmp_path, capsys, argv):
+    missing = tmp_path / "nowhere.db"
+    assert usage_log_command([a.format(p=missing) for a in argv]) == 2
+    assert f"No usage ledger at {missing}" in capsys.readouterr().err

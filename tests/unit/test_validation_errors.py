@@ -143,3 +143,13 @@ def test_maritalk_accepts_what_vllm_runs():
     kw = hot.sampling_kwargs()
     assert kw["temperature"] == 2.0 and kw["seed"] == -(2**63) and len(kw["stop"]) == 40
     assert GenerateRequest(prompt="x", temperature=1e300).sampling_kwargs()["temperature"] == 2.0
+
+
+def test_vllm_flag_names_become_our_setting_names():
+    from serve_app.errors import from_vllm_error
+
+    status, body = from_vllm_error({"code": 400, "message": 'tool_choice="required" requires '
+                                    "--tool-call-parser to be set"})
+    assert status == 400
+    assert "SERVE_APP_TOOL_CALL_PARSER" in body["error"]["message"]
+    assert "--tool-call-parser" not in body["error"]["message"]

@@ -15,10 +15,7 @@ import asyncio
 import contextlib
 import hmac
 import logging
-import re
-import sys
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -27,10 +24,9 @@ from pydantic import ValidationError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serve_app.config import AppConfig, ModelConfig
 from serve_app.errors import (
@@ -50,85 +46,21 @@ from serve_app.errors import (
     to_serve_error,
 )
 from serve_app.maritalk import ChatGenerateRequest, GenerateRequest
+from serve_app.request_ids import (
+    RequestIdMiddleware,
+    log_internal,
+    request_id,
+    to_stderr_too,
+)
 from serve_app.validation import bad_request, check_generation_body, parse_json_object
 
 if TYPE_CHECKING:
     from serve_app.license_actor import LicenseGate
 
 logger = logging.getLogger("ray.serve")
-# Failures go to Serve's logger (the replica's log file) and always to stderr, which Ray keeps in
-# the worker's .err file and shows on the driver's terminal (what `make serve` shows): Serve's
-# throughput-optimized mode stops its own logger writing to stderr.
-failures = logging.getLogger("ray.serve.serve_app")
 
 JSON = "application/json"
-REQUEST_ID_HEADER = b"x-request-id"
-# A caller's id is kept when it is short and made of characters safe in a header and a log line.
-_CALLER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/+=-]{0,127}")
 _MARITALK_MODELS = {"raw": GenerateRequest, "chat": ChatGenerateRequest}
-
-
-def request_id_for(incoming: str | None) -> str:
-    """The caller's ``X-Request-Id`` when it is safe to echo and log, else a fresh one."""
-    if incoming and _CALLER_ID.fullmatch(incoming):
-        return incoming
-    return uuid.uuid4().hex
-
-
-def request_id(request: Request) -> str | None:
-    return request.scope.get("state", {}).get("request_id")
-
-
-class RequestIdMiddleware:
-    """Gives every HTTP request an id and every response the ``X-Request-Id`` header.
-
-    Also the last resort for an exception no handler took: it is logged with its traceback and
-    the id, and the client gets a bare 500 naming the id. It sits inside starlette's own error
-    middleware and takes the exception first, so that 500 carries the header too."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        incoming = None
-        for name, value in scope["headers"]:
-            if name == REQUEST_ID_HEADER:
-                incoming = value.decode("latin-1")
-                break
-        rid = request_id_for(incoming)
-        scope.setdefault("state", {})["request_id"] = rid
-        header = (REQUEST_ID_HEADER, rid.encode())
-        started = client_gone = False
-
-        async def send_with_id(message: Message) -> None:
-            nonlocal started, client_gone
-            if message["type"] == "http.response.start":
-                started = True
-                headers = [h for h in message.get("headers", [])
-                           if h[0].lower() != REQUEST_ID_HEADER]
-                message = {**message, "headers": [*headers, header]}
-            try:
-                await send(message)
-            except Exception:
-                client_gone = True
-                raise
-
-        try:
-            await self.app(scope, receive, send_with_id)
-        except ClientDisconnect:  # left while sending its body: nobody to answer
-            return
-        except Exception:
-            if client_gone:  # the server's to handle, and no fault of the request's
-                raise
-            _to_stderr_too().exception("Unhandled error on %s %s (request id %s)",
-                                       scope.get("method"), scope.get("path"), rid)
-            if started:  # the status is gone; the response ends short
-                return
-            response = JSONResponse(to_error_body(internal_error(rid)), status_code=500)
-            await response(scope, receive, send_with_id)
 
 
 class _Model:
@@ -247,7 +179,7 @@ class IngressApp:
         assert isinstance(exc, ServeError)
         if isinstance(exc, InternalError):
             # Raised while handling the failure, which is its context.
-            _log_internal(exc.__context__ or exc, request_id(request), request.url.path)
+            log_internal(exc.__context__ or exc, request_id(request), request.url.path)
         return JSONResponse(to_error_body(exc), status_code=exc.status, headers=exc.headers)
 
     async def _on_http_error(self, request: Request, exc: Exception) -> Response:
@@ -466,35 +398,12 @@ class IngressApp:
         return _replica_response(status, text, rid, request.url.path)
 
 
-def _to_stderr_too() -> logging.Logger:
-    """``failures``, with a stderr handler of its own unless Serve's logger has one already
-    (checked when first needed: Serve configures its logger after this module is imported)."""
-    if not failures.handlers:
-        serve_logger = logging.getLogger("ray.serve")
-        on_stderr = any(
-            type(h) is logging.StreamHandler and h.stream in (sys.stderr, sys.stdout)
-            for h in serve_logger.handlers
-        )
-        handler: logging.Handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter(
-            "%(levelname)s %(asctime)s %(name)s %(process)d -- %(message)s"))
-        if on_stderr:
-            handler = logging.NullHandler()  # marks the check done
-        failures.addHandler(handler)
-    return failures
-
-
-def _log_internal(cause: BaseException, rid: str | None, path: str) -> None:
-    _to_stderr_too().error("Request %s on %s failed", rid, path,
-                           exc_info=(type(cause), cause, cause.__traceback__))
-
-
 def _replica_response(status: int, text: str, rid: str | None, path: str) -> Response:
     """A replica's answer as is, except that a 5xx names the request id and is logged (the
     replica logged its cause; the body it sent has no details)."""
     if status < 500:
         return Response(text, status_code=status, media_type=JSON)
-    _to_stderr_too().error("Request %s on %s: the model replica answered %d: %s", rid, path,
+    to_stderr_too().error("Request %s on %s: the model replica answered %d: %s", rid, path,
                            status, text[:500])
     body = to_error_body(internal_error(rid))
     return JSONResponse(body, status_code=status)
@@ -524,7 +433,7 @@ class _Relay:
             # Headers are gone; report in-band the way vLLM does.
             err = to_serve_error(exc, self._rid)
             if isinstance(err, InternalError):
-                _log_internal(exc, self._rid, self._path)
+                log_internal(exc, self._rid, self._path)
             yield sse_error(err.status, to_error_body(err))
         self._finished = True
 

@@ -523,13 +523,13 @@ def test_failures_reach_stderr_when_serve_logs_to_its_file_only(tmp_path, capsys
     still show on the terminal (Ray forwards a replica's stderr to the driver)."""
     import logging
 
-    from serve_app import ingress
+    from serve_app import request_ids
 
     serve_logger = logging.getLogger("ray.serve")
-    saved = (serve_logger.handlers[:], ingress.failures.handlers[:])
+    saved = (serve_logger.handlers[:], request_ids.failures.handlers[:])
     file_handler = logging.FileHandler(tmp_path / "replica.log")
     serve_logger.handlers[:] = [file_handler]
-    ingress.failures.handlers[:] = []
+    request_ids.failures.handlers[:] = []
     try:
         c, servers = make_client()
         servers["a"].raise_on_call = RuntimeError("disk on fire")
@@ -539,7 +539,7 @@ def test_failures_reach_stderr_when_serve_logs_to_its_file_only(tmp_path, capsys
         assert resp.status_code == 500
     finally:
         file_handler.close()
-        serve_logger.handlers[:], ingress.failures.handlers[:] = saved
+        serve_logger.handlers[:], request_ids.failures.handlers[:] = saved
     for text in ((tmp_path / "replica.log").read_text(), capsys.readouterr().err):
         assert "r-6" in text and "disk on fire" in text and "Traceback" in text
 

@@ -147,6 +147,13 @@ class LLMServer:
             request = request_cls.model_validate_json(body)
         except Exception as exc:  # vLLM's validators raise more than ValidationError
             return 400, json.dumps(request_error_body(exc))
+        unknown = sorted(request.model_extra or ())
+        if unknown:
+            # vLLM ignores fields it does not know (after a debug log line); OpenAI's API refuses
+            # them, and a misspelt parameter silently ignored is worse than a 400.
+            return 400, json.dumps(error_body(
+                f"Unrecognized request argument supplied: {', '.join(unknown)}",
+                "invalid_request_error", param=unknown[0], code="unknown_parameter"))
         try:
             result = await handler(request, None)
         except Exception as exc:

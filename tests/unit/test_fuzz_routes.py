@@ -95,8 +95,11 @@ def test_json_no_route_can_serve_is_400(app_client, raw, code):
         assert assert_error_shape(resp)["code"] == code
 
 
-def test_control_characters_and_unknown_openai_fields_are_served(app_client):
-    body = {"model": MODEL, "prompt": "a\x00b\x1b[31m\u202e", "max_tokens": 2,
-            "not_an_openai_field": 1}
+def test_control_characters_are_served_and_unknown_fields_refused(app_client):
+    body = {"model": MODEL, "prompt": "a\x00b\x1b[31m\u202e", "max_tokens": 2}
     resp = app_client.post("/v1/completions", content=json.dumps(body).encode())
     assert resp.status_code == 200, resp.text
+    for path in ROUTES:
+        resp = app_client.post(path, json={**valid_body(path, MODEL), "not_a_field": 1})
+        assert resp.status_code == 400, (path, resp.text)
+        assert "not_a_field" in assert_error_shape(resp)["message"]

@@ -185,6 +185,16 @@ def test_a_bad_body_is_400_before_the_engine(runner, server, engine, endpoint):
     assert engine.calls == []
 
 
+@pytest.mark.parametrize("endpoint", ["chat", "completions"])
+def test_an_unknown_parameter_is_400_naming_it(runner, server, engine, endpoint):
+    body = {**(CHAT if endpoint == "chat" else COMPLETION), "temprature": 0.2}
+    status, text = call(runner, server.openai(endpoint, json.dumps(body).encode()))
+    assert status == 400, text
+    error = json.loads(text)["error"]
+    assert (error["code"], error["param"]) == ("unknown_parameter", "temprature")
+    assert engine.calls == []
+
+
 def test_a_prompt_past_the_context_is_400(runner, server, engine):
     body = {**COMPLETION, "max_tokens": 4000}
     status, text = call(runner, server.openai("completions", json.dumps(body).encode()))

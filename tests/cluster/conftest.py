@@ -131,12 +131,14 @@ class FakeCluster:
 
 
 def reload_ray_config() -> None:
-    """Make this process's Ray re-read its settings from the environment: the auth mode is read
-    once, when Ray is imported (collection imports it before any fixture runs). Ray's own
-    ``_enable_token_auth`` does the same."""
-    from ray._raylet import Config
+    """Make this process's Ray re-read its auth settings from the environment: the mode is read
+    when Ray is imported (collection imports it before any fixture runs), the token when first
+    used. Ray's own ``_enable_token_auth`` re-reads the mode the same way. Done on the way in
+    (this cluster's token) and out (the later tests' local clusters use ~/.ray/auth_token)."""
+    from ray._raylet import AuthenticationTokenLoader, Config
 
     Config.initialize("")
+    AuthenticationTokenLoader.instance().reset_cache()
 
 
 def render_config(gcs_address: str, path: Path) -> Path:
@@ -165,14 +167,17 @@ def fake_cluster(tmp_path_factory):
         # Ray 2.60's token auth, with a token of this run's own (the real ~/.ray is not touched).
         "RAY_AUTH_MODE": "token",
         "RAY_AUTH_TOKEN": token,
-        # HAProxy's side ports, and Serve's fallback proxy's, moved off their fixed defaults:
-        # other Ray clusters on this machine may hold them.
+    }
+    # HAProxy's side ports, and Serve's fallback proxy's, moved off their fixed defaults: other
+    # Ray clusters on this machine may hold them. Only the cluster's processes see these (this
+    # process would keep them in Serve's constants for the tests that follow).
+    cluster_ports = {
         "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
         "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
         "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(free_port()),
         "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": str(free_port()),
     }
-    env = {**os.environ, **RAY_SERVE_ENV, **env_common, **FAST,
+    env = {**os.environ, **RAY_SERVE_ENV, **env_common, **cluster_ports, **FAST,
            "RAY_FAKE_CLUSTER": "1", MARKER: marker,
            # Replicas on every node import this checkout's code (and the tests' stand-ins).
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}

@@ -4,9 +4,6 @@ refuses never starts while the rest keep serving."""
 
 from __future__ import annotations
 
-import contextlib
-import threading
-
 import httpx
 import pytest
 
@@ -50,16 +47,11 @@ def test_a_replica_over_the_license_cap_does_not_start_and_says_why(licensed_app
     # CPU stand-ins (no GPU needed): the cap counts every replica of every model.
     model = ModelConfig(name="x", device="cpu", min_replicas=extra, max_replicas=extra)
     config = AppConfig(models=(model,), license=licensed_app.license, http_port=None)
-    app = build_app_from_config(config, llm_cls=NodeLLM)
-
-    def deploy() -> None:
-        # serve.run returns once every replica runs, which one never will: it waits in a
-        # thread of its own and ends with an error when the app is deleted below.
-        with contextlib.suppress(Exception):
-            serve.run(app, name="extra", route_prefix="/extra", blocking=False)
-
-    deploying = threading.Thread(target=deploy, daemon=True)
-    deploying.start()
+    # Not serve.run: it returns once every replica runs, which one never will.
+    serve.run_many([serve.RunTarget(build_app_from_config(config, llm_cls=NodeLLM),
+                                    name="extra", route_prefix="/extra")],
+                   wait_for_ingress_deployment_creation=False,
+                   wait_for_applications_running=False)
     try:
         def refusal() -> str | None:
             app = serve.status().applications.get("extra")
@@ -76,6 +68,5 @@ def test_a_replica_over_the_license_cap_does_not_start_and_says_why(licensed_app
             assert resp.status_code == 200
     finally:
         serve.delete("extra")
-        deploying.join(timeout=60)
     wait_for(lambda: licensed_app.status()["instances_now"] == live, timeout=60,
              what="the extra model's replicas to leave the count")

@@ -88,6 +88,7 @@ def model_path_for(source: str, cache_dir: str) -> str:
 
 CONTENDERS = ("vllm", "vllm_no_reserve", "serve_app", "serve_app_licensed",
               "serve_app_per_token", "serve_app_worker_process", "serve_app_router",
+              "serve_app_front_door",
               "ray_serve_llm", "ray_serve_llm_haproxy")
 
 
@@ -103,7 +104,10 @@ def contender_command(name: str, model_path: str, port: int, out: str = ".",
     ``serve_app_per_token`` streams every token as produced (``--stream-interval-ms 0``);
     ``serve_app_licensed`` is the same with ``--dev-license`` (a local license server, the
     license actor, heartbeats and usage reports), for the licensing on/off comparison;
-    ``serve_app_router`` is the router layout (``colocate_ingress=false``); ``ray_serve_llm`` is
+    ``serve_app_router`` is the router layout (``colocate_ingress=false``);
+    ``serve_app_front_door`` is a cluster's front door on one node: the same replicas reached
+    through Serve's HAProxy (``SERVE_APP_REPLICA_HTTP=false``, as the cluster Serve configs set),
+    which relays every message to the replica's direct-ingress server; ``ray_serve_llm`` is
     Ray Serve's own LLM app in throughput-optimized mode, ``ray_serve_llm_haproxy`` the same
     behind HAProxy. All run vLLM compiled (its default and ours) or, with ``eager``, all eager."""
     if name in ("vllm", "vllm_no_reserve"):
@@ -126,6 +130,11 @@ def contender_command(name: str, model_path: str, port: int, out: str = ".",
         return ours + ["--stream-interval-ms", "0"], {}
     if name == "serve_app_router":
         return ours, {"SERVE_APP_COLOCATE_INGRESS": "false"}
+    if name == "serve_app_front_door":
+        # HAProxy's stats and metrics ports moved next to the contender's own.
+        return ours, {"SERVE_APP_REPLICA_HTTP": "false",
+                      "RAY_SERVE_HAPROXY_STATS_PORT": str(port + 200),
+                      "RAY_SERVE_HAPROXY_METRICS_PORT": str(port + 300)}
     if name in ("ray_serve_llm", "ray_serve_llm_haproxy"):
         haproxy = {"RAY_SERVE_ENABLE_HA_PROXY": "1" if name.endswith("haproxy") else "0"}
         return [sys.executable, "-c", _RAY_SERVE_LLM, model_path, str(port), NAME,

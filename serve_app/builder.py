@@ -4,6 +4,7 @@ default) or a router ingress in front of every model; see ``deployments.py``."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 from ray import serve
@@ -101,12 +102,29 @@ def instance_cap(config: AppConfig) -> int | None:
     return min(caps) if caps else None
 
 
+def merged_options(options: dict[str, Any], extra: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``options`` with ``extra`` laid over it; dict values (``autoscaling_config``,
+    ``ray_actor_options``) are merged key by key, so an override keeps what it does not name
+    (the scaling policy, the runtime environment)."""
+    out = dict(options)
+    for key, value in (extra or {}).items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = {**out[key], **value}
+        else:
+            out[key] = value
+    return out
+
+
 def build_app_from_config(config: AppConfig, llm_cls: type = LLMServer,
-                          engine_factory: EngineFactory | None = None) -> Application:
+                          engine_factory: EngineFactory | None = None,
+                          llm_options: Mapping[str, Any] | None = None) -> Application:
     """``llm_cls`` is the LLM deployment's class: ``LLMServer``, or a stand-in with the same
     methods (a storing constructor, an async ``start``) in tests of the serving graph.
     ``engine_factory``, if given, reaches ``llm_cls`` as its keyword argument of that name:
     a stand-in engine for ``LLMServer`` (it must pickle: Serve ships it to the replicas).
+    ``llm_options`` are Serve options laid over every LLM deployment's (``merged_options``):
+    e.g. the autoscaler's ``upscale_delay_s``/``downscale_delay_s``, or a custom resource that
+    picks a node type.
 
     Every way of starting the app builds it here, so this is where other vLLM or Ray releases
     than the pinned ones are refused (``versions.check_versions``)."""
@@ -126,12 +144,13 @@ def build_app_from_config(config: AppConfig, llm_cls: type = LLMServer,
     llm_kwargs = {} if engine_factory is None else {"engine_factory": engine_factory}
     handles = {
         m.name: serve.deployment(started(llm_cls))
-        .options(**deployment_options(m, env))
+        .options(**merged_options(deployment_options(m, env), llm_options))
         .bind(m, config.model_cache_dir, config.license, **llm_kwargs)
         for m in behind
     }
     if config.colocate_ingress:
-        cls, options = colocated(llm_cls), colocated_options(models[0], config)
+        cls = colocated(llm_cls)
+        options = merged_options(colocated_options(models[0], config), llm_options)
         ingress_kwargs = llm_kwargs
     else:
         cls, options, ingress_kwargs = Ingress, ingress_options(config), {}

@@ -206,6 +206,7 @@ class LicenseActor:
         if not lic.allows_model(model):
             return {"ok": False, "reason": f"license {lic.license_id} does not cover model "
                                            f"{model!r} (covers: {', '.join(lic.models)})"}
+        self._expire()  # a lost node's replicas must not hold the places of their replacements
         live = {i["instance_id"] for i in self._ledger.live()}
         caps = [c for c in (lic.max_instances, self._config.max_instances) if c]
         if instance_id not in live and caps and len(live) >= min(caps):
@@ -240,6 +241,7 @@ class LicenseActor:
         self._ensure_running()
         lic = self._license
         d = self._decision()
+        self._expire()
         totals = self._ledger.totals(lic.license_id if lic else None)
         quarantined = self._ledger.quarantined()
         live = self._ledger.live()
@@ -296,6 +298,13 @@ class LicenseActor:
                       revoked=self._server_status == "revoked", invalid_reason=self._invalid,
                       started_at=self._started_at)
 
+    def _expire(self) -> None:
+        """Stop counting replicas silent for two heartbeat intervals (their node is gone, or
+        they are): done wherever the count is read, not only on the loop's ticks, so a lost
+        node's replicas leave the count within two heartbeats of their last one."""
+        if self._license is not None:
+            self._ledger.expire(2 * self._license.heartbeat_interval_s)
+
     # -- the loop ------------------------------------------------------------------------------
 
     async def _run(self) -> None:
@@ -330,7 +339,7 @@ class LicenseActor:
         lic = self._license
         if lic is None:
             return
-        self._ledger.expire(2 * lic.heartbeat_interval_s)
+        self._expire()
         live = len(self._ledger.live())
         async with self._client() as client:
             if self._ledger.get_meta("activated" + self._meta_suffix) is None:

@@ -136,6 +136,9 @@ def test_compare_contenders_differ_only_where_they_should():
     assert env["SERVE_APP_DATA_DIR"] == "/out/licensed-data"
     assert env["SERVE_APP_LICENSE_SERVER_PORT"] == "18100"
     assert commands["serve_app_router"] == (ours, {"SERVE_APP_COLOCATE_INGRESS": "false"})
+    assert commands["serve_app_front_door"] == (ours, {
+        "SERVE_APP_REPLICA_HTTP": "false", "RAY_SERVE_HAPROXY_STATS_PORT": "18200",
+        "RAY_SERVE_HAPROXY_METRICS_PORT": "18300"})
     assert commands["serve_app_per_token"] == (ours + ["--stream-interval-ms", "0"], {})
     assert commands["serve_app_worker_process"] == (ours, {"SERVE_APP_CPU_INPROC_WORKER": "false"})
     assert commands["ray_serve_llm"][1] == {"RAY_SERVE_ENABLE_HA_PROXY": "0"}

@@ -8,8 +8,8 @@ started at all. Measured on this 2-core box, 1.5M-parameter model, c=16 streamin
 requests: HAProxy in front cost 0.8 s of CPU on the frontend core and the replica 1.1 s more
 than vLLM's API server (Serve's direct-ingress wrappers, loopback writes to HAProxy); listening
 here, the replica used 5.4 s against vLLM's 5.0 s and the stack ~270 MB less memory (no proxy
-actor, no HAProxy manager). Across nodes, a load balancer (or DNS) in front of the nodes'
-ports does what HAProxy did; see README "How it is built".
+actor, no HAProxy manager). On a cluster, Serve's HAProxy on the head is the front door and
+hands each connection to these servers (see README "Deploying").
 """
 
 from __future__ import annotations

@@ -29,6 +29,7 @@ import yaml
 from serve_app.config import RAY_SERVE_ENV, TELEMETRY_OFF_ENV
 from serve_app.ray_internals import HEAD_RESOURCE
 from tests.conftest import LicenseServerProcess, free_port, wait_for
+from tests.processes import session_processes
 
 HERE = Path(__file__).parent
 ROOT = HERE.parent.parent
@@ -48,23 +49,22 @@ FAST = {
 }
 
 
-def marked_processes(marker: str) -> list[psutil.Process]:
-    """This machine's processes whose environment carries ``MARKER=marker``."""
+def marked_processes(marker: str, temp_dir: str | None = None) -> list[psutil.Process]:
+    """This machine's processes whose environment carries ``MARKER=marker`` or, with
+    ``temp_dir``, that hold files under the cluster's temp dir: Ray's agents rename themselves
+    (setproctitle), which can overwrite the environment they show."""
     found = []
-    needle = f"{MARKER}={marker}".encode()
-    for proc in psutil.process_iter():
+    for hit in session_processes(marker, temp_dir, variable=MARKER):
         try:
-            with open(f"/proc/{proc.pid}/environ", "rb") as f:
-                if needle in f.read().split(b"\0"):
-                    found.append(proc)
-        except (OSError, psutil.Error):
+            found.append(psutil.Process(hit.pid))
+        except psutil.Error:
             continue
     return found
 
 
-def stop_marked(marker: str, grace_s: float = 10.0) -> None:
+def stop_marked(marker: str, temp_dir: str, grace_s: float = 10.0) -> None:
     """SIGTERM every marked process, then SIGKILL what is left after ``grace_s``."""
-    procs = marked_processes(marker)
+    procs = marked_processes(marker, temp_dir)
     for proc in procs:
         try:
             proc.send_signal(signal.SIGTERM)
@@ -218,9 +218,9 @@ def fake_cluster(tmp_path_factory):
         finally:
             mp.undo()
             reload_ray_config()
-            stop_marked(marker)
+            stop_marked(marker, temp_dir)
             server.stop()
-            leaked = [p.pid for p in marked_processes(marker)]
+            leaked = [p.pid for p in marked_processes(marker, temp_dir)]
             assert not leaked, f"cluster processes outlived the tests: {leaked}"
 
 

@@ -17,6 +17,8 @@ from infra.license_server.billing import (
     Interval,
     Refusal,
     check_intervals,
+    day_index,
+    day_name,
     find_overlap,
     observe,
     split_by_day,
@@ -228,10 +230,10 @@ class LicenseStore:
                 sa.select(sa.func.coalesce(sa.func.sum(clusters.c.instances), 0))
                 .where(clusters.c.license_id == license_id,
                        clusters.c.last_heartbeat_at >= now - max_gap_s)).scalar_one())
-            today = time.strftime("%Y-%m-%d", time.gmtime(now))
-            for day in sorted(set(seen) | {today}):
+            beat_day = day_name(day_index(now))
+            for day in sorted(set(seen) | {beat_day}):
                 self._observe_day(conn, license_id, day, seen.get(day, 0.0),
-                                  running if day == today else 0, int(day == today))
+                                  running if day == beat_day else 0, int(day == beat_day))
             values: dict[str, Any] = {}
             if quarantined_reports is not None:
                 values["quarantined_reports"] = quarantined_reports

@@ -6,7 +6,6 @@ plus two that talk to OCI through an `OCIClients` (`shape_names`, `write_securit
 from __future__ import annotations
 
 import ipaddress
-import time
 from pathlib import Path
 from typing import Any
 
@@ -148,25 +147,13 @@ def write_security_list(clients: OCIClients, security_list_id: str,
 
 def license_problems(env_file: Path, now: float | None = None) -> list[str]:
     """The license env file the nodes load: present, both keys, a valid unexpired key naming an
-    HTTPS license server."""
-    from serve_app.licensing import LicenseError, load_public_key, verify_key
+    HTTPS license server (the checks every cluster config shares, ``infra.cluster_yaml``)."""
+    from infra.cluster_yaml import license_problems as env_problems
 
     if not env_file.is_file():
         return [f"no {env_file}: write SERVE_APP_LICENSE_KEY=... and "
                 "SERVE_APP_LICENSE_PUBLIC_KEY=... lines into it (chmod 600)"]
-    env = dict(line.removeprefix("export ").split("=", 1) for line in
-               env_file.read_text().splitlines() if "=" in line and not line.startswith("#"))
-    env = {k.strip(): v.strip().strip("'\"") for k, v in env.items()}
-    missing = [k for k in ("SERVE_APP_LICENSE_KEY", "SERVE_APP_LICENSE_PUBLIC_KEY") if k not in env]
-    if missing:
-        return [f"{env_file} lacks {', '.join(missing)}"]
     try:
-        lic = verify_key(env["SERVE_APP_LICENSE_KEY"],
-                         load_public_key(env["SERVE_APP_LICENSE_PUBLIC_KEY"]),
-                         now=time.time() if now is None else now)
-    except (LicenseError, ValueError) as exc:
+        return [f"{env_file}: {problem}" for problem in env_problems(env_file.read_text(), now)]
+    except ValueError as exc:  # a line that is not KEY=value
         return [f"{env_file}: {exc}"]
-    if not lic.server_url.startswith("https://"):
-        return [f"license server {lic.server_url} is not HTTPS (the security list lets only "
-                "HTTPS out): ask the vendor for an HTTPS one"]
-    return []

@@ -125,3 +125,21 @@ def compute_api(httpserver):
 @pytest.fixture(scope="session")
 def httpserver_listen_address():
     return ("127.0.0.1", 0)
+
+
+@pytest.fixture(scope="module")
+def oci_key():
+    """A throwaway API signing key: the OCI SDK signs every request with it for real."""
+    from tests.infra.oci_fake import ApiKey
+
+    return ApiKey.generate()
+
+
+@pytest.fixture
+def oci_fake(oci_key):
+    """The loopback fake of the OCI APIs, checking each request's signature against
+    ``oci_key``."""
+    from tests.infra.oci_fake import running_fake
+
+    with running_fake(oci_key) as fake:
+        yield fake

@@ -18,20 +18,9 @@ from infra.oci.clients import Backoff, build_clients
 from infra.oci.node_provider import OCINodeProvider
 from tests.conftest import wait_for
 from tests.infra import oci_ray
-from tests.infra.oci_fake import AD, ApiKey, provider_section, running_fake
+from tests.infra.oci_fake import AD, provider_section
 
 CLUSTER_YAML = Path(__file__).resolve().parents[2] / "infra" / "oci" / "ray_cluster.yaml"
-
-
-@pytest.fixture(scope="module")
-def oci_key() -> ApiKey:
-    return ApiKey.generate()
-
-
-@pytest.fixture
-def oci_fake(oci_key):
-    with running_fake(oci_key) as fake:
-        yield fake
 
 
 @pytest.fixture

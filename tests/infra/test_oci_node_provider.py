@@ -13,23 +13,12 @@ from ray.autoscaler.tags import TAG_RAY_CLUSTER_NAME, TAG_RAY_NODE_KIND, TAG_RAY
 
 from infra.oci.clients import Backoff, OCIProviderConfig, build_clients
 from infra.oci.node_provider import LISTING_LAG_S, OCINodeProvider
-from tests.infra.oci_fake import AD, COMPARTMENT, ApiKey, provider_section, running_fake
-
-
-@pytest.fixture(scope="module")
-def oci_key() -> ApiKey:
-    return ApiKey.generate()
+from tests.infra.oci_fake import AD, COMPARTMENT, ApiKey, provider_section
 
 
 @pytest.fixture
 def oci_config_file(oci_key, tmp_path):
     return oci_key.write_config(tmp_path)
-
-
-@pytest.fixture
-def oci_fake(oci_key):
-    with running_fake(oci_key) as fake:
-        yield fake
 
 
 WORKER = {TAG_RAY_NODE_KIND: "worker", TAG_RAY_NODE_STATUS: "uninitialized"}

@@ -11,21 +11,10 @@ import yaml
 from infra.oci import cli, preflight
 from infra.oci.clients import Backoff, build_clients
 from serve_app.licensing import License, new_private_key, public_key_text, sign_license
-from tests.infra.oci_fake import SECURITY_LIST, ApiKey, provider_section, running_fake
+from tests.infra.oci_fake import SECURITY_LIST, provider_section
 
 CLUSTER_YAML = Path(__file__).resolve().parents[2] / "infra" / "oci" / "ray_cluster.yaml"
 CLIENTS, ADMIN = "203.0.113.0/24", "198.51.100.7/32"
-
-
-@pytest.fixture(scope="module")
-def oci_key() -> ApiKey:
-    return ApiKey.generate()
-
-
-@pytest.fixture
-def oci_fake(oci_key):
-    with running_fake(oci_key) as fake:
-        yield fake
 
 
 def license_env(path: Path, server_url: str) -> Path:

@@ -12,7 +12,6 @@ are pure checks shared by the preflight CLIs and the tests:
 
 from __future__ import annotations
 
-import copy
 import re
 import shlex
 import time
@@ -21,7 +20,8 @@ from typing import Any
 
 import yaml
 
-from serve_app.licensing import LicenseError, load_public_key, verify_key
+from license_contract import LicenseError, load_public_key, verify_key
+from serve_app import ray_internals
 
 TOKEN_FILE = "~/.ray/auth_token"
 LICENSE_ENV_FILE = "~/.serve_app/license.env"
@@ -41,48 +41,17 @@ def load(path: str | Path) -> dict[str, Any]:
 
 def render(config: dict[str, Any]) -> dict[str, Any]:
     """The config as ``ray up`` sees it before bootstrapping: Ray's defaults merged in, setup
-    commands merged, per-type worker limits filled, then Ray's JSON schema applied.
-
-    Relies on Ray internals (pinned ray 2.60.0): ``ray.autoscaler._private.util.prepare_config``
-    and ``validate_config``. Raises ``jsonschema.ValidationError`` on a typo or a wrong type.
-    """
-    import logging
-
-    from ray.autoscaler._private.util import prepare_config, validate_config
-
-    # Its INFO lines ("setting max workers for head node type to 0") are for `ray up`'s own log.
-    util_logger = logging.getLogger("ray.autoscaler._private.util")
-    level = util_logger.level
-    util_logger.setLevel(logging.WARNING)
-    try:
-        prepared = prepare_config(copy.deepcopy(config))
-    finally:
-        util_logger.setLevel(level)
-    validate_config(prepared)
-    return prepared
+    commands merged, per-type worker limits filled, then Ray's JSON schema applied (through
+    Ray's own code, see ``ray_internals.prepare_cluster_config``). Raises
+    ``jsonschema.ValidationError`` on a typo or a wrong type."""
+    return ray_internals.prepare_cluster_config(config)
 
 
 def head_bootstrap_config(rendered: dict[str, Any]) -> dict[str, Any]:
     """The config ``ray up`` writes to the head (``~/ray_bootstrap_config.yaml``) for the
     autoscaler there, which starts the workers with its ``worker_start_ray_commands`` and copies
-    them its ``file_mounts``: the head's own copies of the laptop's files.
-
-    Relies on a Ray internal (pinned ray 2.60.0):
-    ``ray.autoscaler._private.commands._set_up_config_for_head_node``, given the base
-    ``NodeProvider`` (whose ``prepare_for_head_node`` changes nothing) so no cloud is called.
-    """
-    import json
-
-    from ray.autoscaler._private.commands import _set_up_config_for_head_node
-    from ray.autoscaler.node_provider import NodeProvider
-
-    provider = NodeProvider(rendered["provider"], rendered["cluster_name"])
-    _, remote_file = _set_up_config_for_head_node(copy.deepcopy(rendered), provider, False)
-    try:
-        with open(remote_file.name) as f:
-            return json.load(f)
-    finally:
-        remote_file.close()
+    them its ``file_mounts``: the head's own copies of the laptop's files."""
+    return ray_internals.head_bootstrap_config(rendered)
 
 
 def command_env(command: str) -> dict[str, str]:

@@ -92,7 +92,7 @@ def instance_cap(config: AppConfig) -> int | None:
         return None
     caps = [lic.max_instances] if lic.max_instances else []
     try:
-        from serve_app.licensing import load_public_key, verify_key
+        from license_contract import load_public_key, verify_key
 
         entitled = verify_key(lic.key.get_secret_value(), load_public_key(lic.public_key))
         if entitled.max_instances:

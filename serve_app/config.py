@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib.metadata
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -23,10 +23,8 @@ from pydantic import (
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from serve_app import ray_internals
-from serve_app.models import BUILTIN_PREFIX, SMOLLM2
-
-if TYPE_CHECKING:
-    from serve_app.bucket import S3Options
+from serve_app.licensing import LicenseConfig
+from serve_app.weights import BUILTIN_PREFIX, LICENSED_PREFIX, SMOLLM2, S3Options
 
 DEFAULT_MODEL_SOURCE = f"{BUILTIN_PREFIX}{SMOLLM2}"
 DEFAULT_CACHE_DIR = str(Path("~/.cache/serve_app/models").expanduser())
@@ -187,8 +185,6 @@ class ModelConfig(BaseModel):
 
     def s3_options(self) -> S3Options:
         """Where an ``s3://`` source's bucket is and how to sign for it."""
-        from serve_app.bucket import S3Options
-
         return S3Options(
             endpoint_url=self.s3_endpoint_url,
             region=self.s3_region,
@@ -263,22 +259,6 @@ class ModelConfig(BaseModel):
         return {**args, **self.engine_kwargs}
 
 
-class LicenseConfig(BaseModel):
-    """The customer's license: checked at start, counted and reported by the license actor."""
-
-    model_config = _FROZEN
-
-    key: SecretStr = Field(description="The license key the vendor sent (MTL1....).")
-    public_key: str = Field(description="The vendor's Ed25519 public key (base64url or PEM).")
-    ledger_path: str = Field(description="Usage ledger (SQLite) on the head node.")
-    report_interval_s: float = Field(60.0, gt=0, description="How often usage is reported.")
-    max_instances: int | None = Field(
-        None, ge=1, description="The customer's own cap on LLM replicas (caps autoscaling)."
-    )
-    actor_name: str = Field("serve_app_license", description="Name of the singleton actor.")
-    namespace: str = Field("serve_app", description="Ray namespace of the singleton actor.")
-
-
 class AppConfig(BaseModel):
     """The whole application: models behind one ingress, and the ingress's own limits."""
 
@@ -338,7 +318,7 @@ class AppConfig(BaseModel):
         if self.http_port is not None and not self.colocate_ingress:
             raise ValueError("http_port is where colocated replicas listen; with "
                              "colocate_ingress false, HTTP goes through Serve's proxy only")
-        licensed = [m.name for m in self.models if m.source.startswith("licensed:")]
+        licensed = [m.name for m in self.models if m.source.startswith(LICENSED_PREFIX)]
         if licensed and self.license is None:
             raise ValueError(f"the `licensed:` weights of {', '.join(licensed)} come with a "
                              "license: set license (SERVE_APP_LICENSE_KEY)")

@@ -30,7 +30,7 @@ def license_kwargs(config: AppConfig) -> dict[str, Any]:
     """The ingress's view of the license actor: a cached gate and the status call."""
     if config.license is None:
         return {}
-    from serve_app.license_actor import LicenseGate, get_license_actor
+    from serve_app.licensing import LicenseGate, get_license_actor
 
     actor = get_license_actor(config.license)
     return {

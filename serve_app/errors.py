@@ -25,6 +25,10 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from pydantic import ValidationError
+
+from license_contract import error_body
+
 RETRY_AFTER_S = "1"
 
 
@@ -106,11 +110,7 @@ def to_serve_error(exc: BaseException, request_id: str | None = None) -> ServeEr
     """Map anything a request path raises to the error the client gets."""
     if isinstance(exc, ServeError):
         return exc
-    from pydantic import ValidationError
-
     if isinstance(exc, ValidationError):
-        from serve_app.validation import validation_error_body
-
         err = validation_error_body(exc)["error"]
         return BadRequestError(err["message"], param=err["param"])
     from ray.exceptions import ActorDiedError, ActorUnavailableError
@@ -129,11 +129,15 @@ def to_serve_error(exc: BaseException, request_id: str | None = None) -> ServeEr
     return internal_error(request_id)
 
 
-def error_body(
-    message: str, type: str, *, param: str | None = None, code: str | None = None
-) -> dict[str, Any]:
-    """OpenAI's error shape: ``{"error": {"message", "type", "param", "code"}}``."""
-    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+def validation_error_body(exc: ValidationError) -> dict[str, Any]:
+    """The first pydantic error as ``{"error": {...}}`` with ``param`` set to the field path."""
+    first = exc.errors(include_url=False)[0]
+    loc = ".".join(str(part) for part in first.get("loc", ()) if part != "body")
+    message = first.get("msg", "Invalid request.")
+    if loc:
+        message = f"{loc}: {message}"
+    return error_body(message, "invalid_request_error", param=loc or None, code="invalid_request")
+
 
 
 def to_error_body(exc: ServeError) -> dict[str, Any]:

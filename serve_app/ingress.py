@@ -55,7 +55,7 @@ from serve_app.request_ids import (
 from serve_app.validation import bad_request, check_generation_body, parse_json_object
 
 if TYPE_CHECKING:
-    from serve_app.license_actor import LicenseGate
+    from serve_app.licensing import LicenseGate
 
 logger = logging.getLogger("ray.serve")
 

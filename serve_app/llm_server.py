@@ -27,13 +27,14 @@ from serve_app.affinity import (
     reserved_cores,
     single_worker,
 )
-from serve_app.config import LicenseConfig, ModelConfig
+from serve_app.config import ModelConfig
 from serve_app.errors import error_body, from_vllm_error
+from serve_app.licensing import LicenseConfig
 from serve_app.maritalk import ChatGenerateRequest, GenerateRequest, GenerateResponse, timings
-from serve_app.models import resolve_model, weight_bytes
 from serve_app.process_guard import guard_children
 from serve_app.streaming import PacedEngine, coalesce
 from serve_app.validation import request_error_body
+from serve_app.weights import resolve_model, weight_bytes
 
 logger = logging.getLogger("ray.serve")
 
@@ -105,7 +106,7 @@ class LLMServer:
         """Before loading anything: a replica past the license's cap must not start."""
         if self._license is None:
             return
-        from serve_app.license_actor import InstanceReporter, get_license_actor
+        from serve_app.licensing import InstanceReporter, get_license_actor
 
         config = self._config
         actor = (self._license_actor or get_license_actor)(self._license)

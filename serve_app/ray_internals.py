@@ -35,17 +35,11 @@ Serve's late-bound ASGI hook: ``serve.ingress()`` without an app plus an async
 ``__serve_build_asgi_app__`` method on the class (``deployments.py``). The replica calls it
 after the constructor, so the HTTP app can be built from state the async constructor made
 (the engine, the listener). Ray Serve's own LLM app uses it; it is not documented.
-
-Head-node placement of the license actor (its ledger lives on the head, which outlives worker
-nodes) uses public means only, in this order: a custom resource the head node declares
-(``HEAD_RESOURCE``; cluster configs put it in the head node type's ``resources``), else node
-affinity to the node that runs the cluster's GCS, found through ``ray.nodes()`` and the
-runtime context (a single box started by plain ``ray.init()`` needs nothing). Ray's own
-``node:__internal_head__`` resource is not used: it is internal and may change.
 """
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 RAY_SERVE_ENV = {
@@ -72,12 +66,35 @@ SERVE_CONSTANTS = {
 RAYLET_SWITCHES = ("RAY_worker_niceness", "RAY_enable_worker_prestart",
                    "RAY_prestart_worker_first_driver")
 
-# Declared by the head node (`ray start --head --resources='{"serve_app_head": 1}'`, or a
-# cluster config's head node type) for actors that must live there.
-HEAD_RESOURCE = "serve_app_head"
-
-
 ASGI_HOOK = "__serve_build_asgi_app__"
+
+
+# What the tests use of Ray's internals (the cluster layer's auth reload and loopback switch, the
+# OCI provider driven by Ray's own autoscaler, Serve's import_attr): named here, so that
+# ``missing()`` checks them too and they reach Ray's private modules through this one (``symbol``).
+TEST_IMPORTS = (
+    ("ray._raylet", "AuthenticationTokenLoader"),
+    ("ray._raylet", "Config"),
+    ("ray._private", "ray_constants"),
+    ("ray._private.authentication.authentication_token_setup", "_get_default_token_path"),
+    ("ray.autoscaler._private.autoscaler", "StandardAutoscaler"),
+    ("ray.autoscaler._private.load_metrics", "LoadMetrics"),
+    ("ray.autoscaler._private.event_summarizer", "EventSummarizer"),
+    ("ray.autoscaler._private.node_launcher", "BaseNodeLauncher"),
+    ("ray.autoscaler._private.node_provider_availability_tracker",
+     "NodeProviderAvailabilityTracker"),
+    ("ray.autoscaler._private.util", "ConcurrentCounter"),
+    ("ray.serve._private.utils", "import_attr"),
+)
+
+
+def symbol(name: str) -> Any:
+    """A name of ``TEST_IMPORTS``, from the module listed with it (a submodule is imported)."""
+    module = next(m for m, n in TEST_IMPORTS if n == name)
+    found = importlib.import_module(module)
+    if not hasattr(found, name):
+        importlib.import_module(f"{module}.{name}")
+    return getattr(found, name)
 
 
 def missing() -> list[str]:
@@ -88,6 +105,17 @@ def missing() -> list[str]:
            if not hasattr(constants, name)]
     if getattr(replica, "SERVE_BUILD_ASGI_APP_METHOD", None) != ASGI_HOOK:
         out.append(f"Serve's replica no longer calls {ASGI_HOOK}")
+    if not callable(getattr(replica, "add_port_to_grpc_server", None)):
+        out.append("ray.serve._private.replica has no add_port_to_grpc_server to rebind")
+    for module, names in (("ray.autoscaler._private.util", ("prepare_config", "validate_config")),
+                          ("ray.autoscaler._private.commands", ("_set_up_config_for_head_node",))):
+        found = importlib.import_module(module)
+        out += [f"{module} has no {name}" for name in names if not hasattr(found, name)]
+    for module, name in TEST_IMPORTS:
+        try:
+            symbol(name)
+        except (ImportError, AttributeError) as exc:
+            out.append(f"{module}.{name}: {exc}")
     return out
 
 
@@ -103,31 +131,6 @@ def as_switch_value(text: str, like: Any) -> Any:
     if isinstance(like, bool):
         return text == "1"
     return type(like)(text)
-
-
-class HeadNodeNotFoundError(RuntimeError):
-    """The cluster's head node cannot be told apart by public means."""
-
-
-def head_node_options() -> dict[str, Any]:
-    """Actor options that place an actor on the head node (see the module docstring)."""
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    if ray.cluster_resources().get(HEAD_RESOURCE):
-        return {"resources": {HEAD_RESOURCE: 0.001}}
-    alive = [n for n in ray.nodes() if n["Alive"]]
-    gcs_host = ray.get_runtime_context().gcs_address.rsplit(":", 1)[0]
-    at_gcs = [n for n in alive if n["NodeManagerAddress"] == gcs_host]
-    candidates = alive if len(alive) == 1 else at_gcs
-    if len(candidates) != 1:
-        raise HeadNodeNotFoundError(
-            f"Cannot tell the head node apart ({len(alive)} nodes, {len(at_gcs)} at the GCS "
-            f"address {gcs_host}): declare the resource {HEAD_RESOURCE!r} on the head node "
-            f"(ray start --head --resources='{{\"{HEAD_RESOURCE}\": 1}}', or the head node "
-            "type's resources in the cluster config).")
-    return {"scheduling_strategy": NodeAffinitySchedulingStrategy(candidates[0]["NodeID"],
-                                                                   soft=False)}
 
 
 # -- a single box on loopback ------------------------------------------------------------------
@@ -191,3 +194,47 @@ def keep_serve_grpc_on_loopback() -> None:
 
     add_port_on_loopback.on_loopback = True  # type: ignore[attr-defined]
     replica.add_port_to_grpc_server = add_port_on_loopback
+
+
+# -- cluster configs, rendered as `ray up` renders them ---------------------------------------
+
+
+def prepare_cluster_config(config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` as ``ray up`` prepares it, then checked against Ray's schema.
+
+    Relies on ``ray.autoscaler._private.util.prepare_config`` and ``validate_config``."""
+    import copy
+    import logging
+
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    # Its INFO lines ("setting max workers for head node type to 0") are for `ray up`'s own log.
+    util_logger = logging.getLogger("ray.autoscaler._private.util")
+    level = util_logger.level
+    util_logger.setLevel(logging.WARNING)
+    try:
+        prepared = prepare_config(copy.deepcopy(config))
+    finally:
+        util_logger.setLevel(level)
+    validate_config(prepared)
+    return prepared
+
+
+def head_bootstrap_config(rendered: dict[str, Any]) -> dict[str, Any]:
+    """The config ``ray up`` writes to the head for the autoscaler there.
+
+    Relies on ``ray.autoscaler._private.commands._set_up_config_for_head_node``, given the base
+    ``NodeProvider`` (whose ``prepare_for_head_node`` changes nothing) so no cloud is called."""
+    import copy
+    import json
+
+    from ray.autoscaler._private.commands import _set_up_config_for_head_node
+    from ray.autoscaler.node_provider import NodeProvider
+
+    provider = NodeProvider(rendered["provider"], rendered["cluster_name"])
+    _, remote_file = _set_up_config_for_head_node(copy.deepcopy(rendered), provider, False)
+    try:
+        with open(remote_file.name) as f:
+            return json.load(f)
+    finally:
+        remote_file.close()

@@ -16,7 +16,13 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from serve_app.errors import BadRequestError, ServeError, error_body, to_error_body
+from serve_app.errors import (
+    BadRequestError,
+    ServeError,
+    error_body,
+    to_error_body,
+    validation_error_body,
+)
 
 # vLLM hands requests to its engine core as MessagePack, which carries 64-bit integers only;
 # no field of any route needs more.
@@ -25,16 +31,6 @@ INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 # every later parser (pydantic's is limited too) inside its own limits.
 MAX_DEPTH = 64
 MAX_ERROR_MESSAGE = 1000
-
-
-def validation_error_body(exc: ValidationError) -> dict[str, Any]:
-    """The first pydantic error as ``{"error": {...}}`` with ``param`` set to the field path."""
-    first = exc.errors(include_url=False)[0]
-    loc = ".".join(str(part) for part in first.get("loc", ()) if part != "body")
-    message = first.get("msg", "Invalid request.")
-    if loc:
-        message = f"{loc}: {message}"
-    return error_body(message, "invalid_request_error", param=loc or None, code="invalid_request")
 
 
 def request_error_body(exc: BaseException) -> dict[str, Any]:

@@ -80,51 +80,65 @@ IMPORTS = (
     ("vllm.entrypoints.openai.completion.serving", "OpenAIServingCompletion"),
 )
 
+# What the tests' stand-ins build from vLLM (tests/fakes.py, the pacing tests): named here, so
+# that ``missing()`` checks them too and they reach vLLM through this module only (``symbol``).
+TEST_IMPORTS = (
+    ("vllm.renderers", "renderer_from_config"),
+    ("vllm.v1.engine.input_processor", "InputProcessor"),
+    ("vllm.logprobs", "Logprob"),
+    ("vllm.outputs", "CompletionOutput"),
+    ("vllm.outputs", "RequestOutput"),
+    ("vllm.v1.engine", "EngineCoreOutput"),
+    ("vllm.v1.engine", "EngineCoreRequest"),
+    ("vllm.v1.engine", "FinishReason"),
+)
+
 # `vllm serve` options a ModelConfig passes through by name (config.ModelConfig.frontend_args).
 FRONTEND_OPTIONS = ("enable_auto_tool_choice", "tool_call_parser", "chat_template")
 
 
-def _get(name: str) -> Any:
-    module = next(m for m, n in IMPORTS if n == name)
+def symbol(name: str) -> Any:
+    """A name of ``IMPORTS`` or ``TEST_IMPORTS``, from the module listed with it."""
+    module = next(m for m, n in (*IMPORTS, *TEST_IMPORTS) if n == name)
     return getattr(importlib.import_module(module), name)
 
 
 def missing() -> list[str]:
     """Everything listed in the module docstring that this vLLM lacks (empty when all fit)."""
     out = []
-    for module, name in IMPORTS:
+    for module, name in (*IMPORTS, *TEST_IMPORTS):
         try:
             getattr(importlib.import_module(module), name)
         except (ImportError, AttributeError) as exc:
             out.append(f"{module}.{name}: {exc}")
     if out:
         return out
-    params = inspect.signature(_get("init_app_state")).parameters
+    params = inspect.signature(symbol("init_app_state")).parameters
     out += [f"init_app_state has no parameter {p!r}"
             for p in ("engine_client", "state", "args", "supported_tasks") if p not in params]
-    frontend = vars(_get("FrontendArgs")())
+    frontend = vars(symbol("FrontendArgs")())
     out += [f"FrontendArgs has no field {f!r}" for f in FRONTEND_OPTIONS if f not in frontend]
-    engine_fields = {f.name for f in dataclasses.fields(_get("AsyncEngineArgs"))}
+    engine_fields = {f.name for f in dataclasses.fields(symbol("AsyncEngineArgs"))}
     out += [f"AsyncEngineArgs has no field {f!r}"
             for f in ("reasoning_parser", "served_model_name") if f not in engine_fields]
-    parallel_fields = {f.name for f in dataclasses.fields(_get("ParallelConfig"))}
+    parallel_fields = {f.name for f in dataclasses.fields(symbol("ParallelConfig"))}
     if "distributed_executor_backend" not in parallel_fields:
         out.append("ParallelConfig has no field 'distributed_executor_backend'")
     for serving in ("OpenAIServingChat", "OpenAIServingCompletion"):
         # Pacing replaces engine_client, so every output must be read through its generate.
         if "self.engine_client.generate(" not in inspect.getsource(
-                importlib.import_module(_get(serving).__module__)):
+                importlib.import_module(symbol(serving).__module__)):
             out.append(f"{serving} no longer reads outputs through engine_client.generate")
-    if not hasattr(_get("OMPProcessManager"), "configure_omp_envs"):
+    if not hasattr(symbol("OMPProcessManager"), "configure_omp_envs"):
         out.append("OMPProcessManager has no configure_omp_envs")
-    processor = _get("OutputProcessor")(None, log_stats=False)
+    processor = symbol("OutputProcessor")(None, log_stats=False)
     out += [f"OutputProcessor has no {a!r}" for a in
             ("external_req_ids", "request_states", "get_num_unfinished_requests")
             if not hasattr(processor, a)]
-    collector = _get("RequestOutputCollector")(_get("RequestOutputKind").DELTA, "probe")
+    collector = symbol("RequestOutputCollector")(symbol("RequestOutputKind").DELTA, "probe")
     out += [f"RequestOutputCollector has no {a!r}" for a in ("put", "output")
             if not hasattr(collector, a)]
-    stats = _get("RequestStateStats")()
+    stats = symbol("RequestStateStats")()
     out += [f"RequestStateStats has no {a!r}" for a in
             ("queued_ts", "scheduled_ts", "first_token_ts", "last_token_ts")
             if not hasattr(stats, a)]

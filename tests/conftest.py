@@ -52,7 +52,7 @@ class LicenseServerProcess:
     LicenseServerSettings fields (e.g. ``bucket``)."""
 
     def __init__(self, data_dir, port: int | None = None, **settings) -> None:
-        from infra.license_server.cli import LicenseServerSettings, build_service
+        from license_server.cli import LicenseServerSettings, build_service
 
         self.port = port or free_port()
         self.settings = LicenseServerSettings(data_dir=str(data_dir), port=self.port,
@@ -67,7 +67,7 @@ class LicenseServerProcess:
         return f"http://127.0.0.1:{self.port}"
 
     def _app(self):
-        from infra.license_server.app import build_app
+        from license_server.app import build_app
 
         inner = build_app(self.service, self.admin_token)
         received = self.received
@@ -107,14 +107,14 @@ class LicenseServerProcess:
         self._thread.join(timeout=20)
 
     def issue(self, **kw):
-        from infra.license_server.app import IssueRequest
+        from license_server.app import IssueRequest
 
         return self.service.issue(IssueRequest(customer=kw.pop("customer", "ACME"), **kw))
 
     def license_config(self, key: str, ledger_path, **kw):
         from pydantic import SecretStr
 
-        from serve_app.config import LicenseConfig
+        from serve_app.licensing import LicenseConfig
 
         return LicenseConfig(key=SecretStr(key), public_key=self.service.public_key,
                              ledger_path=str(ledger_path), **kw)

@@ -26,6 +26,8 @@ from typing import Any
 
 import httpx
 
+from serve_app import vllm_internals
+
 
 class FakeStream:
     def __init__(
@@ -302,8 +304,8 @@ class FakeEngine:
     follows ``script`` and records each call."""
 
     def __init__(self, vllm_config: Any, script: Script | None = None) -> None:
-        from vllm.renderers import renderer_from_config
-        from vllm.v1.engine.input_processor import InputProcessor
+        renderer_from_config = vllm_internals.symbol("renderer_from_config")
+        InputProcessor = vllm_internals.symbol("InputProcessor")
 
         self.vllm_config = vllm_config
         self.model_config = vllm_config.model_config
@@ -352,10 +354,11 @@ class FakeEngine:
                        **kwargs: Any) -> AsyncIterator[Any]:
         """As ``AsyncLLM``: DELTA requests get one output per token, FINAL_ONLY ones the whole
         answer once; ``n`` completions each; logprobs when asked for (all tokens at -0.5)."""
-        from vllm.logprobs import Logprob
-        from vllm.outputs import CompletionOutput, RequestOutput
-        from vllm.sampling_params import RequestOutputKind
-        from vllm.v1.metrics.stats import RequestStateStats
+        Logprob = vllm_internals.symbol("Logprob")
+        CompletionOutput = vllm_internals.symbol("CompletionOutput")
+        RequestOutput = vllm_internals.symbol("RequestOutput")
+        RequestOutputKind = vllm_internals.symbol("RequestOutputKind")
+        RequestStateStats = vllm_internals.symbol("RequestStateStats")
 
         self.calls.append(Generated(prompt, sampling_params, request_id, kwargs))
         script = self.script

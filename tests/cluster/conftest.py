@@ -26,8 +26,9 @@ import psutil
 import pytest
 import yaml
 
+from serve_app import ray_internals
 from serve_app.config import RAY_SERVE_ENV, TELEMETRY_OFF_ENV
-from serve_app.ray_internals import HEAD_RESOURCE
+from serve_app.licensing.placement import HEAD_RESOURCE
 from tests.conftest import LicenseServerProcess, free_port, wait_for
 from tests.processes import session_processes
 
@@ -135,10 +136,8 @@ def reload_ray_config() -> None:
     when Ray is imported (collection imports it before any fixture runs), the token when first
     used. Ray's own ``_enable_token_auth`` re-reads the mode the same way. Done on the way in
     (this cluster's token) and out (the later tests' local clusters use ~/.ray/auth_token)."""
-    from ray._raylet import AuthenticationTokenLoader, Config
-
-    Config.initialize("")
-    AuthenticationTokenLoader.instance().reset_cache()
+    ray_internals.symbol("Config").initialize("")
+    ray_internals.symbol("AuthenticationTokenLoader").instance().reset_cache()
 
 
 def render_config(gcs_address: str, path: Path) -> Path:
@@ -202,9 +201,7 @@ def fake_cluster(tmp_path_factory):
         reload_ray_config()
         # Ray read RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER into a constant at import, and without it
         # turns "127.0.0.1" into this machine's interface address before dialling.
-        from ray._private import ray_constants
-
-        mp.setattr(ray_constants, "ENABLE_RAY_CLUSTER", False)
+        mp.setattr(ray_internals.symbol("ray_constants"), "ENABLE_RAY_CLUSTER", False)
         ray.init(address=address, _node_ip_address="127.0.0.1",
                  runtime_env={"env_vars": dict(TELEMETRY_OFF_ENV)})
         from ray import serve

@@ -25,7 +25,8 @@ class NodeLLM(FakeLLMServer):
         self.node_id = ray.get_runtime_context().get_node_id()
         self.instance_id = None
         if license is not None:
-            from serve_app.license_actor import InstanceReporter, get_license_actor
+            from serve_app.licensing.gate import InstanceReporter
+            from serve_app.licensing.placement import get_license_actor
 
             gpus = float(config.tensor_parallel_size) if config.device == "gpu" else 0.0
             self._reporter = InstanceReporter(get_license_actor(license), config.name, gpus)

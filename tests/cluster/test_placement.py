@@ -7,7 +7,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from serve_app.ray_internals import HEAD_RESOURCE, head_node_options
+from serve_app.licensing.placement import HEAD_RESOURCE, head_node_options
 from tests.cluster.conftest import CAP, CHAT
 from tests.conftest import wait_for
 

@@ -224,19 +224,19 @@ def test_build_context_holds_what_the_images_copy_and_builds_the_package(tmp_pat
     assert run.returncode == 0, run.stderr[-3000:]
     (wheel,) = (tmp_path / "dist").glob("serve_app-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    assert {"serve_app/__main__.py", "serve_app/cli.py", "infra/license_server/__main__.py",
-            "infra/license_server/cli.py"} <= names
+    assert {"serve_app/__main__.py", "serve_app/cli.py", "license_server/__main__.py",
+            "license_server/cli.py"} <= names
 
 
 # --- compose.yaml ---------------------------------------------------------------------------
 
 def test_compose_runs_the_license_server_as_the_readme_documents(monkeypatch):
     service = compose()["services"]["license-server"]
-    documented = re.search(r"^(python -m infra\.license_server serve --port \d+)", README, re.M)
+    documented = re.search(r"^(python -m license_server serve --port \d+)", README, re.M)
     assert documented and service["command"] == shlex.split(documented.group(1))
     # Its environment is valid for the server's own settings, and the URL it writes into keys
     # is this service on the compose network, on the port it listens on.
-    from infra.license_server.cli import LicenseServerSettings
+    from license_server.cli import LicenseServerSettings
 
     for key, value in service["environment"].items():
         monkeypatch.setenv(key, str(value))

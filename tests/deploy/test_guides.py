@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from infra.license_server.cli import main as license_server_main
+from license_server.cli import main as license_server_main
 from serve_app.config import Settings
 from tests.deploy.dockerfiles import COMPOSE, ROOT, compose
 from tests.deploy.test_colab import code_cells, notebook
@@ -62,7 +62,7 @@ def test_compose_commands_name_real_services_profiles_and_subcommands(capsys):
             service = argv[argv.index("exec") + 1]
             assert service in spec["services"]
             inner = argv[argv.index("exec") + 2:]
-            if inner[:3] == ["python", "-m", "infra.license_server"]:
+            if inner[:3] == ["python", "-m", "license_server"]:
                 with pytest.raises(SystemExit) as exit_:
                     license_server_main([inner[3], "--help"])
                 assert exit_.value.code == 0

@@ -96,8 +96,8 @@ def licensed_smollm2(data_dir: Path) -> Iterator[LicenseServerProcess]:
     published in it under MODEL."""
     from moto.server import ThreadedMotoServer
 
-    from infra.license_server.catalog import ModelBucket
-    from serve_app.models import ensure_smollm2
+    from license_server.catalog import ModelBucket
+    from serve_app.weights.embedded import ensure_smollm2
 
     moto = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     moto.start()

@@ -1,48 +1,34 @@
-"""Ray internals the OCI tests use, in one place (pinned ray 2.60.0). If Ray moves them, this
-file and its tests break, loudly:
-
-- ``ray.autoscaler._private.util.prepare_config`` / ``validate_config``: what ``ray up`` does to
-  a cluster YAML before it calls a provider;
-- ``ray.autoscaler._private.node_launcher.BaseNodeLauncher``: how the autoscaler launches nodes;
-- ``ray.autoscaler._private.autoscaler.StandardAutoscaler`` with ``LoadMetrics``: the update loop
-  that runs on the head, its ``NodeLauncher`` threads included.
+"""Ray's autoscaler driving the OCI node provider, as ``ray up``'s head runs it. The internals
+it takes (the node launcher, ``StandardAutoscaler`` with ``LoadMetrics``) come through the fence,
+``serve_app.ray_internals.symbol``, which lists and checks them with the pinned release.
 """
+
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 from typing import Any
 
 import ray
+
+from serve_app import ray_internals
 
 assert ray.__version__ == "2.60.0", f"these helpers are written against ray 2.60.0, not {ray.__version__}"
 
 
 def render(config: dict[str, Any]) -> dict[str, Any]:
     """Ray's defaults and setup-command merge, then Ray's schema: what `ray up` validates."""
-    from ray.autoscaler._private.util import prepare_config, validate_config
-
-    prepared = prepare_config(copy.deepcopy(config))
-    validate_config(prepared)
-    return prepared
+    return ray_internals.prepare_cluster_config(config)
 
 
 class Launch:
     """Ray's foreground node launcher around a provider, with the bookkeeping it updates."""
 
     def __init__(self, provider, config: dict[str, Any]) -> None:
-        from ray.autoscaler._private.event_summarizer import EventSummarizer
-        from ray.autoscaler._private.node_launcher import BaseNodeLauncher
-        from ray.autoscaler._private.node_provider_availability_tracker import (
-            NodeProviderAvailabilityTracker,
-        )
-        from ray.autoscaler._private.util import ConcurrentCounter
-
         self.config = config
-        self.pending = ConcurrentCounter()
-        self.events = EventSummarizer()
-        self.availability = NodeProviderAvailabilityTracker()
-        self.launcher = BaseNodeLauncher(
+        self.pending = ray_internals.symbol("ConcurrentCounter")()
+        self.events = ray_internals.symbol("EventSummarizer")()
+        self.availability = ray_internals.symbol("NodeProviderAvailabilityTracker")()
+        self.launcher = ray_internals.symbol("BaseNodeLauncher")(
             provider=provider, pending=self.pending, event_summarizer=self.events,
             node_provider_availability_tracker=self.availability,
             node_types=config["available_node_types"])
@@ -72,8 +58,6 @@ class _NoGcs:
 def autoscaler(config_reader: Callable[[], dict[str, Any]]):
     """Ray's StandardAutoscaler over `config_reader()`; it builds the provider itself (through
     `provider.module`) and launches nodes from its NodeLauncher threads."""
-    from ray.autoscaler._private.autoscaler import StandardAutoscaler
-    from ray.autoscaler._private.load_metrics import LoadMetrics
-
-    return StandardAutoscaler(config_reader, LoadMetrics(), _NoGcs(), update_interval_s=0,
-                              max_failures=0)
+    autoscaler_cls = ray_internals.symbol("StandardAutoscaler")
+    return autoscaler_cls(config_reader, ray_internals.symbol("LoadMetrics")(), _NoGcs(),
+                          update_interval_s=0, max_failures=0)

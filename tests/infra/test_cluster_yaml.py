@@ -19,8 +19,10 @@ import yaml
 from pydantic import SecretStr
 
 from infra import cluster_yaml
+from license_contract import License, public_key_text
+from license_server.signing import new_private_key, sign_license
+from serve_app import ray_internals
 from serve_app.config import RAY_SERVE_ENV, TELEMETRY_OFF_ENV, Settings
-from serve_app.licensing import License, new_private_key, public_key_text, sign_license
 
 ROOT = Path(__file__).resolve().parents[2]
 GCP = ROOT / "ray_cluster.yaml"
@@ -142,7 +144,7 @@ def test_command_env_reads_only_what_precedes_ray_start():
 
 def test_the_head_declares_the_license_actors_resource(rendered):
     try:
-        from serve_app.ray_internals import HEAD_RESOURCE
+        from serve_app.licensing.placement import HEAD_RESOURCE
     except ImportError:  # before the license actor's placement by this resource is merged
         HEAD_RESOURCE = "serve_app_head"
     assert HEAD_RESOURCE == cluster_yaml.HEAD_RESOURCE
@@ -154,11 +156,9 @@ def test_the_head_declares_the_license_actors_resource(rendered):
 
 
 def test_token_auth_and_loopback_dashboard(rendered):
-    from ray._private.authentication.authentication_token_setup import _get_default_token_path
-
     assert cluster_yaml.security_problems(rendered) == []
     # The token lands where Ray's own loader looks on every node.
-    token_path = "~/" + _get_default_token_path().relative_to(Path.home()).as_posix()
+    token_path = "~/" + ray_internals.symbol("_get_default_token_path")().relative_to(Path.home()).as_posix()
     assert rendered["file_mounts"][token_path] == token_path == cluster_yaml.TOKEN_FILE
     assert not any("RAY_AUTH_MODE=disabled" in c for k, v in rendered.items()
                    if k.endswith("_commands") for c in v)
@@ -255,8 +255,7 @@ def test_cluster_serve_config_takes_the_license_from_the_environment(monkeypatch
 
 def test_cluster_serve_config_builds_gpu_replicas_with_the_license(monkeypatch):
     """What `serve deploy` builds from it on the head: `import_path` called with `args`."""
-    from ray.serve._private.utils import import_attr
-
+    import_attr = ray_internals.symbol("import_attr")
     for name, value in cluster_yaml.parse_env(license_env("https://l.example.com")).items():
         monkeypatch.setenv(name, value)
     (app,) = yaml.safe_load(SERVE_CONFIG.read_text())["applications"]

@@ -15,8 +15,8 @@ from ray.serve.scripts import cli as serve_cli
 
 from infra import cluster_yaml
 from infra.gcp.cli import parser as gcp_parser
-from serve_app import bench
-from serve_app.cli import status as serve_app_status
+from serve_app.bench import cli as bench
+from serve_app.licensing import status as serve_app_status
 from tests.infra.test_cluster_yaml import ROOT
 
 GUIDES = [ROOT / "deploy" / "gcp.md", ROOT / "deploy" / "on-prem.md"]

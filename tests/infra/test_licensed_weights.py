@@ -22,16 +22,16 @@ import httpx
 import pytest
 from starlette.testclient import TestClient
 
-from infra.license_server.app import IssueRequest, build_app
-from infra.license_server.catalog import ModelBucket
-from infra.license_server.cli import main
-from serve_app.bucket import make_s3_client
+from license_contract import License, build_manifest
+from license_server.app import IssueRequest, build_app
+from license_server.catalog import ModelBucket
+from license_server.cli import main
+from license_server.signing import new_private_key, sign_license
 from serve_app.errors import ConfigError
-from serve_app.licensed_weights import REFUSED, fetch_licensed_model
-from serve_app.licensing import License, new_private_key, sign_license
-from serve_app.manifest import build_manifest
-from serve_app.models import resolve_model
-from serve_app.weights import UNREACHABLE, MiB, WeightsError
+from serve_app.weights.fetch import UNREACHABLE, MiB, WeightsError
+from serve_app.weights.licensed import REFUSED, fetch_licensed_model
+from serve_app.weights.s3 import make_s3_client
+from serve_app.weights.sources import resolve_model
 from tests.conftest import LicenseServerProcess
 from tests.infra.weights_fakes import (  # noqa: F401 - fixtures
     FAKE_KEYS,
@@ -237,7 +237,7 @@ def test_no_urls_for_the_rest(vendor, case, status, code):
 
 
 def test_a_server_without_a_bucket_publishes_nothing_and_works_as_before(tmp_path):
-    from infra.license_server.cli import LicenseServerSettings, build_service
+    from license_server.cli import LicenseServerSettings, build_service
 
     service, token = build_service(LicenseServerSettings(data_dir=str(tmp_path)))
     assert service.catalog is None

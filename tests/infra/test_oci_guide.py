@@ -17,7 +17,7 @@ from ray.scripts.scripts import cli as ray_cli
 from ray.serve.scripts import cli as serve_cli
 
 from infra.oci.cli import build_parser
-from serve_app import cli as serve_app_cli
+from serve_app import licensing
 
 ROOT = Path(__file__).resolve().parents[2]
 GUIDE = (ROOT / "deploy" / "oci.md").read_text()
@@ -54,7 +54,7 @@ def argparse_options(parser) -> set[str]:
 def status_options() -> set[str]:
     out = io.StringIO()
     with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
-        serve_app_cli.status(["--help"])
+        licensing.status(["--help"])
     return set(re.findall(r"--[a-z][\w-]*", out.getvalue()))
 
 

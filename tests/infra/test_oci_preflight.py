@@ -10,7 +10,8 @@ import yaml
 
 from infra.oci import cli, preflight
 from infra.oci.clients import Backoff, build_clients
-from serve_app.licensing import License, new_private_key, public_key_text, sign_license
+from license_contract import License, public_key_text
+from license_server.signing import new_private_key, sign_license
 from tests.infra.oci_fake import SECURITY_LIST, provider_section
 
 CLUSTER_YAML = Path(__file__).resolve().parents[2] / "infra" / "oci" / "ray_cluster.yaml"

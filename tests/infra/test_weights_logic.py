@@ -11,16 +11,16 @@ from collections.abc import Iterator
 
 import pytest
 
-from serve_app.config import ModelConfig, Settings
-from serve_app.manifest import (
+from license_contract import (
     Manifest,
     ManifestEntry,
     ManifestError,
     build_manifest,
-    main,
     parse_manifest,
 )
-from serve_app.weights import (
+from serve_app.cli import print_manifest
+from serve_app.config import ModelConfig, Settings
+from serve_app.weights.fetch import (
     Progress,
     Tuning,
     WeightsError,
@@ -161,7 +161,7 @@ def test_manifest_round_trip_and_cli(tmp_path, capsys):
     manifest = build_manifest(tmp_path)
     assert [f.name for f in manifest.files] == ["config.json", "sub/w.bin"]
     assert parse_manifest(manifest.to_json()) == manifest
-    assert main([str(tmp_path)]) == 0
+    assert print_manifest([str(tmp_path)]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["version"] == 1
     assert doc["files"][1] == {"name": "sub/w.bin", "size": 3,

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from serve_app.bucket import S3Options, fetch_s3_model, make_s3_client
-from serve_app.manifest import Manifest, ManifestEntry
-from serve_app.models import resolve_model
-from serve_app.weights import MiB, Tuning, WeightsError, read_ranges
+from license_contract import Manifest, ManifestEntry
+from serve_app.weights.fetch import MiB, Tuning, WeightsError, read_ranges
+from serve_app.weights.s3 import S3Options, fetch_s3_model, make_s3_client
+from serve_app.weights.sources import resolve_model
 from tests.infra.weights_fakes import (  # noqa: F401 - fixtures
     SMALL,
     aws_sandbox,
@@ -148,7 +148,7 @@ def test_a_corrupt_partial_is_removed_and_fetched_again(proxy, bucket, tmp_path,
 
 REPLICA = """
 import sys
-from serve_app.bucket import fetch_s3_model
+from serve_app.weights.s3 import fetch_s3_model
 from tests.infra.weights_fakes import SMALL, options
 print(fetch_s3_model(sys.argv[1], sys.argv[2], options(sys.argv[3]), tuning=SMALL))
 """
@@ -205,7 +205,7 @@ def test_missing_bucket(moto_endpoint, tmp_path):
 
 def test_missing_manifest(moto_endpoint, tmp_path):
     bucket = new_bucket(moto_endpoint, FILES, manifest=None)
-    with pytest.raises(WeightsError, match=r"manifest\.json not found.*serve_app\.manifest"):
+    with pytest.raises(WeightsError, match=r"manifest\.json not found.*serve_app manifest"):
         fetch(moto_endpoint, bucket, tmp_path)
 
 
@@ -260,7 +260,7 @@ def test_path_style_for_s3_compatible_endpoints():
 
 
 def test_tuning_reaches_the_transfer_manager():
-    from serve_app.bucket import S3Source
+    from serve_app.weights.s3 import S3Source
 
     source = S3Source(object(), "b", "p", Tuning(part_bytes=8 * MiB, concurrency=3))
     assert (source.transfer_config.multipart_chunksize, source.transfer_config.max_concurrency) == (
@@ -270,7 +270,7 @@ def test_tuning_reaches_the_transfer_manager():
 def test_an_unreachable_store_serves_the_copy_verified_before(proxy, bucket, tmp_path, caplog):
     folder = fetch(proxy.url, bucket, tmp_path)
     proxy.close()  # the endpoint now refuses connections
-    with caplog.at_level(logging.WARNING, logger="serve_app.bucket"):
+    with caplog.at_level(logging.WARNING, logger="serve_app.weights.s3"):
         assert fetch(proxy.url, bucket, tmp_path) == folder
     assert "Cannot reach the S3 endpoint" in caplog.text
     assert "Serving the copy verified earlier" in caplog.text

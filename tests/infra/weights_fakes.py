@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from serve_app.bucket import S3Options, make_s3_client
-from serve_app.weights import MiB, Tuning
+from serve_app.weights.fetch import MiB, Tuning
+from serve_app.weights.s3 import S3Options, make_s3_client
 
 # Small parts, so that a few MiB make several ranged GETs.
 SMALL = Tuning(part_bytes=MiB, concurrency=4, attempts=3, record_every=256 * 1024,

@@ -9,9 +9,11 @@ import os
 import pytest
 from pydantic import SecretStr
 
-from serve_app.config import TELEMETRY_OFF_ENV, LicenseConfig
-from serve_app.licensing import License, new_private_key, public_key_text, sign_license
-from serve_app.ray_internals import HEAD_RESOURCE, head_node_options
+from license_contract import License, public_key_text
+from license_server.signing import new_private_key, sign_license
+from serve_app.config import TELEMETRY_OFF_ENV
+from serve_app.licensing import LicenseConfig
+from serve_app.licensing.placement import HEAD_RESOURCE, head_node_options
 
 pytestmark = pytest.mark.serve
 
@@ -55,7 +57,7 @@ def test_on_a_cluster_the_head_declares_a_resource_and_the_actor_holds_it(loopba
     import ray
     from ray.cluster_utils import Cluster
 
-    from serve_app.license_actor import get_license_actor
+    from serve_app.licensing.placement import get_license_actor
 
     # The worker node has more room, so nothing but the placement keeps the actor off it.
     cluster = Cluster(initialize_head=True, head_node_args={
@@ -81,7 +83,7 @@ def test_on_a_single_box_plain_ray_init_places_it_on_the_one_node(loopback_ray, 
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    from serve_app.license_actor import get_license_actor
+    from serve_app.licensing.placement import get_license_actor
 
     ray.init(num_cpus=1, include_dashboard=False)
     try:

@@ -245,7 +245,7 @@ def test_a_refused_report_is_quarantined_and_the_reports_after_it_are_billed(clu
     import uuid
 
     from serve_app.cli import usage_log_command
-    from serve_app.ledger import UsageLedger
+    from serve_app.licensing.ledger import UsageLedger
 
     lic = cluster["license"]
     path = cluster["config"].license.ledger_path
@@ -338,7 +338,7 @@ def test_revocation_refuses_new_requests_but_finishes_running_ones(cluster):
         _revoke_while_streaming(cluster, url)
     finally:  # reinstate the license: the other tests run on it, in any order
         store = cluster["server"].service.store
-        from infra.license_server.db import licenses
+        from license_server.db import licenses
 
         with store.engine.begin() as conn:
             conn.execute(licenses.update()

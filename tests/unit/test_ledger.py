@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from serve_app.ledger import UsageLedger
+from serve_app.licensing.ledger import UsageLedger
 
 
 class Clock:

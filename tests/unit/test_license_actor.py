@@ -9,11 +9,13 @@ import httpx
 import pytest
 from pydantic import SecretStr
 
-from infra.license_server.app import IssueRequest, LicenseService, build_app
-from infra.license_server.db import LicenseStore
-from serve_app.config import LicenseConfig
-from serve_app.license_actor import LicenseActor, LicenseGate
-from serve_app.licensing import new_private_key, public_key_text
+from license_contract import public_key_text
+from license_server.app import IssueRequest, LicenseService, build_app
+from license_server.db import LicenseStore
+from license_server.signing import new_private_key
+from serve_app.licensing import LicenseConfig
+from serve_app.licensing.actor import LicenseActor
+from serve_app.licensing.gate import LicenseGate
 from tests.fakes import Clocks, LicenseWire
 
 

@@ -11,10 +11,11 @@ import uuid
 import pytest
 from starlette.testclient import TestClient
 
-from infra.license_server.app import LicenseService, build_app
-from infra.license_server.cli import LicenseServerSettings, build_service, main
-from infra.license_server.db import Interval, LicenseStore, split_by_day
-from serve_app.licensing import load_public_key, new_private_key, verify_key
+from license_contract import load_public_key, verify_key
+from license_server.app import LicenseService, build_app
+from license_server.cli import LicenseServerSettings, build_service, main
+from license_server.db import Interval, LicenseStore, split_by_day
+from license_server.signing import new_private_key
 
 DAY = 86400.0
 T0 = 1_800_000_000.0 - (1_800_000_000.0 % DAY)  # a UTC midnight
@@ -51,7 +52,7 @@ def store(request, tmp_path):
     clock = Clock(T0 + 3600)
     s = LicenseStore(url, now=clock).start()
     if url.startswith("postgresql"):  # a shared server: start each test from empty tables
-        from infra.license_server.db import metadata
+        from license_server.db import metadata
 
         metadata.drop_all(s.engine)
         metadata.create_all(s.engine)
@@ -105,7 +106,7 @@ def test_admin_routes_need_the_token(server):
 def test_client_routes_need_a_valid_key(server):
     issue(server)
     foreign = LicenseService(server.service.store, new_private_key(), "x")
-    from infra.license_server.app import IssueRequest
+    from license_server.app import IssueRequest
 
     _, other_key = foreign.issue(IssueRequest(customer="evil"))
     for headers in ({}, as_client("garbage"), as_client(other_key)):

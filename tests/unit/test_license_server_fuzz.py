@@ -15,9 +15,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from starlette.testclient import TestClient
 
-from infra.license_server.app import IssueRequest, LicenseService, build_app
-from infra.license_server.db import LicenseStore, metadata
-from serve_app.licensing import new_private_key
+from license_server.app import IssueRequest, LicenseService, build_app
+from license_server.db import LicenseStore, metadata
+from license_server.signing import new_private_key
 from tests.conftest import LicenseServerProcess
 from tests.unit import test_license_server as base
 

@@ -11,10 +11,10 @@ import uuid
 import pytest
 from starlette.testclient import TestClient
 
-from infra.license_server.app import LicenseService, build_app
-from infra.license_server.cli import main
-from infra.license_server.limits import ServerPolicy
-from serve_app.licensing import new_private_key
+from license_server.app import LicenseService, build_app
+from license_server.cli import main
+from license_server.limits import ServerPolicy
+from license_server.signing import new_private_key
 from tests.unit import test_license_server as base
 
 DAY, T0, ADMIN = base.DAY, base.T0, base.ADMIN
@@ -244,7 +244,7 @@ def test_usage_pages_and_date_ranges(server):
 
 def test_a_stored_infinite_interval_cannot_hang_the_usage_query(server):
     """A database written before intervals were checked may hold any floats."""
-    from infra.license_server.db import Interval
+    from license_server.db import Interval
 
     headers, lid = licensed(server)
     server.service.store.add_report(
@@ -301,7 +301,7 @@ def test_the_admin_token_is_compared_in_constant_time(server, monkeypatch):
         calls.append((a, b))
         return real(a, b)
 
-    monkeypatch.setattr("infra.license_server.app.hmac.compare_digest", spy)
+    monkeypatch.setattr("license_server.app.hmac.compare_digest", spy)
     assert server.get("/admin/licenses", headers={"Authorization": "Bearer nope"}
                       ).status_code == 401
     assert server.get("/admin/licenses", headers=ADMIN).status_code == 200
@@ -321,8 +321,8 @@ def test_cli_usage_takes_a_range_and_pages(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("LICENSE_SERVER_DATA_DIR", str(tmp_path / "ls"))
     main(["issue", "--customer", "ACME", "--json"])
     lid = json.loads(capsys.readouterr().out)["license"]["license_id"]
-    from infra.license_server.cli import LicenseServerSettings, build_service
-    from infra.license_server.db import Interval
+    from license_server.cli import LicenseServerSettings, build_service
+    from license_server.db import Interval
 
     service, _ = build_service(LicenseServerSettings())
     now = time.time()

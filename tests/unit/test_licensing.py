@@ -2,18 +2,9 @@ from __future__ import annotations
 
 import pytest
 
-from serve_app.licensing import (
-    License,
-    LicenseError,
-    decide,
-    load_private_key,
-    load_public_key,
-    new_private_key,
-    private_key_pem,
-    public_key_text,
-    sign_license,
-    verify_key,
-)
+from license_contract import License, LicenseError, load_public_key, public_key_text, verify_key
+from license_server.signing import load_private_key, new_private_key, private_key_pem, sign_license
+from serve_app.licensing.policy import decide
 
 NOW = 1_800_000_000.0
 VENDOR = new_private_key()

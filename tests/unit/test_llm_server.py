@@ -10,7 +10,9 @@ import logging
 
 import pytest
 
-from serve_app.config import LicenseConfig, ModelConfig
+from serve_app import vllm_internals
+from serve_app.config import ModelConfig
+from serve_app.licensing import LicenseConfig
 from serve_app.llm_server import LLMServer
 from tests.fakes import FakeEngineFactory, FakeLicenseActor, Script, write_tiny_model
 
@@ -152,7 +154,7 @@ def test_completion_stream(runner, server):
 
 
 def test_stream_and_unary_tell_vllm_the_output_kind(runner, server, engine):
-    from vllm.sampling_params import RequestOutputKind
+    RequestOutputKind = vllm_internals.symbol("RequestOutputKind")
 
     call(runner, server.openai("completions", json.dumps(COMPLETION).encode()))
     stream(runner, server, "completions", {**COMPLETION, "stream": True})

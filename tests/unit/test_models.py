@@ -3,7 +3,8 @@ from __future__ import annotations
 import pytest
 
 from serve_app.errors import ConfigError
-from serve_app.models import EMBEDDED_MODEL_WHEEL, resolve_model, smollm2_gguf_path, weight_bytes
+from serve_app.weights.embedded import EMBEDDED_MODEL_WHEEL, smollm2_gguf_path
+from serve_app.weights.sources import resolve_model, weight_bytes
 
 
 def test_local_folder(tmp_path):
@@ -50,7 +51,8 @@ def test_racing_conversions_convert_once_and_publish_atomically(tmp_path, monkey
     import threading
     import time
 
-    from serve_app import models
+    from serve_app.weights import embedded as models
+    from serve_app.weights import sources
 
     calls = []
 
@@ -67,7 +69,7 @@ def test_racing_conversions_convert_once_and_publish_atomically(tmp_path, monkey
         target = tmp_path / models.SMOLLM2
         if target.exists() and not (target / "model.safetensors").exists():
             seen_partial.append(True)
-        results.append(models.resolve_model("builtin:smollm2-135m-instruct", tmp_path))
+        results.append(sources.resolve_model("builtin:smollm2-135m-instruct", tmp_path))
 
     threads = [threading.Thread(target=resolve) for _ in range(4)]
     for t in threads:

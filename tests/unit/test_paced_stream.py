@@ -10,14 +10,13 @@ import pytest
 
 pytest.importorskip("vllm")
 
-from vllm.sampling_params import RequestOutputKind, SamplingParams  # noqa: E402
-from vllm.v1.engine import EngineCoreOutput, EngineCoreRequest, FinishReason  # noqa: E402
-from vllm.v1.engine.output_processor import (  # noqa: E402
-    OutputProcessor,
-    RequestOutputCollector,
-)
-
+from serve_app import vllm_internals  # noqa: E402
 from serve_app.streaming import PacedEngine  # noqa: E402
+
+(RequestOutputKind, SamplingParams, EngineCoreOutput, EngineCoreRequest, FinishReason,
+ OutputProcessor, RequestOutputCollector) = map(vllm_internals.symbol, (
+    "RequestOutputKind", "SamplingParams", "EngineCoreOutput", "EngineCoreRequest", "FinishReason",
+    "OutputProcessor", "RequestOutputCollector"))
 
 # Long enough that a stream which waited one out would fail the test's timeout.
 FOREVER = 60.0

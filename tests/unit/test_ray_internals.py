@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 
 from serve_app import ray_internals
-from serve_app.ray_internals import HEAD_RESOURCE, HeadNodeNotFoundError, head_node_options
+from serve_app.licensing.placement import HEAD_RESOURCE, HeadNodeNotFoundError, head_node_options
 
 
 def test_every_ray_internal_the_app_relies_on_is_there():

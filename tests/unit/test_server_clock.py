@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from serve_app.server_clock import ServerClock, parse_header
+from serve_app.licensing.server_clock import ServerClock, parse_header
 
 
 class Host:

@@ -15,11 +15,12 @@ import httpx
 import pytest
 from pydantic import SecretStr
 
-from infra.license_server.app import IssueRequest, LicenseService, build_app
-from infra.license_server.db import LicenseStore
-from serve_app.config import LicenseConfig
-from serve_app.license_actor import LicenseActor, RateLimitedError
-from serve_app.licensing import new_private_key, public_key_text
+from license_contract import public_key_text
+from license_server.app import IssueRequest, LicenseService, build_app
+from license_server.db import LicenseStore
+from license_server.signing import new_private_key
+from serve_app.licensing import LicenseConfig
+from serve_app.licensing.actor import LicenseActor, RateLimitedError
 from tests.fakes import Clocks, LicenseWire
 
 HEARTBEAT_S = 10.0
@@ -318,7 +319,7 @@ def test_a_tampered_usage_log_is_detected(world):
             db.execute(sql, args)
 
     def check():
-        from serve_app.ledger import UsageLedger
+        from serve_app.licensing.ledger import UsageLedger
 
         led = UsageLedger(path).start()
         try:
@@ -335,7 +336,7 @@ def test_a_tampered_usage_log_is_detected(world):
     tamper("UPDATE usage_log SET entry = ? WHERE seq = ?", forged, seq)
     assert [p.split(":")[0] for p in check().problems] == [f"entry {seq} ({entry['report_id']})"]
     # Re-hashing the forged entry moves the break to the next one.
-    from serve_app.usage_log import entry_hash
+    from serve_app.licensing.usage_log import entry_hash
 
     tamper("UPDATE usage_log SET hash = ? WHERE seq = ?", entry_hash(forged), seq)
     problems = check().problems

@@ -6,8 +6,9 @@ import sqlite3
 
 import pytest
 
-from serve_app.cli import format_status, usage_log_command
-from serve_app.ledger import UsageLedger
+from serve_app.cli import usage_log_command
+from serve_app.licensing.cli import format_status
+from serve_app.licensing.ledger import UsageLedger
 
 MIDNIGHT = 1_800_057_600.0  # 2027-01-16 00:00 UTC
 

@@ -28,9 +28,9 @@ def test_every_vllm_internal_the_app_relies_on_is_there():
 
 def test_frontend_options_reach_vllms_namespace_under_its_names():
     pytest.importorskip("vllm")
-    from vllm.engine.arg_utils import AsyncEngineArgs
+    from serve_app.vllm_internals import frontend_namespace, symbol
 
-    from serve_app.vllm_internals import frontend_namespace
+    AsyncEngineArgs = symbol("AsyncEngineArgs")
 
     model = ModelConfig(name="m", device="cpu", **TOOLS)
     kwargs = model.engine_args("/models/m")
@@ -52,9 +52,9 @@ def test_frontend_options_reach_vllms_namespace_under_its_names():
 
 def test_defaults_leave_vllms_frontend_defaults():
     pytest.importorskip("vllm")
-    from vllm.entrypoints.launchers.cli_args import FrontendArgs
+    from serve_app.vllm_internals import symbol
 
-    defaults = vars(FrontendArgs())
+    defaults = vars(symbol("FrontendArgs")())
     for name, value in ModelConfig(device="cpu").frontend_args().items():
         assert defaults[name] == value
     assert "reasoning_parser" not in ModelConfig(device="cpu").engine_args("/m")

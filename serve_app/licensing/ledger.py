@@ -32,7 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from serve_app import usage_log
+from license_contract import MAX_INTERVAL_S, MAX_REPORT_INTERVALS
+from serve_app.licensing import usage_log
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS instances (
@@ -53,10 +54,6 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 # instances.chain_end NULL means "at last_seen"; reports.license_id NULL means "not recorded".
 MIGRATIONS = (("instances", "chain_end", "REAL"), ("reports", "license_id", "TEXT"),
               ("reports", "quarantined_at", "REAL"), ("reports", "reason", "TEXT"))
-
-# The license server's limits on one report.
-MAX_REPORT_INTERVALS = 2000
-MAX_INTERVAL_S = 86400.0
 
 # instances.stopped: 0 live, 1 silent too long (a later heartbeat revives it), 2 said goodbye.
 EXPIRED, DEREGISTERED = 1, 2

@@ -20,7 +20,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from infra.license_server.billing import (
+from license_contract import OVERLAP_TOLERANCE_S
+from license_server.billing import (
     DAY,
     ConcurrencyByDay,
     Interval,
@@ -29,7 +30,7 @@ from infra.license_server.billing import (
     parse_day,
     split_days,
 )
-from infra.license_server.limits import ServerPolicy
+from license_server.limits import ServerPolicy
 
 
 def flag(code: str, reason: str) -> dict[str, str]:
@@ -85,7 +86,7 @@ def license_usage(license_id: str, cap: int | None, items: Iterable[Interval],
     """(rows by day, alerts) for one license over days ``first_day..last_day``. ``items`` are
     its billed intervals touching that range, in order of start."""
     lo, hi = first_day * DAY, (last_day + 1) * DAY
-    peaks = ConcurrencyByDay(policy.overlap_tolerance_s)
+    peaks = ConcurrencyByDay(OVERLAP_TOLERANCE_S)
 
     def fed() -> Iterator[Interval]:
         for it in items:

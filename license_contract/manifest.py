@@ -7,8 +7,8 @@ A bucket source holds ``manifest.json`` in its prefix::
                {"name": "model.safetensors", "size": 269060552, "sha256": "2c26b4..."}]}
 
 Names are paths relative to the prefix (``/``-separated, no ``..``); every file vLLM needs is
-listed, the manifest itself is not. ``python -m serve_app.manifest FOLDER`` prints the manifest of
-a local folder, for publishing.
+listed, the manifest itself is not. ``build_manifest`` makes one from a local folder, for
+publishing (``python -m serve_app manifest FOLDER``, the vendor's ``publish-model``).
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import hashlib
 import json
 import os
 import re
-import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -26,6 +25,8 @@ MANIFEST_NAME = "manifest.json"
 MANIFEST_VERSION = 1
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _READ_BLOCK = 1 << 20
+# A published model's name: one key component in the vendor's bucket, one folder in a cache.
+MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
 class ManifestError(ValueError):
@@ -116,15 +117,3 @@ def _files(root: Path) -> Iterable[Path]:
                 and rel.as_posix() != MANIFEST_NAME:
             yield path
 
-
-def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1:
-        print("usage: python -m serve_app.manifest MODEL_FOLDER > manifest.json", file=sys.stderr)
-        return 2
-    sys.stdout.write(build_manifest(args[0]).to_json())
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -12,13 +12,26 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from infra.license_server.billing import DAY, Interval, Refusal, day_index, day_name, parse_day
-from infra.license_server.catalog import MODEL_NAME, ModelCatalog
-from infra.license_server.crosscheck import license_usage
-from infra.license_server.db import LicenseStore, ReportRules
-from infra.license_server.limits import ServerPolicy
-from infra.license_server.wire import HeartbeatRequest, IssueRequest, UsageReport
-from serve_app.licensing import License, LicenseError, public_key_text, sign_license, verify_key
+from license_contract import (
+    MAX_INTERVAL_S,
+    MAX_REPORT_INTERVALS,
+    MODEL_NAME,
+    OVERLAP_TOLERANCE_S,
+    SKEW_S,
+    HeartbeatRequest,
+    License,
+    LicenseError,
+    UsageReport,
+    public_key_text,
+    verify_key,
+)
+from license_server.billing import DAY, Interval, Refusal, day_index, day_name, parse_day
+from license_server.catalog import ModelCatalog
+from license_server.crosscheck import license_usage
+from license_server.db import LicenseStore, ReportRules
+from license_server.limits import ServerPolicy
+from license_server.signing import sign_license
+from license_server.wire import IssueRequest
 
 LICENSE_ID = re.compile(r"^[!-~]{1,64}$")
 CURSOR = re.compile(r"^([!-~]{1,64})/(\d{4}-\d{2}-\d{2})$")
@@ -76,13 +89,12 @@ class LicenseService:
 
     def report(self, lic: License, req: UsageReport) -> bool:
         """Store a usage report; False for a replay. Raises Refusal for one that cannot be."""
-        if len(req.intervals) > self.policy.max_intervals:
+        if len(req.intervals) > MAX_REPORT_INTERVALS:
             raise Refusal(f"intervals: {len(req.intervals)} in one report, above "
-                          f"{self.policy.max_intervals}; send several reports", "too_many_intervals")
-        p = self.policy
+                          f"{MAX_REPORT_INTERVALS}; send several reports", "too_many_intervals")
         rules = ReportRules(issued_at=lic.issued_at, grace_period_s=lic.grace_period_s,
-                            skew_s=p.skew_s, max_interval_s=p.max_interval_s,
-                            overlap_tolerance_s=p.overlap_tolerance_s)
+                            skew_s=SKEW_S, max_interval_s=MAX_INTERVAL_S,
+                            overlap_tolerance_s=OVERLAP_TOLERANCE_S)
         return self.store.add_report(
             report_id=req.report_id, license_id=lic.license_id, cluster_id=req.cluster_id,
             items=[Interval(i.instance_id, i.start, i.end, i.gpus) for i in req.intervals],

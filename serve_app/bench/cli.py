@@ -2,7 +2,7 @@
 
     python -m serve_app.bench --concurrency 1,2,4,8 --n-repeats 5 --prompt-size 550 --max-tokens 150
 
-Tables aggregate as the seed's tool did (see ``serve_app.loadgen`` for the rates); CSV, JSON and a
+Tables aggregate as the seed's tool did (see ``serve_app.bench.loadgen`` for the rates); CSV, JSON and a
 PNG chart go to ``--out``. Needs the ``bench`` extra: ``pip install 'serve-app[bench]'``.
 """
 
@@ -17,7 +17,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from serve_app.loadgen import (
+from serve_app.bench.loadgen import (
     RequestResult,
     build_prompts,
     per_request_rates,
@@ -136,7 +136,7 @@ def load_tokenizer(path: str | None) -> Any:
     from transformers import AutoTokenizer
 
     from serve_app.config import DEFAULT_CACHE_DIR, DEFAULT_MODEL_SOURCE
-    from serve_app.models import resolve_model
+    from serve_app.weights import resolve_model
 
     return AutoTokenizer.from_pretrained(path or resolve_model(DEFAULT_MODEL_SOURCE,
                                                                   DEFAULT_CACHE_DIR))
@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"The benchmark needs {', '.join(missing)}: "
                          "pip install 'serve-app[bench]'")
     if args.compare:
-        from serve_app.bench_compare import compare
+        from serve_app.bench.compare import compare
 
         compare(args)
         return
@@ -175,6 +175,3 @@ def main(argv: list[str] | None = None) -> None:
     for path in write_outputs(results, Path(args.out), f"{args.url} ({args.api})"):
         print(f"wrote {path}")
 
-
-if __name__ == "__main__":
-    main()

@@ -1,4 +1,4 @@
-"""``python -m infra.license_server serve|issue|list|revoke|usage|public-key|rotate-admin-token|
+"""``python -m license_server serve|issue|list|revoke|usage|public-key|rotate-admin-token|
 publish-model|models``.
 
 Admin commands act on the same database as the server (``LICENSE_SERVER_DATABASE_URL`` or the
@@ -19,12 +19,12 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from infra.license_server.app import IssueRequest, LicenseService, build_app, to_csv
-from infra.license_server.billing import Refusal
-from infra.license_server.catalog import ModelBucket, ModelCatalog
-from infra.license_server.db import LicenseStore
-from infra.license_server.limits import ServerPolicy
-from serve_app.licensing import load_private_key, new_private_key, private_key_pem
+from license_server.app import IssueRequest, LicenseService, build_app, to_csv
+from license_server.billing import Refusal
+from license_server.catalog import ModelBucket, ModelCatalog
+from license_server.db import LicenseStore
+from license_server.limits import ServerPolicy
+from license_server.signing import load_private_key, new_private_key, private_key_pem
 
 
 class LicenseServerSettings(BaseSettings):
@@ -99,7 +99,7 @@ def rotate_admin_token(settings: LicenseServerSettings) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m infra.license_server", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m license_server", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the HTTP server")
     serve.add_argument("--host")
@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> None:
 def _models_command(args: argparse.Namespace, catalog: ModelCatalog) -> None:
     from botocore.exceptions import BotoCoreError, ClientError
 
-    from serve_app.manifest import ManifestError
+    from license_contract import ManifestError
 
     where = f"s3://{catalog.bucket}/{catalog.key('')}"
     try:

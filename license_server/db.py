@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.schema import CreateIndex
 
-from infra.license_server.billing import (
+from license_server.billing import (
     Interval,
     Refusal,
     check_intervals,

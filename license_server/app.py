@@ -30,20 +30,19 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp
 
-from infra.license_server.billing import Refusal
-from infra.license_server.crosscheck import USAGE_COLUMNS, csv_row
-from infra.license_server.limits import FailedAuth, RateLimiter, retry_after
-from infra.license_server.service import LICENSE_ID, LicenseService
-from infra.license_server.wire import (
+from license_contract import (
+    MAX_BODY_BYTES,
     ActivateRequest,
     HeartbeatRequest,
-    IssueRequest,
-    ServerTime,
+    License,
+    LicenseError,
     UsageReport,
-    error,
-    read_model,
 )
-from serve_app.licensing import License, LicenseError
+from license_server.billing import Refusal
+from license_server.crosscheck import USAGE_COLUMNS, csv_row
+from license_server.limits import FailedAuth, RateLimiter, retry_after
+from license_server.service import LICENSE_ID, LicenseService
+from license_server.wire import IssueRequest, ServerTime, error, read_model
 
 __all__ = ["IssueRequest", "LicenseService", "build_app", "to_csv"]
 
@@ -107,7 +106,7 @@ def build_app(service: LicenseService, admin_token: str) -> ASGIApp:
         return lic, status
 
     async def body(request: Request, model: type) -> Any:
-        return await read_model(request, model, policy.max_body_bytes)
+        return await read_model(request, model, MAX_BODY_BYTES)
 
     async def health(request: Request) -> Response:
         return JSONResponse({"status": "ok"})

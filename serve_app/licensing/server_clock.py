@@ -22,7 +22,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-HEADER = "X-Server-Time"
+from license_contract import SERVER_TIME_HEADER
+
+HEADER = SERVER_TIME_HEADER
 # How fast an old sample loses trust: generous for a quartz clock (tens of ppm).
 DRIFT = 1e-4
 # The applied offset follows the estimate only when they differ by more than this: every change

@@ -1,8 +1,8 @@
 """Download throughput of a bucket source: the transfer manager (parallel ranged GETs, as the
 app fetches weights) against one plain GET of the same object, side by side in one run.
 
-    python -m serve_app.weights_bench                      # moto's S3 server on loopback
-    python -m serve_app.weights_bench --endpoint URL --bucket B --key K [--region R]
+    python -m serve_app.weights.bench                      # moto's S3 server on loopback
+    python -m serve_app.weights.bench --endpoint URL --bucket B --key K [--region R]
 
 Without ``--endpoint`` it starts moto on 127.0.0.1, uploads a random object (256 MiB by default)
 and measures against that; moto serves from one Python process, so the numbers say more about
@@ -24,8 +24,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from serve_app.bucket import S3Options, S3Source, make_s3_client
-from serve_app.weights import MiB, Progress, RangeWriter, Tuning
+from serve_app.weights.fetch import MiB, Progress, RangeWriter, Tuning
+from serve_app.weights.s3 import S3Options, S3Source, make_s3_client
 
 
 def transfer_manager(client: Any, bucket: str, key: str, size: int, out: Path,

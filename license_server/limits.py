@@ -1,8 +1,8 @@
 """What the license server accepts and how hard it can be pushed.
 
-``ServerPolicy`` holds the numbers: set through ``LicenseServerSettings`` (env
-``LICENSE_SERVER_POLICY__<FIELD>``), read by the routes and the service. Its wire limits are the
-contract the app's license actor is written against.
+``ServerPolicy`` holds the numbers the vendor may tune: set through ``LicenseServerSettings``
+(env ``LICENSE_SERVER_POLICY__<FIELD>``), read by the routes and the service. The limits on what
+a report may hold are not among them: both sides hold reports to ``license_contract.usage``.
 
 The limiters keep their state in memory, with an injected clock: a token bucket per key
 (address, license) and failed authentications per address. Memory is bounded: past
@@ -21,16 +21,6 @@ from pydantic import BaseModel, ConfigDict, Field
 
 class ServerPolicy(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
-
-    # -- the usage report contract --------------------------------------------------------------
-    max_body_bytes: int = Field(1 << 20, ge=1024, description="Largest request body (413 above).")
-    max_intervals: int = Field(2000, ge=1, description="Intervals one usage report may carry.")
-    max_interval_s: float = Field(
-        86400.0, gt=0, description="Longest interval: the actor splits longer ones.")
-    skew_s: float = Field(
-        300.0, ge=0, description="Clock disagreement allowed at both ends of an interval.")
-    overlap_tolerance_s: float = Field(
-        0.001, ge=0, description="Overlap ignored between an instance's intervals (float noise).")
 
     # -- abuse limits (token buckets; the actor's steady rate is a few requests a minute) -------
     license_rate_per_s: float = Field(20.0, gt=0, description="Client requests/s per license.")

@@ -1,5 +1,5 @@
-"""The benchmark's load generator and its pure aggregation, shared by ``serve_app.bench`` (one
-server) and ``serve_app.bench_compare`` (several, side by side).
+"""The benchmark's load generator and its pure aggregation, shared by ``serve_app.bench.cli`` (one
+server) and ``serve_app.bench.compare`` (several, side by side).
 
 Per request: generated_tps = generated tokens / decode time (first to last token) and
 total_tps = (prompt + generated tokens) / client wall time. Per burst (``concurrency`` requests

@@ -21,9 +21,9 @@ from typing import Any
 import httpx
 import psutil
 
+from serve_app.bench.loadgen import build_prompts, run_bench, summary
 from serve_app.config import DEFAULT_CACHE_DIR, DEFAULT_MODEL_SOURCE, TELEMETRY_OFF_ENV
-from serve_app.loadgen import build_prompts, run_bench, summary
-from serve_app.models import resolve_model
+from serve_app.weights import resolve_model
 
 NAME = "bench-model"
 

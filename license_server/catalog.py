@@ -4,7 +4,7 @@ short-lived presigned GET URLs, so that customers need no bucket credentials.
 Layout under ``ModelBucket.url`` (``s3://bucket/prefix``)::
 
     <prefix>/<model name>/<file>             the model's files, as in its local folder
-    <prefix>/<model name>/manifest.json      name, size and sha256 of each (serve_app.manifest)
+    <prefix>/<model name>/manifest.json      name, size and sha256 of each (license_contract)
 
 Publishing removes the old manifest first and writes the new one last: while files are being
 replaced the model is not downloadable, rather than a mix of two versions. boto3 is imported only
@@ -22,9 +22,15 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
-from infra.license_server.billing import Refusal
-from serve_app.licensed_weights import MODEL_NAME
-from serve_app.manifest import MANIFEST_NAME, Manifest, ManifestError, build_manifest, parse_manifest
+from license_contract import (
+    MANIFEST_NAME,
+    MODEL_NAME,
+    Manifest,
+    ManifestError,
+    build_manifest,
+    parse_manifest,
+)
+from license_server.billing import Refusal
 
 logger = logging.getLogger("license_server")
 
@@ -57,10 +63,9 @@ class ModelCatalog:
     """The models in the vendor bucket: publish, list, and presign for a download."""
 
     def __init__(self, config: ModelBucket, client: Any = None) -> None:
-        from serve_app.bucket import parse_s3_url
-
         self.config = config
-        self.bucket, self.prefix = parse_s3_url(config.url)
+        bucket, _, prefix = config.url.removeprefix("s3://").partition("/")
+        self.bucket, self.prefix = bucket, prefix.strip("/")
         self._client = client
 
     def start(self) -> ModelCatalog:
@@ -68,21 +73,23 @@ class ModelCatalog:
             import boto3
             from botocore.config import Config
 
-            from serve_app.bucket import S3Options, make_s3_client
-
             c = self.config
-            keys = dict(
+            session = boto3.session.Session(
+                region_name=c.region,
                 aws_access_key_id=c.access_key_id.get_secret_value() if c.access_key_id else None,
                 aws_secret_access_key=(c.secret_access_key.get_secret_value()
                                        if c.secret_access_key else None))
-            # make_s3_client picks the endpoint and the addressing style; presigned URLs must be
-            # SigV4 (boto3 presigns SigV2 by default, which OCI refuses and S3 is retiring).
-            base = make_s3_client(S3Options(endpoint_url=c.endpoint_url, region=c.region,
-                                             access_key_id=keys["aws_access_key_id"],
-                                             secret_access_key=keys["aws_secret_access_key"]))
-            self._client = boto3.session.Session(region_name=c.region, **keys).client(
-                "s3", endpoint_url=base.meta.endpoint_url,
-                config=base.meta.config.merge(Config(signature_version="s3v4")))
+            # Presigned URLs must be SigV4 (boto3 presigns SigV2 by default, which OCI refuses
+            # and S3 is retiring); S3-compatible stores lack the CRC headers newer boto3 sends.
+            config = Config(signature_version="s3v4", retries={"mode": "standard", "max_attempts": 3},
+                            request_checksum_calculation="when_required",
+                            response_checksum_validation="when_required")
+            client = session.client("s3", endpoint_url=c.endpoint_url, config=config)
+            if not client.meta.endpoint_url.split("/")[2].endswith("amazonaws.com"):
+                # OCI's and GCS's S3 endpoints want the bucket in the path, not the host name.
+                client = session.client("s3", endpoint_url=client.meta.endpoint_url,
+                                        config=config.merge(Config(s3={"addressing_style": "path"})))
+            self._client = client
         return self
 
     @property

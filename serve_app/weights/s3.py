@@ -6,7 +6,7 @@ HMAC key). The endpoint, region and keys come from ``S3Options`` (the model's co
 boto3's own chain: ``AWS_ENDPOINT_URL``, ``AWS_REGION``, ``AWS_ACCESS_KEY_ID`` /
 ``AWS_SECRET_ACCESS_KEY``, ``AWS_PROFILE`` and ~/.aws, an instance role.
 
-The prefix holds the model's files and a ``manifest.json`` (see ``serve_app.manifest``). boto3 is
+The prefix holds the model's files and a ``manifest.json`` (see ``license_contract.manifest``). boto3 is
 imported only here, and only when a bucket source is used (the ``s3`` extra).
 """
 
@@ -20,9 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from serve_app.manifest import MANIFEST_NAME, Manifest, ManifestError, parse_manifest
-from serve_app.models import S3_PREFIX
-from serve_app.weights import (
+from license_contract import MANIFEST_NAME, Manifest, ManifestError, parse_manifest
+from serve_app.weights.fetch import (
     UNREACHABLE,
     MiB,
     RangeWriter,
@@ -33,6 +32,8 @@ from serve_app.weights import (
 )
 
 logger = logging.getLogger(__name__)
+
+S3_PREFIX = "s3://"
 _IO_BLOCK = MiB
 # Error codes of S3 and the stores that imitate it, by what the user has to fix.
 _CREDENTIAL_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403",
@@ -122,7 +123,7 @@ class S3Source:
         try:
             return parse_manifest(data, origin)
         except ManifestError as exc:
-            raise WeightsError(f"{exc}. Publish it with: python -m serve_app.manifest FOLDER "
+            raise WeightsError(f"{exc}. Publish it with: python -m serve_app manifest FOLDER "
                                "> manifest.json") from None
 
     def download(self, name: str, size: int, out: RangeWriter) -> None:
@@ -187,7 +188,7 @@ class S3Source:
                                 "model source and s3_endpoint_url / s3_region.")
         if code in _MISSING_KEY_CODES:
             hint = (" Publish the model's manifest next to its files: python -m "
-                    "serve_app.manifest FOLDER > manifest.json" if where.endswith(MANIFEST_NAME)
+                    "serve_app manifest FOLDER > manifest.json" if where.endswith(MANIFEST_NAME)
                     else " The manifest lists a file the bucket does not hold.")
             return WeightsError(f"{where} not found at {endpoint} ({detail}).{hint}")
         if code in _REDIRECT_CODES:

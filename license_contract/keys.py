@@ -1,13 +1,9 @@
-"""License keys and licensing policy. Pure: no I/O, the clock is an argument.
+"""License keys: what a key says, how it is spelled, and how its signature is checked.
 
 A key is ``MTL1.<payload>.<signature>``: base64url of the license's canonical JSON, and of its
 Ed25519 signature made with the vendor's private key. It is self-describing (the app reads
-entitlements from it offline) and verifiable with the vendor public key alone.
-
-Policy (``decide``): a valid, unexpired, unrevoked license serves while the last successful
-check-in with the license server is younger than the grace period; after that new requests get
-503 ``license_checkin_overdue``. Revoked and expired licenses get 403. Requests already running
-are never touched: the decision is consulted only when a request arrives.
+entitlements from it offline) and verifiable with the vendor public key alone. The vendor signs
+(``license_server``); both sides verify here, so that they read a key the same way.
 """
 
 from __future__ import annotations
@@ -16,11 +12,10 @@ import base64
 import binascii
 import json
 import time
-from dataclasses import dataclass
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 PREFIX = "MTL1"
@@ -54,24 +49,22 @@ class License(BaseModel):
         return "*" in self.models or name in self.models
 
 
-# -- keys -------------------------------------------------------------------------------------
-
-
-def _b64(data: bytes) -> str:
+def b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
-def _unb64(text: str) -> bytes:
+def unb64(text: str) -> bytes:
     return base64.b64decode(text + "=" * (-len(text) % 4), altchars=b"-_", validate=True)
 
 
 def canonical(lic: License) -> bytes:
+    """The bytes the vendor signs: the license as sorted, compact JSON."""
     return json.dumps(lic.model_dump(mode="json"), sort_keys=True, separators=(",", ":")).encode()
 
 
-def sign_license(lic: License, private_key: Ed25519PrivateKey) -> str:
-    payload = canonical(lic)
-    return f"{PREFIX}.{_b64(payload)}.{_b64(private_key.sign(payload))}"
+def key_text(payload: bytes, signature: bytes) -> str:
+    """A key from the signed payload and its signature."""
+    return f"{PREFIX}.{b64(payload)}.{b64(signature)}"
 
 
 def verify_key(
@@ -90,7 +83,7 @@ def verify_key(
             "license_malformed",
         )
     try:
-        payload, signature = _unb64(parts[1]), _unb64(parts[2])
+        payload, signature = unb64(parts[1]), unb64(parts[2])
     except (binascii.Error, ValueError):
         raise LicenseError(f"The license key is garbled (bad encoding). {HELP}",
                            "license_malformed") from None
@@ -114,36 +107,20 @@ def verify_key(
     now = time.time() if now is None else now
     if check_expiry and now >= lic.expires_at:
         raise LicenseError(
-            f"License {lic.license_id} expired at {_iso(lic.expires_at)}. Renew it with the vendor.",
+            f"License {lic.license_id} expired at {iso(lic.expires_at)}. Renew it with the vendor.",
             "license_expired",
         )
     return lic
 
 
-def _iso(ts: float) -> str:
+def iso(ts: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(ts))
-
-
-def new_private_key() -> Ed25519PrivateKey:
-    return Ed25519PrivateKey.generate()
-
-
-def private_key_pem(key: Ed25519PrivateKey) -> bytes:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())
-
-
-def load_private_key(pem: bytes) -> Ed25519PrivateKey:
-    key = serialization.load_pem_private_key(pem, password=None)
-    if not isinstance(key, Ed25519PrivateKey):
-        raise ValueError("the vendor signing key must be Ed25519")
-    return key
 
 
 def public_key_text(key: Ed25519PublicKey) -> str:
     """The public key as customers configure it: base64url of the 32 raw bytes."""
     raw = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    return _b64(raw)
+    return b64(raw)
 
 
 def load_public_key(text: str) -> Ed25519PublicKey:
@@ -154,56 +131,7 @@ def load_public_key(text: str) -> Ed25519PublicKey:
             if not isinstance(key, Ed25519PublicKey):
                 raise ValueError("not Ed25519")
             return key
-        return Ed25519PublicKey.from_public_bytes(_unb64(text))
+        return Ed25519PublicKey.from_public_bytes(unb64(text))
     except (ValueError, binascii.Error) as exc:
         raise LicenseError(f"The vendor public key is not a valid Ed25519 key ({exc}).",
                            "license_public_key_invalid") from None
-
-
-# -- policy -------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Decision:
-    allowed: bool
-    status: int  # HTTP status for refused requests
-    code: str
-    message: str
-    grace_left_s: float
-
-
-def decide(
-    lic: License | None,
-    *,
-    now: float,
-    last_checkin: float | None,
-    revoked: bool = False,
-    invalid_reason: str | None = None,
-    started_at: float | None = None,
-) -> Decision:
-    """Whether new requests may be served.
-
-    Grace counts from the last successful check-in; before the first one, from ``started_at``
-    (so a cluster that boots while the license server is down still serves for the grace
-    period).
-    """
-    if lic is None:
-        return Decision(False, 403, "license_invalid", invalid_reason or "No valid license.", 0.0)
-    if revoked:
-        return Decision(False, 403, "license_revoked",
-                        f"License {lic.license_id} was revoked by the vendor.", 0.0)
-    if now >= lic.expires_at:
-        return Decision(False, 403, "license_expired",
-                        f"License {lic.license_id} expired at {_iso(lic.expires_at)}.", 0.0)
-    anchor = last_checkin if last_checkin is not None else started_at
-    if anchor is None:
-        anchor = now
-    grace_left = anchor + lic.grace_period_s - now
-    if grace_left <= 0:
-        return Decision(
-            False, 503, "license_checkin_overdue",
-            f"The license server has not been reached since {_iso(anchor)}, longer than the "
-            f"grace period of {lic.grace_period_s / 3600:g} h. Restore connectivity to "
-            f"{lic.server_url}; serving resumes at the next successful check-in.", 0.0,
-        )
-    return Decision(True, 200, "ok", "ok", grace_left)

@@ -3,7 +3,7 @@
 ``fetch_model(manifest, source, folder)`` is the whole logic; a *source* is the only part that
 touches the network:
 
-- ``S3Source`` (``serve_app.bucket``): a bucket prefix through boto3, with the bucket's
+- ``S3Source`` (``serve_app.weights.s3``): a bucket prefix through boto3, with the bucket's
   credentials. A fresh file goes through boto3's transfer manager (parallel ranged GETs); the
   missing ranges of a partial one through ranged ``GetObject`` calls.
 - any object with the same two methods, e.g. presigned HTTPS URLs fetched with ranged GETs.
@@ -34,14 +34,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from serve_app.errors import ConfigError
-from serve_app.manifest import (
+from license_contract import (
     Manifest,
     ManifestEntry,
     ManifestError,
     parse_manifest,
     sha256_file,
 )
+from serve_app.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -219,7 +219,7 @@ def _ensure_file(entry: ManifestEntry, source: Source, folder: Path, tuning: Tun
     raise WeightsError(
         f"Checksum mismatch for {entry.name}: {source.describe(entry.name)} does not match its "
         "manifest, twice (the bad copies were removed). Republish the file and its manifest.json "
-        "(python -m serve_app.manifest FOLDER) or fix the manifest."
+        "(python -m serve_app manifest FOLDER) or fix the manifest."
     )
 
 

@@ -1,6 +1,7 @@
-"""What goes over the wire: request models (strict: finite numbers, bounded sizes, ids in
-printable ASCII), reading a body against a limit while it streams in, the error shape, and the
-``X-Server-Time`` header every response carries (the actor keeps its clock offset from it)."""
+"""The server's side of the wire: the admin's issue request, reading a body against a limit
+while it streams in, errors in the contract's shape, and the ``X-Server-Time`` header every
+response carries (the actor keeps its clock offset from it). The client routes' schemas are the
+contract's (``license_contract.usage``)."""
 
 from __future__ import annotations
 
@@ -8,19 +9,17 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from infra.license_server.billing import Refusal
-from serve_app.errors import error_body
+from license_contract import SERVER_TIME_HEADER, STRICT, error_body, error_type
+from license_server.billing import Refusal
 
-# Ids are opaque tokens: printable ASCII, no spaces (a NUL would be a 500 from PostgreSQL).
-ID = r"^[!-~]+$"
+_TIME_HEADER = SERVER_TIME_HEADER.lower().encode()
 # Free text an admin types: anything printable.
 TEXT = r"^[^\x00-\x1f\x7f]+$"
-STRICT = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class IssueRequest(BaseModel):
@@ -39,33 +38,6 @@ class IssueRequest(BaseModel):
         if any(not 1 <= len(n) <= 256 or re.search(r"[\x00-\x1f\x7f]", n) for n in names):
             raise ValueError("each model name is 1-256 printable characters")
         return names
-
-
-class ActivateRequest(BaseModel):
-    model_config = STRICT
-
-    cluster_id: str = Field(min_length=1, max_length=128, pattern=ID)
-
-
-class HeartbeatRequest(ActivateRequest):
-    instances: int = Field(ge=0, le=1_000_000)
-    quarantined_reports: int | None = Field(None, ge=0, le=1_000_000_000)
-    quarantined_seconds: float | None = Field(None, ge=0, le=1e12)
-
-
-class IntervalModel(BaseModel):
-    model_config = STRICT
-
-    instance_id: str = Field(min_length=1, max_length=128, pattern=ID)
-    start: float
-    end: float
-    gpus: float = Field(0.0, ge=0, le=100_000)
-
-
-class UsageReport(ActivateRequest):
-    report_id: str = Field(min_length=8, max_length=64, pattern=ID)
-    # The policy's (smaller) limit is checked after parsing; this one bounds the parse.
-    intervals: list[IntervalModel] = Field(max_length=100_000)
 
 
 async def read_model(request: Request, model: type[BaseModel], limit: int) -> Any:
@@ -93,13 +65,9 @@ async def read_model(request: Request, model: type[BaseModel], limit: int) -> An
         raise Refusal(f"{loc}: {first['msg']}" if loc else first["msg"]) from None
 
 
-_TYPES = {401: "authentication_error", 403: "permission_error", 429: "rate_limit_error"}
-
-
 def error(status: int, message: str, code: str,
           headers: dict[str, str] | None = None) -> JSONResponse:
-    kind = _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
-    return JSONResponse(error_body(message, kind, code=code), status_code=status,
+    return JSONResponse(error_body(message, error_type(status), code=code), status_code=status,
                         headers=headers)
 
 
@@ -118,7 +86,7 @@ class ServerTime:
             if message["type"] == "http.response.start":
                 message = {**message, "headers": [
                     *message.get("headers", []),
-                    (b"x-server-time", f"{self.now():.3f}".encode())]}
+                    (_TIME_HEADER, f"{self.now():.3f}".encode())]}
             await send(message)
 
         await self.app(scope, receive, stamped)

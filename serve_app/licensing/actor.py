@@ -23,24 +23,17 @@ import asyncio
 import json
 import logging
 import time
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from serve_app.config import LicenseConfig
-from serve_app.ledger import UsageLedger
-from serve_app.licensing import (
-    Decision,
-    License,
-    LicenseError,
-    decide,
-    load_public_key,
-    verify_key,
-)
-from serve_app.server_clock import HEADER, ServerClock
+from license_contract import License, LicenseError, load_public_key, verify_key
+from serve_app.licensing.config import LicenseConfig
+from serve_app.licensing.ledger import UsageLedger
+from serve_app.licensing.policy import Decision, decide
+from serve_app.licensing.server_clock import HEADER, ServerClock
 
 logger = logging.getLogger("ray.serve")
 
@@ -430,85 +423,3 @@ def _boot_id() -> str | None:
         return Path("/proc/sys/kernel/random/boot_id").read_text().strip() or None
     except OSError:
         return None
-
-
-# -- Ray plumbing --------------------------------------------------------------------------------
-
-
-def get_license_actor(config: LicenseConfig) -> Any:
-    """The cluster's singleton, created by whichever process asks first, on the head node:
-    the ledger lives there, and the head outlives worker nodes (``ray_internals`` says how
-    the head is found)."""
-    import ray
-
-    from serve_app.ray_internals import head_node_options
-
-    try:  # the usual case, and no need to find the head
-        return ray.get_actor(config.actor_name, namespace=config.namespace)
-    except ValueError:
-        pass
-    return (ray.remote(LicenseActor).options(
-        name=config.actor_name, namespace=config.namespace, lifetime="detached",
-        get_if_exists=True, max_restarts=-1, max_task_retries=-1, num_cpus=0,
-        runtime_env={"env_vars": {"RAY_USAGE_STATS_ENABLED": "0"}},
-        **head_node_options(),
-    ).remote(config))
-
-
-class LicenseGate:
-    """The ingress's cached license decision, refreshed in the background."""
-
-    def __init__(self, fetch: Callable[[], Any], refresh_s: float = 1.0) -> None:
-        self._fetch = fetch  # async () -> state dict; the actor's ``state`` in production
-        self._refresh_s = refresh_s
-        self.state: dict[str, Any] | None = None
-
-    async def run(self) -> None:
-        while True:
-            try:
-                self.state = await self._fetch()
-            except Exception as exc:  # actor restarting: keep the last decision
-                logger.warning("License state unavailable: %r", exc)
-            await asyncio.sleep(self._refresh_s)
-
-    def refusal(self) -> dict[str, Any] | None:
-        """None when new requests may be served."""
-        state = self.state
-        if state is None:
-            return {"allowed": False, "status": 503, "code": "license_pending",
-                    "message": "The license is being checked; retry in a moment."}
-        return None if state["allowed"] else state
-
-
-class InstanceReporter:
-    """Registers an LLM replica with the actor and heartbeats for it until it stops."""
-
-    def __init__(self, actor: Any, model: str, gpus: float) -> None:
-        self._actor = actor
-        self._model = model
-        self._gpus = gpus
-        self.instance_id = f"inst_{uuid.uuid4().hex[:16]}"
-        self._task: asyncio.Task[None] | None = None
-
-    async def start(self) -> None:
-        answer = await self._actor.register.remote(self.instance_id, self._model, self._gpus)
-        if not answer["ok"]:
-            raise RuntimeError(f"Not starting this replica: {answer['reason']}")
-        interval = float(answer["heartbeat_interval_s"])
-        self._task = asyncio.get_running_loop().create_task(self._beat(interval))
-
-    async def _beat(self, interval: float) -> None:
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                await self._actor.heartbeat.remote(self.instance_id, self._model, self._gpus)
-            except Exception as exc:  # the actor restarts; the next beat catches up
-                logger.warning("License heartbeat failed: %r", exc)
-
-    def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-        try:
-            self._actor.deregister.remote(self.instance_id)
-        except Exception:  # shutting down anyway; the actor expires us after 2 intervals
-            pass

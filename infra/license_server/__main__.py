@@ -1,3 +1,0 @@
-from infra.license_server.cli import main
-
-main()

@@ -1,0 +1,3 @@
+from license_server.cli import main
+
+main()

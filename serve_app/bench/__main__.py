@@ -1,0 +1,3 @@
+from serve_app.bench.cli import main
+
+main()

@@ -44,7 +44,9 @@ unit: $(STAMP)
 	$(BIN)/python -m pytest tests/unit
 
 lint: $(STAMP)
-	$(BIN)/ruff check serve_app tests
+	$(BIN)/ruff check serve_app license_contract license_server infra tests
+	# The architecture's boundaries (pyproject.toml's [tool.importlinter]).
+	$(BIN)/lint-imports
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -79,7 +79,7 @@ def split_days(items: Iterable[Interval], lo: float = -math.inf,
     whole: dict[int, list[float]] = defaultdict(lambda: [0, 0.0])
     for it in items:
         if not (math.isfinite(it.start) and math.isfinite(it.end) and math.isfinite(it.gpus)):
-            continue  # never accepted now; a database from before may hold such rows
+            continue  # the routes refuse them; a sum must not turn into NaN all the same
         start, end = max(it.start, lo, FIRST_DAY * DAY), min(it.end, hi, (LAST_DAY + 1) * DAY)
         if end <= start:
             continue

@@ -207,7 +207,7 @@ class LicenseWire(httpx.AsyncBaseTransport):
             self.accepted.setdefault(report["report_id"], report["intervals"])
         if self.server_now is not None:
             resp.headers["X-Server-Time"] = repr(self.server_now())
-        else:  # a server from before the header
+        else:  # a server that does not say its time: the actor keeps its own clock
             resp.headers.pop("X-Server-Time", None)
         if self._advance and self.latency:
             self._advance(self.latency / 2)

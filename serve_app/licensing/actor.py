@@ -105,11 +105,6 @@ class LicenseActor:
             logger.error("License refused, the app will not serve: %s", exc)
         # Check-in state belongs to one license: a new key starts clean.
         self._meta_suffix = f":{self._license.license_id}" if self._license else ":invalid"
-        if self._license is not None:
-            seen = set(self._ledger.meta_keys("activated:"))
-            if seen <= {"activated" + self._meta_suffix}:
-                # Reports delivered before the ledger recorded licenses can only be this one's.
-                self._ledger.adopt_unlabelled(self._license.license_id)
         last = self._ledger.get_meta("last_checkin" + self._meta_suffix)
         self._last_checkin = float(last) if last else None
         self._server_status = self._ledger.get_meta("server_status" + self._meta_suffix) or "unknown"
@@ -117,7 +112,6 @@ class LicenseActor:
         self._last_seal = self._clock.monotonic()
         self._usage_not_before = 0.0  # monotonic; set by a 429's Retry-After
         self._heard = False  # a response from the server in this process
-        self._heartbeat_extras = True  # False once the server refused the quarantine counts
         self._task: asyncio.Task[None] | None = None
 
     def _ensure_running(self) -> None:
@@ -339,28 +333,17 @@ class LicenseActor:
                 resp = await self._post(client, "/v1/activate", {"cluster_id": self._cluster_id})
                 _check(resp)
                 self._ledger.set_meta("activated" + self._meta_suffix, str(self._clock.now()))
-            body = self._heartbeat_body(live)
-            resp = await self._post(client, "/v1/heartbeat", body)
-            if resp.status_code == 400 and "quarantined_reports" in body:
-                # A server that predates the quarantine counts refuses unknown fields.
-                retry = await self._post(client, "/v1/heartbeat",
-                                         {"cluster_id": self._cluster_id, "instances": live})
-                if retry.is_success:
-                    logger.warning("License server does not take quarantine counts in "
-                                   "heartbeats (%s); sending them no more", _reason(resp))
-                    self._heartbeat_extras = False
-                resp = retry
+            resp = await self._post(client, "/v1/heartbeat", self._heartbeat_body(live))
             _check(resp)
             self._checked_in(resp.json()["status"])
         await self._report()
 
     def _heartbeat_body(self, live: int) -> dict[str, Any]:
         body: dict[str, Any] = {"cluster_id": self._cluster_id, "instances": live}
-        if self._heartbeat_extras:
-            totals = self._ledger.totals()
-            if totals["quarantined_reports"]:  # the vendor sees refused usage too
-                body["quarantined_reports"] = totals["quarantined_reports"]
-                body["quarantined_seconds"] = round(totals["quarantined_seconds"], 3)
+        totals = self._ledger.totals()
+        if totals["quarantined_reports"]:  # the vendor sees refused usage too
+            body["quarantined_reports"] = totals["quarantined_reports"]
+            body["quarantined_seconds"] = round(totals["quarantined_seconds"], 3)
         return body
 
     def _checked_in(self, server_status: str) -> None:

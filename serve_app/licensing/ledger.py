@@ -39,7 +39,7 @@ SCHEMA = """
 CREATE TABLE IF NOT EXISTS instances (
     instance_id TEXT PRIMARY KEY, model TEXT NOT NULL, gpus REAL NOT NULL,
     registered_at REAL NOT NULL, last_seen REAL NOT NULL, stopped INTEGER NOT NULL DEFAULT 0,
-    chain_end REAL);
+    chain_end REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS intervals (
     id INTEGER PRIMARY KEY AUTOINCREMENT, instance_id TEXT NOT NULL, start REAL NOT NULL,
     "end" REAL NOT NULL, gpus REAL NOT NULL, report_id TEXT);
@@ -49,11 +49,6 @@ CREATE TABLE IF NOT EXISTS reports (
     license_id TEXT, quarantined_at REAL, reason TEXT);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """ + usage_log.SCHEMA
-
-# Columns added after the first release: a ledger file written before gets them on start.
-# instances.chain_end NULL means "at last_seen"; reports.license_id NULL means "not recorded".
-MIGRATIONS = (("instances", "chain_end", "REAL"), ("reports", "license_id", "TEXT"),
-              ("reports", "quarantined_at", "REAL"), ("reports", "reason", "TEXT"))
 
 # instances.stopped: 0 live, 1 silent too long (a later heartbeat revives it), 2 said goodbye.
 EXPIRED, DEREGISTERED = 1, 2
@@ -80,11 +75,6 @@ class UsageLedger:
         db = sqlite3.connect(self._path, isolation_level=None, timeout=30)
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=FULL")  # a second acknowledged is a second on disk
-        # Migrate before the schema script: its index and tables must meet the new columns.
-        for table, column, kind in MIGRATIONS:
-            columns = {r[1] for r in db.execute(f"PRAGMA table_info({table})")}
-            if columns and column not in columns:
-                db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
         db.executescript(SCHEMA)
         self._db = db
         return self
@@ -116,10 +106,6 @@ class UsageLedger:
             self.set_meta("cluster_id", value)
         return value
 
-    def meta_keys(self, prefix: str) -> list[str]:
-        return [r[0] for r in self._tx().execute(
-            "SELECT key FROM meta WHERE substr(key, 1, ?) = ?", (len(prefix), prefix))]
-
     # -- accrual ----------------------------------------------------------------------------------
 
     def register(self, instance_id: str, model: str, gpus: float) -> None:
@@ -140,7 +126,7 @@ class UsageLedger:
         now = self._now()
         db = self._tx()
         with db:
-            row = db.execute("SELECT last_seen, COALESCE(chain_end, last_seen), gpus, stopped "
+            row = db.execute("SELECT last_seen, chain_end, gpus, stopped "
                              "FROM instances WHERE instance_id = ?", (instance_id,)).fetchone()
             if row is None:
                 return False
@@ -199,7 +185,7 @@ class UsageLedger:
         db = self._tx()
         with db:
             # Replicas long gone (said goodbye, nothing left to report) cannot accrue again.
-            rows = db.execute("SELECT instance_id, last_seen, COALESCE(chain_end, last_seen) "
+            rows = db.execute("SELECT instance_id, last_seen, chain_end "
                               "FROM instances WHERE stopped != ? OR instance_id IN (SELECT "
                               "instance_id FROM intervals WHERE report_id IS NULL)",
                               (DEREGISTERED,)).fetchall()
@@ -321,13 +307,6 @@ class UsageLedger:
             "GROUP BY r.report_id ORDER BY r.created_at, r.rowid").fetchall()
         return [{"report_id": rid, "quarantined_at": at, "reason": reason, "intervals": n,
                  "seconds": round(float(s), 3)} for rid, at, reason, n, s in rows]
-
-    def adopt_unlabelled(self, license_id: str) -> None:
-        """Label delivered reports from before reports recorded their license (only right when
-        this ledger has known no other license)."""
-        with self._tx() as db:
-            db.execute("UPDATE reports SET license_id = ? WHERE license_id IS NULL "
-                       "AND delivered_at IS NOT NULL", (license_id,))
 
     def totals(self, license_id: str | None = None) -> dict[str, Any]:
         """Seconds accrued for ``license_id`` (None: for every license), still to deliver,

@@ -190,25 +190,6 @@ def test_401_and_5xx_keep_the_report_pending_for_a_retry(world):
     assert world.server_total() == pytest.approx(30, abs=0.5)
 
 
-def test_a_server_without_the_quarantine_fields_still_takes_heartbeats(world):
-    actor = world.actor()
-    run(actor.register("r1", "m", 0.0))
-    run(actor._tick())
-    serve_for(world, actor, 10)
-    world.wire.scripted["/v1/usage"].append(httpx.Response(400))
-    run(actor.flush())
-    assert run(actor.status())["quarantined_reports"] == 1
-    world.wire.scripted["/v1/heartbeat"].append(httpx.Response(400, json={"error": {
-        "message": "quarantined_reports: Extra inputs are not permitted", "type": "x",
-        "param": None, "code": "invalid_request"}}))
-    run(actor._tick())
-    beats = world.posts(b"/v1/heartbeat")
-    assert "quarantined_reports" in beats[-2] and "quarantined_reports" not in beats[-1]
-    run(actor._tick())
-    assert "quarantined_reports" not in world.posts(b"/v1/heartbeat")[-1]
-    assert run(actor.state())["allowed"]
-
-
 # -- clocks that disagree -------------------------------------------------------------------------
 
 

@@ -5,8 +5,8 @@ vLLM's CPU backend binds its engine threads to all allowed cores but the last
 ``reserved_cores`` says when we give that core to the engine too).
 Linux still schedules other processes onto the engine's cores, and every Ray process (GCS,
 raylet, proxy, ingress, the replica's own frontend loop) that lands there steals engine time.
-Pinning those processes to the reserved core leaves the engine its cores to itself: measured on a
-2-core box with SmolLM2, see README "Performance". On GPU machines none of this is used.
+Pinning those processes to the reserved core leaves the engine its cores to itself
+(docs/performance.md has what it is worth). On GPU machines none of this is used.
 """
 
 from __future__ import annotations
@@ -57,12 +57,11 @@ def reserved_cores(setting: int | None, cpus: int, weight_bytes: int) -> int | N
     default, one (``VLLM_CPU_NUM_OF_RESERVED_CPU``).
 
     On a 2-core box (Colab's CPU runtime, the smallest cloud VMs) that reserve halves the
-    engine's compute. Measured here with SmolLM2, streaming: both cores to the engine gave
-    +10 % tokens/s at concurrency 1, +34 % at 4 and +59 % at 16, and half the TTFT, although
-    the serving processes then share a core with an engine thread. A tiny model gains nothing
-    from a second engine thread and loses its serving core: the 1.5M-parameter benchmark model
-    fell to 0.77-0.95x and turned erratic. More cores: a reserve costs 1/N of the compute and
-    vLLM's default stays (not measured here).
+    engine's compute: with SmolLM2, both cores to the engine measured faster at every
+    concurrency and halved TTFT, although the serving processes then share a core with an
+    engine thread. A tiny model gains nothing from a second engine thread and loses its
+    serving core, so it keeps the reserve. With more cores a reserve costs 1/N of the compute
+    and vLLM's default stays (docs/performance.md has the runs).
     """
     if setting is not None:
         return setting
@@ -79,10 +78,9 @@ def single_worker(world_size: int, engine_kwargs: Mapping[str, Any]) -> bool:
     frontend, engine core, worker) and a shared-memory round trip per step, with both ends
     busy-waiting on it (``sched_yield`` for up to a second). On a 2-core box those spinning
     waits take CPU from the frontend and the model. With one worker (no tensor or pipeline
-    parallelism) the engine core can run it itself. Measured here against vLLM's layout in the
-    same app: the 1.5M-parameter model +14-42 % tokens/s (half the CPU per token), SmolLM2
-    +2-33 %, and 0.4-0.7 GiB less memory. An explicit ``distributed_executor_backend`` in
-    ``engine_kwargs`` wins.
+    parallelism) the engine core can run it itself, which measured faster and lighter than
+    vLLM's layout for both the tiny benchmark model and SmolLM2 (docs/performance.md). An
+    explicit ``distributed_executor_backend`` in ``engine_kwargs`` wins.
     """
     return world_size == 1 and "distributed_executor_backend" not in engine_kwargs
 
@@ -97,9 +95,9 @@ def engine_launch(reserved: int | None = None) -> Iterator[None]:
     """Processes started inside the block (vLLM's engine) see every core, since vLLM sizes and
     binds its engine from the affinity it inherits, and run at normal priority: Ray starts its
     workers at niceness 15 (``worker_niceness``), which children inherit, and a niced engine
-    loses its core to every ordinary process that wakes up (measured: ~9% slower decoding at
-    concurrency 1). Both are per-thread on Linux and restored for the caller afterwards.
-    ``reserved`` (see ``reserved_cores``) reaches the engine through its environment."""
+    loses its core to every ordinary process that wakes up (it decodes measurably slower).
+    Both are per-thread on Linux and restored for the caller afterwards. ``reserved`` (see
+    ``reserved_cores``) reaches the engine through its environment."""
     with contextlib.ExitStack() as stack:
         if reserved is not None:
             stack.enter_context(_env(RESERVED_CPU_ENV, str(reserved)))

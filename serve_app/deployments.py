@@ -5,9 +5,8 @@ engine: a request goes client -> uvicorn in the replica (on the public port, ``l
 vLLM, the path of `vllm serve`. Under `serve run`, Serve's proxy reaches the same app through
 Serve's direct ingress too. Other models, if any, sit behind handles as usual. ``Ingress`` is a
 CPU-only router replica in front of every model: load-aware balancing over many replicas and
-scale-to-zero, at the price of one Ray hop per streamed message. Measured on this 2-core box
-(1.5M-parameter model, streaming, c=1): the router layout reached 0.63x raw vLLM's tokens/s
-with +34 ms TTFT, the colocated one 0.94-1.08x with +0-1 ms; see README "Performance".
+scale-to-zero, at the price of one Ray hop per streamed message, which costs tokens/s and TTFT
+on small models (docs/performance.md has the runs).
 """
 
 from __future__ import annotations

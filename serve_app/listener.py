@@ -4,12 +4,9 @@ Each colocated replica runs uvicorn on its own event loop, on a socket bound wit
 ``SO_REUSEPORT``: every replica of a node binds the same host:port and the kernel spreads new
 connections over them, so a token goes engine -> this process's uvicorn -> client, the path of
 `vllm serve`, with no proxy in between. Ray Serve's HTTP proxy (and HAProxy) are then not
-started at all. Measured on this 2-core box, 1.5M-parameter model, c=16 streaming, per 640
-requests: HAProxy in front cost 0.8 s of CPU on the frontend core and the replica 1.1 s more
-than vLLM's API server (Serve's direct-ingress wrappers, loopback writes to HAProxy); listening
-here, the replica used 5.4 s against vLLM's 5.0 s and the stack ~270 MB less memory (no proxy
-actor, no HAProxy manager). On a cluster, Serve's HAProxy on the head is the front door and
-hands each connection to these servers (see README "Deploying").
+started at all, which saves their CPU per token and their memory (docs/performance.md). On a
+cluster, Serve's HAProxy on the head is the front door and hands each connection to these
+servers (deploy/on-prem.md, deploy/gcp.md).
 """
 
 from __future__ import annotations

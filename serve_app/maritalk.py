@@ -2,7 +2,7 @@
 
 ``POST /generate`` takes a raw ``prompt``; ``POST /chat/generate`` takes ``messages``. Both answer
 ``{"output", "queue_time", "prompt_time", "generation_time", ...}`` in seconds, where
-``generation_time`` is decode time (first to last token): the seed's benchmark divides generated
+``generation_time`` is decode time (first to last token): MariTalk Local's benchmark divides generated
 tokens by it.
 """
 

@@ -13,23 +13,22 @@ environment and the workers' niceness).
   replicas, direct ingress (ingress replicas run their own HTTP server).
 - ``RAY_SERVE_ENABLE_HA_PROXY=1``: Serve's HTTP port (when Serve's proxy runs: `serve run`, the
   router layout) is an HAProxy (C, ~10 MB) balancing over those replica servers instead of
-  Ray's Python proxy actor. Measured on a 2-core box, 1.5M-parameter model, streaming, c=1:
-  through Serve's proxy 2126 system tok/s, through HAProxy 3031-3111. `python -m serve_app`
-  needs neither: its colocated replicas listen on the public port themselves (listener.py).
+  Ray's Python proxy actor, which carries more tokens/s per core (docs/performance.md).
+  `python -m serve_app` needs neither: its colocated replicas listen on the public port
+  themselves (listener.py).
 - ``RAY_SERVE_HAPROXY_METRICS_ENABLED=0``: HAProxy's per-request log lines feed Serve's ingress
   metrics through a Python parser on the frontend core; our /metrics counts requests itself.
 - ``RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S=2``: a stopping ingress replica keeps
   serving for a drain period so that load balancers notice; Serve tells HAProxy itself within
   ~0.1 s, so 2 s replace the 30 s meant for cloud balancers (Ctrl-C, scale-down).
 - ``RAY_worker_niceness=0``: Ray starts workers at niceness 15; vLLM's engine core, at normal
-  priority, then preempts the serving path on the shared core (TTFT p50 82 -> 637 ms at
-  concurrency 1). Raw `vllm serve` runs everything at niceness 0, and so do we.
+  priority, then preempts the serving path on the shared core, and TTFT grows several-fold.
+  Raw `vllm serve` runs everything at niceness 0, and so do we.
 - ``RAY_enable_worker_prestart=0``, ``RAY_prestart_worker_first_driver=0``: prestarted idle
   workers (~80 MB each) serve no purpose for a fixed set of long-lived replicas.
-- ``RAY_SERVE_CONTROL_LOOP_INTERVAL_S=0.5``: Serve's controller loops every 0.1 s by default:
-  idle, the whole stack used 68 ms of CPU per second, 21 of them the controller; at 0.5 s, 48
-  (the controller 8). It reacts to a dead replica or a scaling decision 0.4 s later
-  (autoscaling delays are counted in seconds, not loops).
+- ``RAY_SERVE_CONTROL_LOOP_INTERVAL_S=0.5``: Serve's controller loops every 0.1 s by default,
+  the largest share of an idle stack's CPU; at 0.5 s it reacts to a dead replica or a scaling
+  decision 0.4 s later (autoscaling delays are counted in seconds, not loops).
 
 Serve's late-bound ASGI hook: ``serve.ingress()`` without an app plus an async
 ``__serve_build_asgi_app__`` method on the class (``deployments.py``). The replica calls it

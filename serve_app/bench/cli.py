@@ -2,7 +2,7 @@
 
     python -m serve_app.bench --concurrency 1,2,4,8 --n-repeats 5 --prompt-size 550 --max-tokens 150
 
-Tables aggregate as the seed's tool did (see ``serve_app.bench.loadgen`` for the rates); CSV, JSON and a
+Tables aggregate as MariTalk Local's tool did (see ``serve_app.bench.loadgen`` for the rates); CSV, JSON and a
 PNG chart go to ``--out``. Needs the ``bench`` extra: ``pip install 'serve-app[bench]'``.
 """
 
@@ -34,7 +34,7 @@ def missing_bench_modules() -> list[str]:
 
 
 def tables(results: list[RequestResult]) -> tuple[Any, Any]:
-    """The seed's two tables, as pandas frames."""
+    """MariTalk Local's two tables, as pandas frames."""
     import pandas as pd
 
     ok = [r for r in results if r.error is None]

@@ -161,7 +161,7 @@ def fake_cluster(tmp_path_factory):
     serve_port = free_port()
     env_common = {
         **TELEMETRY_OFF_ENV,
-        # Every Ray address on loopback (see RECIPES: Ray otherwise dials the interface address).
+        # Every Ray address on loopback (Ray otherwise dials the interface address).
         "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
         # Ray 2.60's token auth, with a token of this run's own (the real ~/.ray is not touched).
         "RAY_AUTH_MODE": "token",

@@ -122,8 +122,8 @@ def build_app(service: LicenseService, admin_token: str) -> ASGIApp:
 
     async def heartbeat(request: Request) -> Response:
         lic, status = client(request)
-        service.heartbeat(lic, await body(request, HeartbeatRequest))
-        return JSONResponse({"license_id": lic.license_id, "status": status})
+        answer = service.heartbeat(lic, status, await body(request, HeartbeatRequest))
+        return JSONResponse(answer.model_dump(mode="json"))
 
     async def usage_report(request: Request) -> Response:
         # Accepted whatever the license's status: usage already served is billed.

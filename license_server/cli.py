@@ -107,8 +107,10 @@ def main(argv: list[str] | None = None) -> None:
     issue = sub.add_parser("issue", help="issue a license and print its key")
     issue.add_argument("--customer", required=True)
     issue.add_argument("--days", type=float, default=30)
-    issue.add_argument("--models", default="*", help="comma-separated model names, or *")
+    issue.add_argument("--models", required=True,
+                       help="comma-separated model names the license covers, or '*' for any")
     issue.add_argument("--max-instances", type=int)
+    issue.add_argument("--max-gpus", type=float)
     issue.add_argument("--heartbeat-interval", type=float, default=30.0)
     issue.add_argument("--grace-hours", type=float, default=72.0)
     issue.add_argument("--json", action="store_true")
@@ -153,7 +155,8 @@ def main(argv: list[str] | None = None) -> None:
         lic, key = service.issue(IssueRequest(
             customer=args.customer, days=args.days,
             models=tuple(m.strip() for m in args.models.split(",") if m.strip()),
-            max_instances=args.max_instances, heartbeat_interval_s=args.heartbeat_interval,
+            max_instances=args.max_instances, max_gpus=args.max_gpus,
+            heartbeat_interval_s=args.heartbeat_interval,
             grace_period_s=args.grace_hours * 3600))
         if args.json:
             print(json.dumps({"license": lic.model_dump(mode="json"), "key": key,

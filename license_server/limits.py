@@ -33,6 +33,11 @@ class ServerPolicy(BaseModel):
     tracked_keys: int = Field(
         10_000, ge=100, description="Addresses/licenses remembered by the limiters (oldest go).")
 
+    # -- who may check in ------------------------------------------------------------------------
+    accept_development: bool = Field(
+        False, description="Take heartbeats from builds that do not pin this server's key "
+        "(development licenses): true only for a local development server.")
+
     # -- cross-checks ----------------------------------------------------------------------------
     observe_max_gap_s: float = Field(
         180.0, gt=0, description="Heartbeats further apart than this (and 3 heartbeat intervals) "

@@ -19,6 +19,8 @@ from license_contract import (
     OVERLAP_TOLERANCE_S,
     SKEW_S,
     HeartbeatRequest,
+    HeartbeatResponse,
+    Lease,
     License,
     LicenseError,
     UsageReport,
@@ -30,7 +32,7 @@ from license_server.catalog import ModelCatalog
 from license_server.crosscheck import license_usage
 from license_server.db import LicenseStore, ReportRules
 from license_server.limits import ServerPolicy
-from license_server.signing import sign_license
+from license_server.signing import sign_lease, sign_license
 from license_server.wire import IssueRequest
 
 LICENSE_ID = re.compile(r"^[!-~]{1,64}$")
@@ -59,8 +61,8 @@ class LicenseService:
         lic = License(
             license_id=f"lic_{uuid.uuid4().hex[:20]}", customer=req.customer, models=req.models,
             issued_at=now, expires_at=now + req.days * 86400, max_instances=req.max_instances,
-            heartbeat_interval_s=req.heartbeat_interval_s, grace_period_s=req.grace_period_s,
-            server_url=self.public_url,
+            max_gpus=req.max_gpus, heartbeat_interval_s=req.heartbeat_interval_s,
+            grace_period_s=req.grace_period_s, server_url=self.public_url, signer=self.public_key,
         )
         key = sign_license(lic, self.signing_key)
         self.store.add_license(license_id=lic.license_id, customer=lic.customer, key=key,
@@ -70,7 +72,7 @@ class LicenseService:
 
     def check(self, key: str) -> tuple[License, str]:
         """(license, status) for a presented key; status is active, revoked or expired."""
-        lic = verify_key(key, self.signing_key.public_key(), check_expiry=False)
+        lic = verify_key(key, signers={self.public_key}, check_expiry=False)
         if self.now() >= lic.expires_at:
             return lic, "expired"
         row = self.store.get_license(lic.license_id)
@@ -81,11 +83,32 @@ class LicenseService:
     def _max_gap(self, lic: License) -> float:
         return max(self.policy.observe_max_gap_s, 3 * lic.heartbeat_interval_s)
 
-    def heartbeat(self, lic: License, req: HeartbeatRequest) -> None:
+    def heartbeat(self, lic: License, status: str, req: HeartbeatRequest) -> HeartbeatResponse:
+        """Record what the cluster runs and answer with a lease to serve under (none for a
+        revoked or expired license). A build that does not pin this server's key says it runs
+        a development license: only a development server (``accept_development``) takes it."""
+        if req.development and not self.policy.accept_development:
+            raise Refusal("this license server does not serve development builds: the app does "
+                          "not pin the vendor key that signed this license", "development_build",
+                          403)
         self.store.heartbeat(lic.license_id, req.cluster_id, req.instances,
                              max_gap_s=self._max_gap(lic),
                              quarantined_reports=req.quarantined_reports,
                              quarantined_seconds=req.quarantined_seconds)
+        lease = self.lease(lic, req.cluster_id, req.development) if status == "active" else None
+        return HeartbeatResponse(license_id=lic.license_id, status=status, lease=lease)
+
+    def lease(self, lic: License, cluster_id: str, development: bool) -> str:
+        """A signed lease for ``cluster_id``, valid for the license's grace period (at least two
+        heartbeat intervals, so that one late heartbeat does not stop serving) and never past
+        the license's own expiry."""
+        now = self.now()
+        life = max(lic.grace_period_s, 2 * lic.heartbeat_interval_s)
+        return sign_lease(Lease(
+            lease_id=f"lea_{uuid.uuid4().hex}", license_id=lic.license_id, cluster_id=cluster_id,
+            instances=lic.max_instances, gpus=lic.max_gpus, issued_at=now,
+            expires_at=min(now + life, lic.expires_at), development=development,
+            signer=self.public_key), self.signing_key)
 
     def report(self, lic: License, req: UsageReport) -> bool:
         """Store a usage report; False for a replay. Raises Refusal for one that cannot be."""
@@ -150,7 +173,7 @@ class LicenseService:
         skip = offset
         for lic_row in self._licenses(license_id, after):
             lid = lic_row["license_id"]
-            lic = verify_key(lic_row["key"], self.signing_key.public_key(), check_expiry=False)
+            lic = verify_key(lic_row["key"], signers={self.public_key}, check_expiry=False)
             got, warn = license_usage(
                 lid, lic_row["max_instances"],
                 self.store.intervals(lid, first * DAY, (last + 1) * DAY),

@@ -27,8 +27,10 @@ class IssueRequest(BaseModel):
 
     customer: str = Field(min_length=1, max_length=256, pattern=TEXT)
     days: float = Field(30, gt=0, le=3660)
-    models: tuple[str, ...] = Field(("*",), min_length=1, max_length=256)
+    models: tuple[str, ...] = Field(min_length=1, max_length=256,
+                                    description="Entitled model names; '*' (written) is any.")
     max_instances: int | None = Field(None, ge=1, le=1_000_000)
+    max_gpus: float | None = Field(None, gt=0, le=1_000_000)
     heartbeat_interval_s: float = Field(30.0, ge=0.1, le=86400)
     grace_period_s: float = Field(72 * 3600.0, ge=0, le=366 * 86400)
 

@@ -92,9 +92,9 @@ def instance_cap(config: AppConfig) -> int | None:
         return None
     caps = [lic.max_instances] if lic.max_instances else []
     try:
-        from license_contract import load_public_key, verify_key
+        from license_contract import verify_key
 
-        entitled = verify_key(lic.key.get_secret_value(), load_public_key(lic.public_key))
+        entitled = verify_key(lic.key.get_secret_value())
         if entitled.max_instances:
             caps.append(entitled.max_instances)
     except Exception:

@@ -332,7 +332,7 @@ class AppConfig(BaseModel):
 # environment (or a Serve config's key=value args) under one name. A few are renamed where the
 # plain name would be ambiguous next to the others; a few are read differently (below).
 MODEL_SETTING_NAMES = {"name": "model_name", "source": "model"}
-LICENSE_SETTING_NAMES = {"key": "license_key", "public_key": "license_public_key"}
+LICENSE_SETTING_NAMES = {"key": "license_key"}
 # Not derived: `models` and `license` are built from the others; `api_keys` is a comma-separated
 # list in the environment; `http_host`/`http_port` are `host`/`port`, with `replica_http`; the
 # ledger has a default path here.
@@ -396,8 +396,6 @@ class _SettingsBase(BaseSettings):
         license = None
         picked = self._picked(LicenseConfig, LICENSE_SETTING_NAMES)
         if "key" in picked:
-            if "public_key" not in picked:
-                raise ValueError("SERVE_APP_LICENSE_PUBLIC_KEY is required with a license key")
             license = LicenseConfig(
                 ledger_path=str(Path(self.ledger_path).expanduser().resolve()), **picked)
         return AppConfig(

@@ -3,18 +3,40 @@ from __future__ import annotations
 import os
 import socket
 import time
+from pathlib import Path
 
 import httpx
 import pytest
 
+from license_server.signing import private_key_pem, signer_of
 from serve_app.config import TELEMETRY_OFF_ENV
+from serve_app.licensing.vendor import KEYS_DIR
 from serve_app.ray_internals import single_box_ray_env
+from tests.fakes import VENDOR_KEY
 
 # Every test process, and every Ray/vLLM process a test starts, runs with telemetry off.
 os.environ.update(TELEMETRY_OFF_ENV)
 # Tests talk to loopback only: a Ray started by a test listens and dials there. Ray reads this
 # when it is first imported, so it is set before any test module can import Ray.
 os.environ.update(single_box_ray_env())
+
+
+def _pin_the_sessions_vendor_key() -> None:
+    """Pin ``VENDOR_KEY`` as a vendor build would: a key file in the package, which every process
+    of this box (Ray's workers included) reads; gone when the session ends. Files that earlier
+    sessions left behind (a killed run) are removed when their process is gone."""
+    import atexit
+
+    for stale in KEYS_DIR.glob("tests-*.test.pub"):
+        pid = stale.name.removeprefix("tests-").removesuffix(".test.pub")
+        if pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+            stale.unlink(missing_ok=True)
+    pin = KEYS_DIR / f"tests-{os.getpid()}.test.pub"
+    pin.write_text(signer_of(VENDOR_KEY) + "\n")
+    atexit.register(pin.unlink, missing_ok=True)
+
+
+_pin_the_sessions_vendor_key()
 
 
 def free_port() -> int:
@@ -55,6 +77,12 @@ class LicenseServerProcess:
         from license_server.cli import LicenseServerSettings, build_service
 
         self.port = port or free_port()
+        # The vendor's server signs with the vendor key the session pins.
+        key_file = Path(data_dir) / "vendor_signing_key.pem"
+        if not key_file.exists():
+            key_file.parent.mkdir(parents=True, exist_ok=True)
+            key_file.write_bytes(private_key_pem(VENDOR_KEY))
+            key_file.chmod(0o600)
         self.settings = LicenseServerSettings(data_dir=str(data_dir), port=self.port,
                                               admin_token="admin-token", **settings)
         self.service, self.admin_token = build_service(self.settings)
@@ -109,6 +137,7 @@ class LicenseServerProcess:
     def issue(self, **kw):
         from license_server.app import IssueRequest
 
+        kw.setdefault("models", ("*",))
         return self.service.issue(IssueRequest(customer=kw.pop("customer", "ACME"), **kw))
 
     def license_config(self, key: str, ledger_path, **kw):
@@ -116,5 +145,5 @@ class LicenseServerProcess:
 
         from serve_app.licensing import LicenseConfig
 
-        return LicenseConfig(key=SecretStr(key), public_key=self.service.public_key,
+        return LicenseConfig(key=SecretStr(key),
                              ledger_path=str(ledger_path), **kw)

@@ -26,7 +26,32 @@ from typing import Any
 
 import httpx
 
+from license_contract import License
+from license_server.signing import new_private_key, sign_license, signer_of
 from serve_app import vllm_internals
+
+# The vendor key of this test session. tests/conftest.py pins it for the whole session the way a
+# vendor's build pins its own (a key file in serve_app/licensing/vendor_keys/), so that licenses
+# it signs are real ones, as customers run them; any other key signs development licenses.
+VENDOR_KEY = new_private_key()
+# The rest of a heartbeat, for tests that post one by hand: a build that pins the license's
+# key, with no GPUs.
+BEAT = {"gpus": 0.0, "development": False, "version": "0.1.0"}
+
+
+def issue_key(vendor: Any, **fields: Any) -> tuple[License, str]:
+    """A license signed by ``vendor`` (an Ed25519 private key), as the license server issues one:
+    any model, 30 days from now, the server's default intervals; ``fields`` override."""
+    import time
+    import uuid
+
+    now = time.time()
+    base: dict[str, Any] = dict(
+        license_id=f"lic_{uuid.uuid4().hex[:20]}", customer="ACME", models=("*",),
+        issued_at=now - 60, expires_at=now + 30 * 86400, heartbeat_interval_s=30.0,
+        grace_period_s=72 * 3600.0, server_url="http://license.test", signer=signer_of(vendor))
+    lic = License(**{**base, **fields})
+    return lic, sign_license(lic, vendor)
 
 
 class FakeStream:

@@ -11,9 +11,10 @@ from serve_app.licensing.gate import InstanceReporter, LicenseGate
 from serve_app.licensing.ledger import UsageLedger
 from serve_app.licensing.placement import HEAD_RESOURCE, get_license_actor, head_node_options
 from serve_app.licensing.policy import Decision, decide
+from serve_app.licensing.vendor import is_development, pinned_signers, read_license
 
 __all__ = [
     "HEAD_RESOURCE", "Decision", "InstanceReporter", "LicenseActor", "LicenseConfig",
-    "LicenseGate", "UsageLedger", "decide", "get_license_actor", "head_node_options", "status",
-    "usage_log_command",
+    "LicenseGate", "UsageLedger", "decide", "get_license_actor", "head_node_options",
+    "is_development", "pinned_signers", "read_license", "status", "usage_log_command",
 ]

@@ -29,7 +29,6 @@ from license_contract import (
     LicenseError,
     Manifest,
     ManifestError,
-    load_public_key,
     parse_manifest,
     verify_key,
 )
@@ -161,14 +160,14 @@ def fetch_licensed_model(name: str, cache_dir: str | Path, license: LicenseConfi
     ``http`` replaces the client used for the license server and the bucket (tests)."""
     if license is None:
         raise ConfigError(f"The model source {LICENSED_PREFIX}{name} needs the license: set "
-                          "license_key and license_public_key (the key says which server to ask).")
+                          "license_key (the key says which server to ask).")
     if not MODEL_NAME.match(name):
         raise ConfigError(f"{LICENSED_PREFIX}{name!r}: not a model name (letters, digits, '.', "
                           "'_' and '-'), e.g. licensed:smollm2-135m-instruct.")
     key = license.key.get_secret_value()
     try:
         # Expiry and revocation are the server's to judge: it answers with the reason.
-        lic = verify_key(key, load_public_key(license.public_key), check_expiry=False)
+        lic = verify_key(key, check_expiry=False)
     except LicenseError as exc:
         raise ConfigError(f"{LICENSED_PREFIX}{name}: {exc}", code=exc.code) from None
     folder = Path(cache_dir) / "licensed" / name

@@ -269,7 +269,6 @@ def test_compose_app_service(name, flavour):
     assert service["depends_on"]["license-server"]["condition"] == "service_healthy"
     # The license comes from the environment (.env), never written into the file.
     assert service["environment"]["SERVE_APP_LICENSE_KEY"] is None
-    assert service["environment"]["SERVE_APP_LICENSE_PUBLIC_KEY"] is None
 
 
 def test_compose_gpu_reservation_only_in_the_gpu_profile():

@@ -13,7 +13,6 @@ import hashlib
 import os
 import threading
 import time
-import uuid
 from calendar import timegm
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
@@ -22,17 +21,18 @@ import httpx
 import pytest
 from starlette.testclient import TestClient
 
-from license_contract import License, build_manifest
+from license_contract import build_manifest
 from license_server.app import IssueRequest, build_app
 from license_server.catalog import ModelBucket
 from license_server.cli import main
-from license_server.signing import new_private_key, sign_license
+from license_server.signing import new_private_key, sign_license, signer_of
 from serve_app.errors import ConfigError
 from serve_app.weights.fetch import UNREACHABLE, MiB, WeightsError
 from serve_app.weights.licensed import REFUSED, fetch_licensed_model
 from serve_app.weights.s3 import make_s3_client
 from serve_app.weights.sources import resolve_model
 from tests.conftest import LicenseServerProcess
+from tests.fakes import issue_key
 from tests.infra.weights_fakes import (  # noqa: F401 - fixtures
     FAKE_KEYS,
     SMALL,
@@ -171,9 +171,8 @@ def post(server, name, key):
 
 def issue_expired(server) -> str:
     now = time.time()
-    lic = License(license_id=f"lic_{uuid.uuid4().hex[:20]}", customer="Late", issued_at=now - 10,
-                  expires_at=now - 1, server_url=server.url)
-    key = sign_license(lic, server.service.signing_key)
+    lic, key = issue_key(server.service.signing_key, customer="Late", issued_at=now - 10,
+                         expires_at=now - 1, server_url=server.url)
     server.service.store.add_license(license_id=lic.license_id, customer=lic.customer, key=key,
                                      issued_at=lic.issued_at, expires_at=lic.expires_at,
                                      max_instances=None)
@@ -211,7 +210,7 @@ def test_an_entitled_license_gets_the_manifest_and_presigned_urls_and_is_not_met
 @pytest.mark.parametrize("case, status, code", [
     ("no key", 401, "unauthorized"),
     ("bad key", 401, "license_malformed"),
-    ("another vendor's key", 401, "license_invalid_signature"),
+    ("another vendor's key", 401, "license_untrusted_signer"),
     ("revoked", 403, "license_revoked"),
     ("expired", 403, "license_expired"),
     ("unentitled model", 403, "model_not_licensed"),
@@ -221,7 +220,8 @@ def test_no_urls_for_the_rest(vendor, case, status, code):
     name = "unpublished-llm" if case == "unpublished model" else NAME
     if case == "another vendor's key":
         lic, _ = vendor.issue()
-        key = sign_license(lic, new_private_key())
+        other = new_private_key()
+        key = sign_license(lic.model_copy(update={"signer": signer_of(other)}), other)
     elif case == "expired":
         key = issue_expired(vendor)
     else:
@@ -241,7 +241,7 @@ def test_a_server_without_a_bucket_publishes_nothing_and_works_as_before(tmp_pat
 
     service, token = build_service(LicenseServerSettings(data_dir=str(tmp_path)))
     assert service.catalog is None
-    _, key = service.issue(IssueRequest(customer="ACME"))
+    _, key = service.issue(IssueRequest(models=("*",), customer="ACME"))
     with TestClient(build_app(service, token)) as client:
         auth = {"Authorization": f"Bearer {key}"}
         response = client.post(f"/v1/models/{NAME}/download", headers=auth)

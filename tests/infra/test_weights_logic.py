@@ -172,7 +172,7 @@ def test_manifest_round_trip_and_cli(tmp_path, capsys):
     ([{"name": "../etc/passwd", "size": 1, "sha256": "a" * 64}], "unsafe file name"),
     ([{"name": "/abs", "size": 1, "sha256": "a" * 64}], "unsafe file name"),
     ([{"name": "a//b", "size": 1, "sha256": "a" * 64}], "unsafe file name"),
-    ([{"name": "x", "size": -1, "sha256": "a" * 64}], "non-negative"),
+    ([{"name": "x", "size": -1, "sha256": "a" * 64}], "an integer from 0"),
     ([{"name": "x", "size": 1, "sha256": "A" * 64}], "64 lowercase hex"),
     ([{"name": "x", "size": 1}], "name, size and sha256"),
     ([{"name": "x", "size": 1, "sha256": "a" * 64}] * 2, "listed twice"),

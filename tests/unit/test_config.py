@@ -138,16 +138,13 @@ def test_ingress_takes_no_cpu():
 def test_license_and_customer_caps_bound_autoscaling(caplog):
     from pydantic import SecretStr
 
-    from license_contract import License, public_key_text
-    from license_server.signing import new_private_key, sign_license
     from serve_app.builder import build_app_from_config, instance_cap
     from serve_app.licensing import LicenseConfig
+    from tests.fakes import VENDOR_KEY, issue_key
 
-    vendor = new_private_key()
-    lic = License(license_id="l", customer="c", issued_at=0, expires_at=4e9, max_instances=3,
-                  server_url="http://x")
-    license = LicenseConfig(key=SecretStr(sign_license(lic, vendor)),
-                            public_key=public_key_text(vendor.public_key()), ledger_path="/tmp/l")
+    vendor = VENDOR_KEY
+    _, key = issue_key(vendor, max_instances=3)
+    license = LicenseConfig(key=SecretStr(key), ledger_path="/tmp/l")
     model = ModelConfig(device="cpu", min_replicas=1, max_replicas=8)
     config = AppConfig(models=(model,), license=license)
     assert instance_cap(config) == 3

@@ -9,29 +9,27 @@ import httpx
 import pytest
 from pydantic import SecretStr
 
-from license_contract import public_key_text
 from license_server.app import IssueRequest, LicenseService, build_app
 from license_server.db import LicenseStore
-from license_server.signing import new_private_key
 from serve_app.licensing import LicenseConfig
 from serve_app.licensing.actor import LicenseActor
 from serve_app.licensing.gate import LicenseGate
-from tests.fakes import Clocks, LicenseWire
+from tests.fakes import VENDOR_KEY, Clocks, LicenseWire
 
 
 @pytest.fixture
 def world(tmp_path):
     clock = Clocks()
     store = LicenseStore(f"sqlite:///{tmp_path / 'server.db'}", now=clock).start()
-    service = LicenseService(store, new_private_key(), "http://license.test", now=clock)
+    service = LicenseService(store, VENDOR_KEY, "http://license.test", now=clock)
     network = LicenseWire(build_app(service, "admin"), server_now=clock)
 
     def make(**issue_kw):
+        issue_kw.setdefault("models", ("*",))
         lic, key = service.issue(IssueRequest(customer="ACME", heartbeat_interval_s=10,
                                               grace_period_s=3600, **issue_kw))
         network.issued_at = lic.issued_at  # hold reports to the contract's interval rules
-        config = LicenseConfig(key=SecretStr(key), public_key=public_key_text(
-            service.signing_key.public_key()), ledger_path=str(tmp_path / "ledger.db"),
+        config = LicenseConfig(key=SecretStr(key), ledger_path=str(tmp_path / "ledger.db"),
             report_interval_s=60)
         return lic, config
 
@@ -182,8 +180,9 @@ def test_reports_carry_no_prompt_data(world):
         if not body:
             continue
         keys = set(json.loads(body))
-        assert keys <= {"cluster_id", "instances", "report_id", "intervals",
-                        "quarantined_reports", "quarantined_seconds"}, keys
+        assert keys <= {"cluster_id", "instances", "gpus", "development", "version", "stopping",
+                        "report_id", "license_id", "intervals", "quarantined_reports",
+                        "quarantined_seconds"}, keys
         for item in json.loads(body).get("intervals", []):
             assert set(item) == {"instance_id", "start", "end", "gpus"}
 

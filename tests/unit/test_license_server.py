@@ -11,11 +11,12 @@ import uuid
 import pytest
 from starlette.testclient import TestClient
 
-from license_contract import load_public_key, verify_key
+from license_contract import verify_key
 from license_server.app import LicenseService, build_app
 from license_server.cli import LicenseServerSettings, build_service, main
 from license_server.db import Interval, LicenseStore, split_by_day
 from license_server.signing import new_private_key
+from tests.fakes import BEAT, VENDOR_KEY
 
 DAY = 86400.0
 T0 = 1_800_000_000.0 - (1_800_000_000.0 % DAY)  # a UTC midnight
@@ -63,7 +64,7 @@ def store(request, tmp_path):
 
 @pytest.fixture
 def server(store):
-    service = LicenseService(store, new_private_key(), "http://license.test", now=store.clock)
+    service = LicenseService(store, VENDOR_KEY, "http://license.test", now=store.clock)
     client = TestClient(build_app(service, admin_token="admin-secret"))
     client.service = service
     return client
@@ -73,7 +74,7 @@ ADMIN = {"Authorization": "Bearer admin-secret"}
 
 
 def issue(server, **kw):
-    resp = server.post("/admin/licenses", json={"customer": "ACME", "days": 30, **kw},
+    resp = server.post("/admin/licenses", json={"customer": "ACME", "days": 30, "models": ["*"], **kw},
                        headers=ADMIN)
     assert resp.status_code == 201, resp.text
     return resp.json()
@@ -85,8 +86,8 @@ def as_client(key):
 
 def test_issue_verify_and_list(server):
     issued = issue(server, max_instances=4, models=["m1"])
-    public = load_public_key(server.get("/v1/public-key").json()["public_key"])
-    lic = verify_key(issued["key"], public, now=T0 + 3600)
+    public = server.get("/v1/public-key").json()["public_key"]
+    lic = verify_key(issued["key"], signers={public}, now=T0 + 3600)
     assert (lic.customer, lic.max_instances, lic.models) == ("ACME", 4, ("m1",))
     assert lic.server_url == "http://license.test"
     listed = server.get("/admin/licenses", headers=ADMIN).json()["licenses"]
@@ -108,9 +109,9 @@ def test_client_routes_need_a_valid_key(server):
     foreign = LicenseService(server.service.store, new_private_key(), "x")
     from license_server.app import IssueRequest
 
-    _, other_key = foreign.issue(IssueRequest(customer="evil"))
+    _, other_key = foreign.issue(IssueRequest(models=("*",), customer="evil"))
     for headers in ({}, as_client("garbage"), as_client(other_key)):
-        resp = server.post("/v1/heartbeat", json={"cluster_id": "c", "instances": 1},
+        resp = server.post("/v1/heartbeat", json={**BEAT, "cluster_id": "c", "instances": 1},
                            headers=headers)
         assert resp.status_code == 401, resp.text
 
@@ -119,7 +120,7 @@ def test_activation_heartbeat_status_and_revocation(server):
     key = issue(server)["key"]
     assert server.post("/v1/activate", json={"cluster_id": "c1"},
                        headers=as_client(key)).json()["status"] == "active"
-    assert server.post("/v1/heartbeat", json={"cluster_id": "c1", "instances": 3},
+    assert server.post("/v1/heartbeat", json={**BEAT, "cluster_id": "c1", "instances": 3},
                        headers=as_client(key)).json()["status"] == "active"
     lid = server.get("/v1/status", headers=as_client(key)).json()["license_id"]
     assert server.service.store.active_instances(lid, fresh_s=90) == 3
@@ -158,7 +159,7 @@ def test_usage_per_day_json_and_csv(server):
     crossing = [{"instance_id": "r1", "start": T0 - 1800, "end": T0 + 5400, "gpus": 1}]
     server.post("/v1/usage", json={"cluster_id": "c", "report_id": "rep-00001",
                                    "intervals": crossing}, headers=as_client(key))
-    server.post("/v1/heartbeat", json={"cluster_id": "c", "instances": 2}, headers=as_client(key))
+    server.post("/v1/heartbeat", json={**BEAT, "cluster_id": "c", "instances": 2}, headers=as_client(key))
     rows = server.get(f"/admin/usage?license_id={lid}", headers=ADMIN).json()["usage"]
     assert [(r["instance_seconds"], r["active_instances_now"]) for r in rows] == [(1800, 2),
                                                                                (5400, 2)]
@@ -176,14 +177,15 @@ def test_split_by_day():
 
 def test_cli_creates_a_private_signing_key_and_issues(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("LICENSE_SERVER_DATA_DIR", str(tmp_path / "ls"))
-    main(["issue", "--customer", "ACME", "--days", "1", "--max-instances", "2", "--json"])
+    main(["issue", "--customer", "ACME", "--days", "1", "--models", "*", "--max-instances", "2",
+          "--json"])
     import json
 
     out = json.loads(capsys.readouterr().out)
     key_file = tmp_path / "ls" / "vendor_signing_key.pem"
     assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
     assert stat.S_IMODE((tmp_path / "ls" / "admin_token").stat().st_mode) == 0o600
-    lic = verify_key(out["key"], load_public_key(out["public_key"]))
+    lic = verify_key(out["key"], signers={out["public_key"]})
     assert lic.max_instances == 2
     main(["list"])
     assert lic.license_id in capsys.readouterr().out

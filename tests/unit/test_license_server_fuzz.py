@@ -17,8 +17,8 @@ from starlette.testclient import TestClient
 
 from license_server.app import IssueRequest, LicenseService, build_app
 from license_server.db import LicenseStore, metadata
-from license_server.signing import new_private_key
 from tests.conftest import LicenseServerProcess
+from tests.fakes import VENDOR_KEY
 from tests.unit import test_license_server as base
 
 T0 = base.T0 + 3600
@@ -50,6 +50,8 @@ usage_body = st.one_of(usage_body, usage_body, usage_body,
 heartbeat_body = st.fixed_dictionaries(
     {"cluster_id": st.sampled_from(["c1", "c2", "\x00"])},
     optional={"instances": st.one_of(st.integers(-5, 10), numbers),
+              "gpus": st.one_of(st.floats(-1, 16), numbers), "development": st.booleans(),
+              "version": st.sampled_from(["0.1.0", "", "x" * 65]), "stopping": st.booleans(),
               "quarantined_reports": st.one_of(st.integers(-1, 5), numbers),
               "quarantined_seconds": numbers})
 issue_body = st.fixed_dictionaries(
@@ -108,11 +110,11 @@ def fuzz_world(url):
     if url.startswith("postgresql"):
         metadata.drop_all(store.engine)
         metadata.create_all(store.engine)
-    service = LicenseService(store, new_private_key(), "http://license.test", now=clock)
-    keys = [service.issue(IssueRequest(customer="ACME", max_instances=2, grace_period_s=86400,
+    service = LicenseService(store, VENDOR_KEY, "http://license.test", now=clock)
+    keys = [service.issue(IssueRequest(models=("*",), customer="ACME", max_instances=2, grace_period_s=86400,
                                        heartbeat_interval_s=1))[1],
-            service.issue(IssueRequest(customer="Revoked"))[1],
-            service.issue(IssueRequest(customer="Brief", days=0.01))[1]]
+            service.issue(IssueRequest(models=("*",), customer="Revoked"))[1],
+            service.issue(IssueRequest(models=("*",), customer="Brief", days=0.01))[1]]
     store.revoke(service.check(keys[1])[0].license_id)
     lids = [service.check(k)[0].license_id for k in keys]
     client = TestClient(build_app(service, admin_token="admin-secret"))

@@ -14,7 +14,7 @@ from starlette.testclient import TestClient
 from license_server.app import LicenseService, build_app
 from license_server.cli import main
 from license_server.limits import ServerPolicy
-from license_server.signing import new_private_key
+from tests.fakes import BEAT, VENDOR_KEY
 from tests.unit import test_license_server as base
 
 DAY, T0, ADMIN = base.DAY, base.T0, base.ADMIN
@@ -133,7 +133,7 @@ def heartbeats(server, headers, start, end, instances, every=30.0, cluster="c1")
     clock = server.service.store.clock
     clock.t = start
     while clock.t <= end:
-        resp = server.post("/v1/heartbeat", json={"cluster_id": cluster, "instances": instances},
+        resp = server.post("/v1/heartbeat", json={**BEAT, "cluster_id": cluster, "instances": instances},
                            headers=headers)
         assert resp.status_code == 200, resp.text
         clock.t += every
@@ -186,7 +186,7 @@ def test_a_license_capped_at_n_seeing_n_plus_1_is_flagged_not_silently_billed(se
     # Two clusters of two each are four at once, too.
     headers2, lid2 = licensed(server, heartbeat_interval_s=30, max_instances=3)
     for cluster in ("a", "b"):
-        server.post("/v1/heartbeat", json={"cluster_id": cluster, "instances": 2},
+        server.post("/v1/heartbeat", json={**BEAT, "cluster_id": cluster, "instances": 2},
                     headers=headers2)
     assert usage(server, lid2)["usage"][0]["max_heartbeat_instances"] == 4
 
@@ -196,7 +196,7 @@ def test_heartbeats_without_reports_following_and_quarantine_are_alerts(server):
     clock.t = T0 - 7200
     headers, lid = licensed(server, heartbeat_interval_s=30)
     heartbeats(server, headers, T0, T0 + 3700, instances=1)
-    server.post("/v1/heartbeat", json={"cluster_id": "c1", "instances": 1,
+    server.post("/v1/heartbeat", json={**BEAT, "cluster_id": "c1", "instances": 1,
                                        "quarantined_reports": 2, "quarantined_seconds": 90.5},
                 headers=headers)
     page = usage(server, lid)
@@ -257,7 +257,7 @@ def test_a_stored_infinite_interval_cannot_hang_the_usage_query(server):
 
 
 def limited(store, **policy):
-    service = LicenseService(store, new_private_key(), "http://license.test", now=store.clock,
+    service = LicenseService(store, VENDOR_KEY, "http://license.test", now=store.clock,
                              policy=ServerPolicy(**policy))
     client = TestClient(build_app(service, admin_token="admin-secret"))
     client.service = service
@@ -319,7 +319,7 @@ def test_every_response_carries_the_server_time(server):
 
 def test_cli_usage_takes_a_range_and_pages(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("LICENSE_SERVER_DATA_DIR", str(tmp_path / "ls"))
-    main(["issue", "--customer", "ACME", "--json"])
+    main(["issue", "--customer", "ACME", "--models", "*", "--json"])
     lid = json.loads(capsys.readouterr().out)["license"]["license_id"]
     from license_server.cli import LicenseServerSettings, build_service
     from license_server.db import Interval

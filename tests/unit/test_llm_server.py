@@ -323,7 +323,7 @@ def test_metrics_report_the_unfinished_count(runner, server):
 
 
 def license_config(tmp_path) -> LicenseConfig:
-    return LicenseConfig(key="MTL1.x.y", public_key="pk", ledger_path=str(tmp_path / "l.db"))
+    return LicenseConfig(key="MTL1.x.y", ledger_path=str(tmp_path / "l.db"))
 
 
 def test_a_replica_registers_with_the_license_before_loading(runner, tiny, tmp_path):

@@ -46,6 +46,7 @@ from serve_app.errors import (
     to_error_body,
     to_serve_error,
 )
+from serve_app.licensing import FailureLog
 from serve_app.maritalk import ChatGenerateRequest, GenerateRequest
 from serve_app.metrics import Metrics, MetricsMiddleware
 from serve_app.request_ids import (
@@ -92,8 +93,10 @@ class IngressApp:
         license_gate: LicenseGate | None = None,
         license_status: Callable[[], Awaitable[dict[str, Any]]] | None = None,
         limits: Mapping[str, int] | None = None,
+        readiness_retry_s: float = 1.0,
     ) -> None:
         self._config = config
+        self._readiness_retry_s = readiness_retry_s
         self._gate = license_gate
         self._license_status = license_status
         limits = limits or {}
@@ -154,13 +157,20 @@ class IngressApp:
                     task.cancel()
 
     async def _watch_readiness(self) -> None:
-        for model in self._models.values():
-            while not model.ready:
-                try:
-                    await model.handle.ready.remote()
-                    model.ready = True
-                except Exception:  # replica still starting or restarting
-                    await asyncio.sleep(1.0)
+        await asyncio.gather(*(self._await_ready(m) for m in self._models.values()))
+
+    async def _await_ready(self, model: _Model) -> None:
+        # A replica that keeps failing to start leaves /health at 503: the log says why.
+        failures = FailureLog(to_stderr_too(), f"The readiness check of model {model.config.name}")
+        while not model.ready:
+            try:
+                await model.handle.ready.remote()
+            except Exception as exc:  # replica still starting, restarting, or failing to start
+                failures.failed(exc)
+                await asyncio.sleep(self._readiness_retry_s)
+            else:
+                model.ready = True
+                failures.recovered()
 
     async def _on_serve_error(self, request: Request, exc: Exception) -> Response:
         assert isinstance(exc, ServeError)

@@ -461,6 +461,48 @@ def serve_log(caplog):
         logger.removeHandler(caplog.handler)
 
 
+def test_a_failing_readiness_check_is_logged_once_per_model_and_retried(serve_log):
+    """/health stays 503 while a model's replica fails to start: the log must say why."""
+    import logging
+    import threading
+
+    servers = {"a": FakeLLMServer("a"), "b": FakeLLMServer("b")}
+    ready = {"a": threading.Event(), "b": threading.Event()}
+
+    def failing(name, times):
+        attempts = []
+
+        async def check():
+            attempts.append(1)
+            if len(attempts) <= times:
+                raise RuntimeError(f"replica of {name} failed to start ({len(attempts)})")
+            ready[name].set()
+            return name
+
+        return check
+
+    servers["a"].ready, servers["b"].ready = failing("a", 3), failing("b", 1)
+    config = AppConfig(models=(ModelConfig(name="a", device="cpu"),
+                               ModelConfig(name="b", device="cpu")))
+    app = build_ingress(config, {k: FakeLLMHandle(v) for k, v in servers.items()},
+                        readiness_retry_s=0.0)
+    serve_log.set_level(logging.INFO, logger="ray.serve")
+    with TestClient(app) as c:
+        assert ready["a"].wait(10) and ready["b"].wait(10)
+        assert c.get("/health").json() == {"status": "ok"}
+    lines = [r for r in serve_log.records if "readiness check" in r.getMessage()]
+    # The rate of the lines between is FailureLog's, tested through the license gate.
+    first = sorted(r.getMessage() for r in lines if "failed:" in r.getMessage())
+    assert first == [
+        "The readiness check of model a failed: RuntimeError('replica of a failed to start (1)')",
+        "The readiness check of model b failed: RuntimeError('replica of b failed to start (1)')",
+    ]
+    assert all(r.exc_info and r.levelname == "WARNING" for r in lines if "failed:" in r.getMessage())
+    back = sorted(r.getMessage().rsplit(" in ", 1)[0] for r in lines if "again" in r.getMessage())
+    assert back == ["The readiness check of model a works again after 3 failures",
+                    "The readiness check of model b works again after 1 failure"]
+
+
 def test_every_response_carries_the_callers_request_id(client):
     c, _ = client
     rid = {"X-Request-Id": "trace-42:a/b+c=d.e_f"}

@@ -3,12 +3,14 @@
 - ``keys``: the license key's format, its contents and how its signature is checked;
 - ``usage``: the heartbeat and usage report schemas, the limits both sides enforce, the server
   time header and the error shape;
-- ``manifest``: the manifest of a model's files (names, sizes, sha256).
+- ``manifest``: the manifest of a model's files (names, sizes, sha256);
+- ``body``: reading a request body against a byte limit, refused alike on both sides.
 
 Pure: no Ray, no vLLM, no network (``build_manifest`` reads the files it describes). Both
 products import these names from here; neither imports the other.
 """
 
+from license_contract.body import BodyError, read_bounded
 from license_contract.keys import (
     PREFIX,
     License,
@@ -51,8 +53,8 @@ from license_contract.usage import (
 __all__ = [
     "MANIFEST_NAME", "MAX_BODY_BYTES", "MAX_INTERVAL_S", "MAX_REPORT_INTERVALS", "MODEL_NAME",
     "OVERLAP_TOLERANCE_S", "PREFIX", "SERVER_TIME_HEADER", "SKEW_S", "STRICT", "ActivateRequest",
-    "HeartbeatRequest", "IntervalModel", "License", "LicenseError", "Manifest", "ManifestEntry",
-    "ManifestError", "UsageReport", "b64", "build_manifest", "canonical", "error_body",
-    "error_type", "iso", "key_text", "load_public_key", "parse_manifest", "public_key_text",
-    "sha256_file", "unb64", "verify_key",
+    "BodyError", "HeartbeatRequest", "IntervalModel", "License", "LicenseError", "Manifest",
+    "ManifestEntry", "ManifestError", "UsageReport", "b64", "build_manifest", "canonical",
+    "error_body", "error_type", "iso", "key_text", "load_public_key", "parse_manifest",
+    "public_key_text", "read_bounded", "sha256_file", "unb64", "verify_key",
 ]

@@ -29,6 +29,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from license_contract import BodyError, read_bounded
 from serve_app.config import AppConfig, ModelConfig
 from serve_app.errors import (
     RETRY_AFTER_S,
@@ -202,18 +203,12 @@ class IngressApp:
             )
 
     async def _read_body(self, request: Request) -> bytes:
-        limit = self._config.max_body_bytes
-        too_large = PayloadTooLargeError(f"The request body exceeds {limit} bytes.")
-        declared = request.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > limit:
-            raise too_large
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise too_large
-            chunks.append(chunk)
-        return b"".join(chunks)
+        try:
+            return await read_bounded(request.headers.get("content-length"), request.stream(),
+                                      self._config.max_body_bytes)
+        except BodyError as exc:
+            error = PayloadTooLargeError if exc.status == 413 else BadRequestError
+            raise error(exc.message, code=exc.code) from None
 
     def _check_license(self) -> None:
         """Memory only: the gate's decision was fetched in the background."""

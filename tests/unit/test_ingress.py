@@ -108,6 +108,12 @@ def test_body_limit_by_header_and_by_stream():
                 yield b"x" * 50
 
         assert_openai_error(c.post("/v1/completions", content=chunks()), 413)
+        # A Content-Length that is not a number is refused, not ignored (the license server's
+        # rule too: both read with license_contract.read_bounded).
+        for declared in ("abc", "-1", ""):
+            resp = c.post("/v1/completions", content=b'{"prompt": "x"}',
+                          headers={"Content-Length": declared})
+            assert_openai_error(resp, 400, "invalid_content_length")
         assert not servers["a"].calls
         assert c.post("/v1/completions", json={"prompt": "ok"}).status_code == 200
 

@@ -6,12 +6,14 @@
 - ``usage``: the heartbeat and usage report schemas, the limits both sides enforce, the server
   time header and the error shape;
 - ``manifest``: the manifest of a model's files, and the vendor's signed word on which model
-  they are.
+  they are;
+- ``body``: reading a request body against a byte limit, refused alike on both sides.
 
 Pure: no Ray, no vLLM, no network (``build_manifest`` reads the files it describes). Both
 products import these names from here; neither imports the other.
 """
 
+from license_contract.body import BodyError, read_bounded
 from license_contract.keys import PREFIX, License, LicenseError, key_text, verify_key
 from license_contract.lease import LEASE_PREFIX, Lease, LeaseError, lease_text, verify_lease
 from license_contract.manifest import (
@@ -57,10 +59,10 @@ from license_contract.usage import (
 __all__ = [
     "LEASE_PREFIX", "MANIFEST_NAME", "MAX_BODY_BYTES", "MAX_INTERVAL_S", "MAX_REPORT_INTERVALS",
     "MODEL_NAME", "OVERLAP_TOLERANCE_S", "PREFIX", "SERVER_TIME_HEADER", "SKEW_S", "STRICT",
-    "ActivateRequest", "DownloadRequest", "HeartbeatRequest", "HeartbeatResponse",
+    "ActivateRequest", "BodyError", "DownloadRequest", "HeartbeatRequest", "HeartbeatResponse",
     "IntervalModel", "Lease", "LeaseError", "License", "LicenseError", "Manifest",
     "ManifestEntry", "ManifestError", "ModelIdentity", "SignatureError", "UsageReport", "b64",
     "build_manifest", "canonical", "error_body", "error_type", "identity_text", "iso",
     "key_text", "lease_text", "load_public_key", "parse_manifest", "public_key_text",
-    "sha256_file", "unb64", "verify_identity", "verify_key", "verify_lease",
+    "read_bounded", "sha256_file", "unb64", "verify_identity", "verify_key", "verify_lease",
 ]

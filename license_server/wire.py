@@ -1,7 +1,7 @@
-"""The server's side of the wire: the admin's issue request, reading a body against a limit
-while it streams in, errors in the contract's shape, and the ``X-Server-Time`` header every
-response carries (the actor keeps its clock offset from it). The client routes' schemas are the
-contract's (``license_contract.usage``)."""
+"""The server's side of the wire: the admin's issue request, a body parsed once the contract's
+reader (``license_contract.read_bounded``) took it within its limit, errors in the contract's
+shape, and the ``X-Server-Time`` header every response carries (the actor keeps its clock offset
+from it). The client routes' schemas are the contract's (``license_contract.usage``)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,14 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from license_contract import SERVER_TIME_HEADER, STRICT, error_body, error_type
+from license_contract import (
+    SERVER_TIME_HEADER,
+    STRICT,
+    BodyError,
+    error_body,
+    error_type,
+    read_bounded,
+)
 from license_server.billing import Refusal
 
 _TIME_HEADER = SERVER_TIME_HEADER.lower().encode()
@@ -43,22 +50,12 @@ class IssueRequest(BaseModel):
 
 
 async def read_model(request: Request, model: type[BaseModel], limit: int) -> Any:
-    """Parse the body as ``model``, refusing it (413) as soon as it is known to exceed
-    ``limit`` bytes: by its Content-Length, or while it streams in without one."""
-    declared = request.headers.get("content-length")
-    if declared is not None:
-        if not declared.isdigit():
-            raise Refusal("Content-Length is not a number")
-        if int(declared) > limit:
-            raise Refusal(f"the body is {declared} bytes, above the {limit} byte limit",
-                          "request_too_large", 413)
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise Refusal(f"the body is above the {limit} byte limit", "request_too_large", 413)
-        chunks.append(chunk)
-    raw = b"".join(chunks)
+    """Parse the body as ``model``, refusing it as soon as it is known to exceed ``limit``
+    bytes (413) or its Content-Length is not a number (400): ``license_contract.read_bounded``."""
+    try:
+        raw = await read_bounded(request.headers.get("content-length"), request.stream(), limit)
+    except BodyError as exc:
+        raise Refusal(exc.message, exc.code, exc.status) from None
     try:
         return model.model_validate_json(raw or b"{}")
     except ValidationError as exc:

@@ -18,7 +18,9 @@ Layout of ``folder`` while and after fetching::
     ../.<folder>.lock       held while fetching: one download per node, however many replicas
 
 A file whose sha256 differs from the manifest is removed and fetched once more; a second
-mismatch fails with the file's name.
+mismatch fails with the file's name. ``fetch_or_verified_copy`` is how the bucket and licensed
+sources call it: when the manifest cannot be had because the source is unreachable, the copy
+verified before is served.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from license_contract import (
     Manifest,
@@ -47,6 +49,7 @@ logger = logging.getLogger(__name__)
 
 MiB = 1 << 20
 _STAMP = ".complete"
+T = TypeVar("T")
 
 
 class WeightsError(ConfigError):
@@ -156,14 +159,29 @@ def fetch_model(manifest: Manifest, source: Source, folder: Path, *,
     return folder
 
 
-def verified_copy(folder: Path) -> Manifest | None:
-    """The manifest of the complete, verified copy in ``folder``, if there is one; for serving
-    what is on disk when the source cannot be reached."""
+def _verified_copy(folder: Path) -> Manifest | None:
+    """The manifest of the complete, verified copy in ``folder``, if there is one."""
     try:
         manifest = parse_manifest((folder / _STAMP).read_text(), str(folder / _STAMP))
     except (FileNotFoundError, ManifestError):
         return None
     return manifest if _is_complete(folder, manifest) else None
+
+
+def fetch_or_verified_copy(folder: Path, reach: Callable[[], T], fetch: Callable[[T], Path]) -> Path:
+    """``fetch(reach())``; or, when ``reach`` (reading the manifest, asking for a grant) cannot
+    reach the source and ``folder`` holds a copy verified before, that copy, with a warning: a
+    replica restarting while the source is down still serves. Only reaching falls back: any
+    other failure of ``reach`` (keys, bucket, manifest, a refused license) is a configuration
+    to fix, and a failed download of a new version fails."""
+    try:
+        found = reach()
+    except WeightsError as exc:
+        if exc.code != UNREACHABLE or _verified_copy(folder) is None:
+            raise
+        logger.warning("%s Serving the copy verified earlier in %s.", exc.message, folder)
+        return folder
+    return fetch(found)
 
 
 def _is_complete(folder: Path, manifest: Manifest) -> bool:

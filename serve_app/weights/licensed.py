@@ -39,7 +39,7 @@ from serve_app.weights.fetch import (
     Tuning,
     WeightsError,
     fetch_model,
-    verified_copy,
+    fetch_or_verified_copy,
 )
 
 if TYPE_CHECKING:
@@ -178,15 +178,10 @@ def fetch_licensed_model(name: str, cache_dir: str | Path, license: LicenseConfi
         def ask() -> Grant:
             return request_grant(http, lic.server_url, key, name)
 
-        try:
-            grant = ask()
-        except WeightsError as exc:
-            if exc.code != UNREACHABLE or verified_copy(folder) is None:
-                raise
-            logger.warning("%s Serving the copy verified earlier in %s.", exc.message, folder)
-            return folder
-        return fetch_model(grant.manifest, LicensedSource(name, grant, ask, http), folder,
-                           tuning=tuning)
+        return fetch_or_verified_copy(
+            folder, ask,
+            lambda grant: fetch_model(grant.manifest, LicensedSource(name, grant, ask, http),
+                                      folder, tuning=tuning))
     finally:
         if own:
             http.close()

@@ -21,10 +21,12 @@ from license_contract import (
 from serve_app.cli import print_manifest
 from serve_app.config import ModelConfig, Settings
 from serve_app.weights.fetch import (
+    UNREACHABLE,
     Progress,
     Tuning,
     WeightsError,
     fetch_model,
+    fetch_or_verified_copy,
     missing_ranges,
     read_ranges,
     split_range,
@@ -126,6 +128,35 @@ def test_a_file_changed_on_disk_is_fetched_again(tmp_path):
     source.requests.clear()
     fetch_model(manifest_of(FILES), source, folder, tuning=TUNING)
     assert {r[0] for r in source.requests} == {"sub/model.bin"}
+
+
+def test_only_an_unreachable_source_falls_back_to_the_verified_copy(tmp_path, caplog):
+    """The fallback S3 and licensed: sources share: reaching the source (its manifest or grant)
+    may fail over to the copy verified before; nothing else may."""
+    source = MemorySource(FILES)
+    folder = tmp_path / "m"
+
+    def fetch(manifest):
+        return fetch_model(manifest, source, folder, tuning=TUNING)
+
+    def unreachable():
+        raise WeightsError("Cannot reach memory://.", code=UNREACHABLE)
+
+    def refused():
+        raise WeightsError("The manifest is not there.")
+
+    with pytest.raises(WeightsError, match="Cannot reach"):  # nothing verified yet
+        fetch_or_verified_copy(folder, unreachable, fetch)
+    assert fetch_or_verified_copy(folder, lambda: manifest_of(FILES), fetch) == folder
+    with caplog.at_level(logging.WARNING, logger="serve_app.weights"):
+        assert fetch_or_verified_copy(folder, unreachable, fetch) == folder
+    assert "Cannot reach memory://. Serving the copy verified earlier in" in caplog.text
+    with pytest.raises(WeightsError, match="not there"):
+        fetch_or_verified_copy(folder, refused, fetch)
+    source.files = newer = {**FILES, "config.json": b'{"v": 2}'}
+    source.cut_at = {0, 1}  # the new version's download fails: no fallback to the old copy
+    with pytest.raises(WeightsError, match="Run again to resume"):
+        fetch_or_verified_copy(folder, lambda: manifest_of(newer), fetch)
 
 
 def test_progress_is_logged_with_a_rate(caplog):

@@ -270,7 +270,7 @@ def test_tuning_reaches_the_transfer_manager():
 def test_an_unreachable_store_serves_the_copy_verified_before(proxy, bucket, tmp_path, caplog):
     folder = fetch(proxy.url, bucket, tmp_path)
     proxy.close()  # the endpoint now refuses connections
-    with caplog.at_level(logging.WARNING, logger="serve_app.weights.s3"):
+    with caplog.at_level(logging.WARNING, logger="serve_app.weights"):
         assert fetch(proxy.url, bucket, tmp_path) == folder
     assert "Cannot reach the S3 endpoint" in caplog.text
     assert "Serving the copy verified earlier" in caplog.text

@@ -160,6 +160,35 @@ def test_license_and_customer_caps_bound_autoscaling(caplog):
     assert instance_cap(AppConfig(models=(model,))) is None
 
 
+def test_an_invalid_key_leaves_the_customers_cap_and_says_why_and_an_expired_one_caps(caplog):
+    from pydantic import SecretStr
+
+    from serve_app.builder import instance_cap
+    from serve_app.licensing import LicenseConfig
+    from tests.fakes import VENDOR_KEY, issue_key
+
+    def config(key: str, max_instances: int | None) -> AppConfig:
+        license = LicenseConfig(key=SecretStr(key), ledger_path="/tmp/l",
+                                max_instances=max_instances)
+        return AppConfig(models=(ModelConfig(device="cpu"),), license=license)
+
+    _, key = issue_key(VENDOR_KEY, max_instances=3)
+    prefix, payload, signature = key.split(".")
+    flipped = signature[:10] + ("A" if signature[10] != "A" else "B") + signature[11:]
+    forged = f"{prefix}.{payload}.{flipped}"
+    with caplog.at_level("WARNING", logger="serve_app.builder"):
+        assert instance_cap(config(forged, 5)) == 5
+        assert instance_cap(config(forged, None)) is None
+    warnings = [r.getMessage() for r in caplog.records if r.name == "serve_app.builder"]
+    assert len(warnings) == 2
+    assert all("signature does not match" in w for w in warnings)
+    assert "max_instances only (5)" in warnings[0] and "(none set)" in warnings[1]
+    caplog.clear()
+    _, expired = issue_key(VENDOR_KEY, max_instances=3, issued_at=0.0, expires_at=1.0)
+    assert instance_cap(config(expired, 5)) == 3
+    assert not caplog.records
+
+
 def test_every_config_field_can_be_set_from_the_environment(monkeypatch):
     """One source: Settings is derived from the models, so no field is left out."""
     from serve_app.config import setting_fields

@@ -214,6 +214,69 @@ def test_gate_refuses_until_first_state_and_keeps_last_on_errors():
     assert gate.refusal()["code"] == "license_revoked"
 
 
+def test_gate_logs_an_unreadable_actor_at_once_then_once_a_minute_and_when_it_is_back():
+    """Driven by a fake fetch and a fake sleep that advances the gate's clock: no waiting."""
+    allowed = {"allowed": True, "status": 200, "code": "ok", "message": "ok"}
+    # Up, down for 130 refreshes (one a second), up twice, down once, up.
+    script = ["up"] + ["down"] * 130 + ["up", "up", "down", "up"]
+    clock = [0.0]
+    failures = [0]
+
+    class Stop(Exception):
+        pass
+
+    async def fetch():
+        if script.pop(0) == "up":
+            return allowed
+        failures[0] += 1
+        raise RuntimeError(f"actor down {failures[0]}")
+
+    async def sleep(seconds):
+        if not script:
+            raise Stop
+        clock[0] += seconds
+
+    gate = LicenseGate(fetch, refresh_s=1.0, sleep=sleep, now=lambda: clock[0])
+    records = _records_of("ray.serve", lambda: asyncio.run(gate.run()), Stop)
+    assert [(r.levelname, r.getMessage()) for r in records] == [
+        ("WARNING", "Reading the license state failed: RuntimeError('actor down 1')"),
+        ("WARNING", "Reading the license state still fails (60 more in 60 s): "
+                    "RuntimeError('actor down 61')"),
+        ("WARNING", "Reading the license state still fails (60 more in 60 s): "
+                    "RuntimeError('actor down 121')"),
+        ("INFO", "Reading the license state works again after 130 failures in 130 s"),
+        ("WARNING", "Reading the license state failed: RuntimeError('actor down 131')"),
+        ("INFO", "Reading the license state works again after 1 failure in 1 s"),
+    ]
+    assert records[0].exc_info is not None  # the first says where it failed
+    assert gate.state == allowed
+
+
+def _records_of(name, run, stop):
+    """What logger ``name`` emits, at INFO and above, while ``run()`` runs until it raises
+    ``stop``."""
+    import logging
+
+    records = []
+
+    class Collect(logging.Handler):  # the logger's own handler: whether it propagates or not
+        def emit(self, record):
+            records.append(record)
+
+    handler = Collect()
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        with pytest.raises(stop):
+            run()
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    return records
+
+
 def test_status_shows_the_usage_of_the_license_in_force(world):
     clock, store, service, network, make, actor_of = world
     lic, config = make()

@@ -126,6 +126,10 @@ def test_limits_of_the_report_format(server):
         assert set(resp.json()["error"]) == {"message", "type", "param", "code"}
     big = server.post("/v1/heartbeat", content=b" " * ((1 << 20) + 1), headers=headers)
     assert (big.status_code, big.json()["error"]["code"]) == (413, "request_too_large")
+    for declared in ("abc", "-1", ""):
+        bad = server.post("/v1/heartbeat", content=b'{"cluster_id": "c", "instances": 1}',
+                          headers={**headers, "Content-Length": declared})
+        assert (bad.status_code, bad.json()["error"]["code"]) == (400, "invalid_content_length")
     assert total(server, lid) == 0
 
 

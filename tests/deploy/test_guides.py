@@ -1,6 +1,6 @@
 """The guides against what they describe: every command of deploy/docker.md names files,
 images, services, profiles, settings and subcommands that exist; the Colab guide's table names
-the notebook's cells; every `python -m ...` command of deploy/license-server.md
+the notebook's cells; every `python -m ...` command of the README and of deploy/license-server.md
 names a subcommand and flags that our own CLIs have."""
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from tests.infra.test_guides import _split, shell_commands
 
 DOCKER_GUIDE = (ROOT / "deploy" / "docker.md").read_text()
 COLAB_GUIDE = (ROOT / "deploy" / "colab.md").read_text()
+README = (ROOT / "README.md").read_text()
 LICENSE_SERVER_GUIDE = (ROOT / "deploy" / "license-server.md").read_text()
 # `python -m MODULE` -> the function its __main__ calls.
 CLIS = {
@@ -147,6 +148,13 @@ def check_cli(words: list[str], capsys, tmp_path) -> str:
     for flag in re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", " ".join(rest)):
         assert re.search(rf"{re.escape(flag)}\b", usage), f"python -m {' '.join(words)}: {flag}"
     return " ".join([module, *sub])
+
+
+def test_the_readme_commands_are_our_clis(capsys, tmp_path):
+    checked = {check_cli(words, capsys, tmp_path) for words in python_commands(README)}
+    assert {"serve_app", "serve_app status", "serve_app usage-log verify",
+            "serve_app usage-log resend", "serve_app manifest", "serve_app.bench",
+            "serve_app.weights.bench"} <= checked
 
 
 def test_the_license_server_guide_commands_are_its_cli(capsys, tmp_path):

@@ -81,10 +81,8 @@ def test_hadolint_flags_a_careless_dockerfile(tmp_path):
 
 def test_make_serve_is_the_readme_entry_point():
     """What the tests below compare the images with: `make serve` runs `python -m serve_app
-    --dev-license`, the command the README's Deploying table documents."""
+    --dev-license` (its flags are checked against the CLI by tests/deploy/test_guides.py)."""
     assert make_recipe("serve") == [["python", "-m", "serve_app", "--dev-license"]]
-    assert "`make serve`, or `.venv/bin/python -m serve_app [--port P] [--model SOURCE] " \
-           "[--dev-license]`" in README
 
 
 @pytest.mark.parametrize("flavour", sorted(DOCKERFILES))

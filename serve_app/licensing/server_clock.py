@@ -13,6 +13,13 @@ uncertainty grows with its age (the two clocks drift apart slowly), so a fresh s
 when it is about as good, and a slow round trip never displaces a fast one.
 
 Until the first sample the offset is 0 against the wall clock as it read at start.
+
+Leases are judged by ``latest()``, which never goes backwards: the estimate, but never earlier
+than the latest server time this host has seen (the server's own stamps, a lease's signed issue
+time, and the estimate whenever it rests on a measurement). The actor keeps that floor in the
+ledger, so that neither a wall clock set back nor a restart rewinds it; after a reboot, where
+monotonic time starts again, the estimate starts from the later of the floor and the wall clock
+plus the offset measured before.
 """
 
 from __future__ import annotations
@@ -48,6 +55,7 @@ class ServerClock:
         self._resync_s = resync_s
         self._offset = wall() - monotonic()
         self._best: Sample | None = None
+        self._floor = 0.0  # the latest server time seen
         self.synced = False  # a sample taken (or restored) in this boot
 
     def now(self) -> float:
@@ -56,6 +64,26 @@ class ServerClock:
 
     def monotonic(self) -> float:
         return self._mono()
+
+    def latest(self) -> float:
+        """The server's time for judging leases: the estimate, never earlier than the latest
+        server time seen. A guess (no measurement yet in this boot) does not raise the floor:
+        a host clock that is off must not shorten the first lease it receives."""
+        now = self.now()
+        if self.synced:
+            self._floor = max(self._floor, now)
+        return max(self._floor, now)
+
+    @property
+    def floor(self) -> float:
+        """The latest server time seen (persisted by the actor)."""
+        return self._floor
+
+    def see(self, server_time: float) -> None:
+        """A time the server itself stated (its stamp on an answer, a lease's issue time): the
+        server's time is at least this from now on."""
+        if math.isfinite(server_time):
+            self._floor = max(self._floor, server_time)
 
     @property
     def offset(self) -> float:
@@ -73,17 +101,21 @@ class ServerClock:
             return None
         return best.error_s + max(0.0, self._mono() - best.taken_at) * DRIFT
 
-    def restore(self, offset: float, error_s: float | None = None) -> None:
+    def restore(self, offset: float, error_s: float | None = None, floor: float = 0.0) -> None:
         """Continue from an offset used earlier in this boot (monotonic time still counts from
-        the same origin); ``error_s`` None: it was a guess, not a measurement."""
+        the same origin); ``error_s`` None: it was a guess, not a measurement. ``floor``: the
+        latest server time seen before."""
         self._offset = offset
+        self._floor = max(self._floor, floor)
         if error_s is not None:
             self._best = Sample(offset, error_s, self._mono())
             self.synced = True
 
-    def start_from_wall_offset(self, server_minus_wall: float) -> None:
-        """Best guess after a reboot: the server was this far from the wall clock before."""
-        self._offset = self._wall() + server_minus_wall - self._mono()
+    def start_from_wall_offset(self, server_minus_wall: float, floor: float = 0.0) -> None:
+        """Best guess after a reboot: the server was this far from the wall clock before, and
+        its time was at least ``floor`` (a wall clock set back cannot take it earlier)."""
+        self._floor = max(self._floor, floor)
+        self._offset = max(self._floor, self._wall() + server_minus_wall) - self._mono()
 
     def sample(self, sent: float, received: float, header: str | None) -> float:
         """Take a measurement from a response; returns by how much ``now`` jumped (0.0 when
@@ -91,6 +123,7 @@ class ServerClock:
         server = parse_header(header)
         if server is None or received < sent:
             return 0.0
+        self.see(server)
         sample = Sample(server - (sent + received) / 2, (received - sent) / 2, received)
         current = self.error_s()
         if current is None or sample.error_s <= current:

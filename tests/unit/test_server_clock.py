@@ -76,3 +76,45 @@ def test_a_missing_or_bad_header_is_no_sample(value):
     clock = ServerClock(host.wall, host.mono)
     assert parse_header(value) is None
     assert clock.sample(500.0, 500.1, value) == 0.0 and not clock.synced
+
+
+def test_the_lease_clock_never_goes_back_though_the_estimate_may():
+    host = Host()
+    clock = ServerClock(host.wall, host.mono)
+    host.mono_t = 500.01
+    clock.sample(500.0, 500.01, "1800000100.005")  # the server is 100 s ahead of the wall
+    assert clock.latest() == pytest.approx(1_800_000_100.01)
+    host.mono_t = 600.0
+    peak = clock.latest()
+    # The server's clock steps back 50 s: usage follows it, leases are judged from the peak.
+    host.mono_t = 600.01
+    assert clock.sample(600.0, 600.01, repr(peak - 50)) == pytest.approx(-50, abs=0.1)
+    assert clock.now() == pytest.approx(peak - 50 + 0.01, abs=0.01)
+    assert clock.latest() == pytest.approx(peak, abs=0.001)
+    host.mono_t += 60  # once the estimate passes the floor, the floor follows it again
+    assert clock.latest() == pytest.approx(clock.now()) and clock.latest() > peak
+
+
+def test_a_guess_does_not_raise_the_floor_but_a_server_stamp_does():
+    host = Host()
+    host.wall_t += 86400  # this host's clock is a day ahead, and nothing is measured yet
+    clock = ServerClock(host.wall, host.mono)
+    assert clock.latest() == host.wall_t and clock.floor == 0.0
+    clock.see(1_800_000_000.0)  # a lease's issue time
+    assert clock.floor == 1_800_000_000.0
+    host.mono_t += 1
+    clock.sample(host.mono_t - 0.01, host.mono_t, "1800000001.0")
+    assert clock.latest() == pytest.approx(1_800_000_001.005)
+
+
+def test_after_a_reboot_the_estimate_starts_no_earlier_than_the_floor():
+    host = Host()
+    clock = ServerClock(host.wall, host.mono)
+    host.wall_t -= 3 * 86400  # the wall clock was set back three days, then the host rebooted
+    clock.start_from_wall_offset(0.0, floor=1_800_000_000.0)
+    assert clock.now() == clock.latest() == 1_800_000_000.0
+    host.mono_t += 10
+    assert clock.latest() == 1_800_000_010.0
+    honest = ServerClock(Host().wall, Host().mono)  # an honest clock after a reboot: the wall
+    honest.start_from_wall_offset(5.0, floor=1_799_999_000.0)
+    assert honest.now() == 1_800_000_005.0

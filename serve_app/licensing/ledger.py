@@ -5,6 +5,12 @@ accrues at heartbeats: each heartbeat extends the instance's open interval by th
 last one, so the time a dead replica spends dead is never billed, and a gap while the license
 actor itself was down is billed at the next heartbeat (the replica was running all along).
 
+Every interval carries the license it accrued under (the one in force when its replica
+registered or heartbeated), and is reported under that license, with that license's key, which
+the ledger keeps: usage that outlives its license (the last seconds before a renewal) is still
+billed to it. Keys are bearer credentials, so the ledger's files are 0600 and a folder it creates
+0700.
+
 Times are read from ``now``, the license server's time as the actor estimates it (monotonic
 underneath, see ``server_clock.py``). An instance's intervals form one chain: each starts where
 the one before ended (``chain_end``), so they never overlap, whatever the clock does. When the
@@ -24,6 +30,8 @@ never a lost or duplicated second.
 
 from __future__ import annotations
 
+import logging
+import os
 import sqlite3
 import time
 import uuid
@@ -42,7 +50,7 @@ CREATE TABLE IF NOT EXISTS instances (
     chain_end REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS intervals (
     id INTEGER PRIMARY KEY AUTOINCREMENT, instance_id TEXT NOT NULL, start REAL NOT NULL,
-    "end" REAL NOT NULL, gpus REAL NOT NULL, report_id TEXT);
+    "end" REAL NOT NULL, gpus REAL NOT NULL, report_id TEXT, license_id TEXT);
 CREATE INDEX IF NOT EXISTS intervals_open ON intervals (instance_id, report_id);
 CREATE TABLE IF NOT EXISTS reports (
     report_id TEXT PRIMARY KEY, created_at REAL NOT NULL, delivered_at REAL,
@@ -52,12 +60,16 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 
 # instances.stopped: 0 live, 1 silent too long (a later heartbeat revives it), 2 said goodbye.
 EXPIRED, DEREGISTERED = 1, 2
+KEY_META = "license_key:"  # + license id: the key its reports are delivered with
+
+logger = logging.getLogger("ray.serve")
 
 
 @dataclass(frozen=True)
 class Report:
     report_id: str
     intervals: list[dict[str, Any]]
+    license_id: str | None = None
 
     @property
     def seconds(self) -> float:
@@ -71,7 +83,17 @@ class UsageLedger:
         self._db: sqlite3.Connection | None = None
 
     def start(self) -> UsageLedger:
-        self._path.parent.mkdir(parents=True, exist_ok=True)
+        folder = self._path.parent
+        if not folder.exists():
+            # Only a folder of its own: tightening one it was given (/tmp, the working
+            # directory) would lock others out. The files themselves are 0600 either way.
+            folder.mkdir(parents=True, mode=0o700)
+            folder.chmod(0o700)
+        # Created 0600 before SQLite opens it; SQLite gives its -wal and -shm files the same mode.
+        os.close(os.open(self._path, os.O_CREAT | os.O_WRONLY, 0o600))
+        for path in (self._path, *(Path(f"{self._path}{s}") for s in ("-wal", "-shm"))):
+            if path.exists() and path.stat().st_mode & 0o077:
+                path.chmod(0o600)
         db = sqlite3.connect(self._path, isolation_level=None, timeout=30)
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=FULL")  # a second acknowledged is a second on disk
@@ -98,6 +120,14 @@ class UsageLedger:
         self._tx().execute("INSERT INTO meta(key, value) VALUES (?, ?) "
                            "ON CONFLICT(key) DO UPDATE SET value = excluded.value", (key, value))
 
+    def remember_key(self, license_id: str, key: str) -> None:
+        """Keep ``key``: the reports of ``license_id`` are delivered with it, whatever key the
+        app runs with by then."""
+        self.set_meta(KEY_META + license_id, key)
+
+    def key_of(self, license_id: str) -> str | None:
+        return self.get_meta(KEY_META + license_id)
+
     def cluster_id(self) -> str:
         """A random id for this cluster, made once and kept: the only identity reported."""
         value = self.get_meta("cluster_id")
@@ -108,7 +138,10 @@ class UsageLedger:
 
     # -- accrual ----------------------------------------------------------------------------------
 
-    def register(self, instance_id: str, model: str, gpus: float) -> None:
+    def register(self, instance_id: str, model: str, gpus: float,
+                 license_id: str | None = None) -> None:
+        """Start counting ``instance_id`` from now, under ``license_id`` (an instance known
+        already just heartbeats)."""
         now = self._now()
         db = self._tx()
         with db:
@@ -119,10 +152,12 @@ class UsageLedger:
                            "last_seen, stopped, chain_end) VALUES (?, ?, ?, ?, ?, 0, ?)",
                            (instance_id, model, gpus, now, now, now))
                 return
-        self.heartbeat(instance_id)
+        self.heartbeat(instance_id, license_id)
 
-    def heartbeat(self, instance_id: str) -> bool:
-        """Accrue up to now. False for an unknown instance (the caller re-registers it)."""
+    def heartbeat(self, instance_id: str, license_id: str | None = None) -> bool:
+        """Accrue up to now, under ``license_id`` (the license in force): a license other than
+        the open interval's starts a new interval where the chain ends. False for an unknown
+        instance (the caller re-registers it)."""
         now = self._now()
         db = self._tx()
         with db:
@@ -143,16 +178,18 @@ class UsageLedger:
             end = chain_end + elapsed
             updated = db.execute(
                 'UPDATE intervals SET "end" = ? WHERE instance_id = ? AND report_id IS NULL '
-                'AND "end" = ?', (end, instance_id, chain_end)).rowcount
+                'AND "end" = ? AND license_id IS ?',
+                (end, instance_id, chain_end, license_id)).rowcount
             if not updated:
-                db.execute('INSERT INTO intervals(instance_id, start, "end", gpus) '
-                           "VALUES (?, ?, ?, ?)", (instance_id, chain_end, end, gpus))
+                db.execute('INSERT INTO intervals(instance_id, start, "end", gpus, license_id) '
+                           "VALUES (?, ?, ?, ?, ?)", (instance_id, chain_end, end, gpus,
+                                                      license_id))
             db.execute("UPDATE instances SET last_seen = ?, chain_end = ?, stopped = 0 "
                        "WHERE instance_id = ?", (now, end, instance_id))
         return True
 
-    def deregister(self, instance_id: str) -> None:
-        self.heartbeat(instance_id)
+    def deregister(self, instance_id: str, license_id: str | None = None) -> None:
+        self.heartbeat(instance_id, license_id)
         with self._tx() as db:
             db.execute("UPDATE instances SET stopped = ? WHERE instance_id = ?",
                        (DEREGISTERED, instance_id))
@@ -212,41 +249,51 @@ class UsageLedger:
     def seal_reports(self, license_id: str | None = None,
                      max_intervals: int = MAX_REPORT_INTERVALS,
                      max_interval_s: float = MAX_INTERVAL_S) -> list[Report]:
-        """Move all open intervals into new reports for ``license_id`` (none when there is
-        nothing to report), cutting intervals longer than ``max_interval_s``."""
+        """Move all open intervals into new reports, one set per license the intervals accrued
+        under (``license_id`` for intervals that name none), cutting intervals longer than
+        ``max_interval_s``; none when there is nothing to report."""
         db = self._tx()
         now = self._now()
         ids: list[str] = []
         with db:
-            long = db.execute('SELECT id, instance_id, start, "end", gpus FROM intervals '
-                              'WHERE report_id IS NULL AND "end" - start > ?',
+            long = db.execute('SELECT id, instance_id, start, "end", gpus, license_id '
+                              'FROM intervals WHERE report_id IS NULL AND "end" - start > ?',
                               (max_interval_s,)).fetchall()
-            for row_id, instance_id, start, end, gpus in long:
+            for row_id, instance_id, start, end, gpus, lid in long:
                 cut = start + max_interval_s
                 db.execute('UPDATE intervals SET "end" = ? WHERE id = ?', (cut, row_id))
                 while cut < end:
                     nxt = min(end, cut + max_interval_s)
-                    db.execute('INSERT INTO intervals(instance_id, start, "end", gpus) '
-                               "VALUES (?, ?, ?, ?)", (instance_id, cut, nxt, gpus))
+                    db.execute('INSERT INTO intervals(instance_id, start, "end", gpus, '
+                               "license_id) VALUES (?, ?, ?, ?, ?)",
+                               (instance_id, cut, nxt, gpus, lid))
                     cut = nxt
-            rows = [r[0] for r in db.execute('SELECT id FROM intervals WHERE report_id IS NULL '
-                                             'AND "end" > start ORDER BY id')]
-            for k in range(0, len(rows), max_intervals):
-                chunk = rows[k:k + max_intervals]
-                report_id = f"rep_{uuid.uuid4().hex}"
-                db.execute("INSERT INTO reports(report_id, created_at, license_id) "
-                           "VALUES (?, ?, ?)", (report_id, now, license_id))
-                db.executemany("UPDATE intervals SET report_id = ? WHERE id = ?",
-                               [(report_id, i) for i in chunk])
-                ids.append(report_id)
+            by_license: dict[str | None, list[int]] = {}
+            for row_id, lid in db.execute(
+                    "SELECT id, COALESCE(license_id, ?) FROM intervals WHERE report_id IS NULL "
+                    'AND "end" > start ORDER BY id', (license_id,)):
+                by_license.setdefault(lid, []).append(row_id)
+            for lid, rows in by_license.items():
+                for k in range(0, len(rows), max_intervals):
+                    chunk = rows[k:k + max_intervals]
+                    report_id = f"rep_{uuid.uuid4().hex}"
+                    db.execute("INSERT INTO reports(report_id, created_at, license_id) "
+                               "VALUES (?, ?, ?)", (report_id, now, lid))
+                    db.executemany("UPDATE intervals SET report_id = ? WHERE id = ?",
+                                   [(report_id, i) for i in chunk])
+                    ids.append(report_id)
         return [self._report(i) for i in ids]
 
     def _report(self, report_id: str) -> Report:
-        rows = self._tx().execute(
+        db = self._tx()
+        rows = db.execute(
             'SELECT instance_id, start, "end", gpus FROM intervals WHERE report_id = ? '
             "ORDER BY id", (report_id,)).fetchall()
+        lid = db.execute("SELECT license_id FROM reports WHERE report_id = ?",
+                         (report_id,)).fetchone()
         return Report(report_id, [dict(zip(("instance_id", "start", "end", "gpus"), r,
-                                           strict=True)) for r in rows])
+                                           strict=True)) for r in rows],
+                      lid[0] if lid else None)
 
     def pending_reports(self) -> list[Report]:
         """Sealed reports to deliver, oldest first; quarantined ones wait for ``requeue``."""
@@ -300,42 +347,55 @@ class UsageLedger:
     def quarantined(self) -> list[dict[str, Any]]:
         """Reports the server refused, oldest first, with their seconds and the reason."""
         rows = self._tx().execute(
-            'SELECT r.report_id, r.quarantined_at, r.reason, COUNT(i.id), '
+            'SELECT r.report_id, r.license_id, r.quarantined_at, r.reason, COUNT(i.id), '
             'COALESCE(SUM(i."end" - i.start), 0) FROM reports r '
             "LEFT JOIN intervals i ON i.report_id = r.report_id "
             "WHERE r.delivered_at IS NULL AND r.quarantined_at IS NOT NULL "
             "GROUP BY r.report_id ORDER BY r.created_at, r.rowid").fetchall()
-        return [{"report_id": rid, "quarantined_at": at, "reason": reason, "intervals": n,
-                 "seconds": round(float(s), 3)} for rid, at, reason, n, s in rows]
+        return [{"report_id": rid, "license_id": lid, "quarantined_at": at, "reason": reason,
+                 "intervals": n, "seconds": round(float(s), 3)}
+                for rid, lid, at, reason, n, s in rows]
 
     def totals(self, license_id: str | None = None) -> dict[str, Any]:
-        """Seconds accrued for ``license_id`` (None: for every license), still to deliver,
-        quarantined, and when the last report was delivered. Seconds not yet delivered count
-        for whichever license is in force: that is the key they will be delivered with."""
+        """Seconds accrued under ``license_id`` (None: under every license): delivered or
+        not, still to deliver, quarantined; seconds other licenses still have to deliver; and
+        when the last report was delivered. Intervals that name no license count for
+        ``license_id``: they are sealed under the license in force."""
         db = self._tx()
-        unsealed = db.execute('SELECT COALESCE(SUM("end" - start), 0) FROM intervals '
-                              "WHERE report_id IS NULL").fetchone()[0]
-        delivered = pending = quarantined = 0.0
+
+        def mine(lid: str | None) -> bool:
+            return license_id is None or lid is None or lid == license_id
+
+        instance = pending = quarantined = other_pending = 0.0
         quarantined_reports = 0
+        for lid, seconds in db.execute(
+                'SELECT license_id, COALESCE(SUM("end" - start), 0) FROM intervals '
+                "WHERE report_id IS NULL GROUP BY 1"):
+            if mine(lid):
+                instance += seconds
+                pending += seconds
+            else:
+                other_pending += seconds
         rows = db.execute(
             'SELECT r.license_id, r.delivered_at IS NOT NULL, r.quarantined_at IS NOT NULL, '
             'COUNT(DISTINCT r.report_id), COALESCE(SUM(i."end" - i.start), 0) FROM reports r '
             "LEFT JOIN intervals i ON i.report_id = r.report_id GROUP BY 1, 2, 3").fetchall()
         for lid, is_delivered, is_quarantined, count, seconds in rows:
-            if is_delivered:
-                if license_id is None or lid == license_id:
-                    delivered += seconds
-            elif is_quarantined:
+            if not mine(lid):
+                if not (is_delivered or is_quarantined):
+                    other_pending += seconds
+                continue
+            instance += seconds
+            if is_quarantined and not is_delivered:
                 quarantined += seconds
                 quarantined_reports += count
-            else:
+            elif not is_delivered:
                 pending += seconds
         last = db.execute("SELECT MAX(delivered_at) FROM reports").fetchone()[0]
-        return {"instance_seconds": float(unsealed + pending + quarantined + delivered),
-                "pending_seconds": float(unsealed + pending),
+        return {"instance_seconds": float(instance), "pending_seconds": float(pending),
                 "quarantined_seconds": float(quarantined),
                 "quarantined_reports": quarantined_reports,
-                "last_report_at": last}
+                "other_pending_seconds": float(other_pending), "last_report_at": last}
 
     # -- the usage log --------------------------------------------------------------------------
 

@@ -191,13 +191,64 @@ def test_quarantine_steps_aside_and_requeue_offers_it_again(ledger, clock):
 
 
 def test_totals_are_the_license_in_force(ledger, clock):
-    ledger.register("a", "m", 0)
+    ledger.register("a", "m", 0, license_id="lic_old")
     clock.t += 100
-    ledger.heartbeat("a")
-    (old,) = ledger.seal_reports("lic_old")
+    ledger.heartbeat("a", "lic_old")
+    (old,) = ledger.seal_reports()
     ledger.mark_delivered(old.report_id, "lic_old")
     clock.t += 30
-    ledger.heartbeat("a")
-    assert ledger.totals("lic_new")["instance_seconds"] == 30  # not yet delivered: the new key's
+    ledger.heartbeat("a", "lic_old")  # accrued before the renewal: still the old license's
+    clock.t += 20
+    ledger.heartbeat("a", "lic_new")
+    new = ledger.totals("lic_new")
+    assert (new["instance_seconds"], new["pending_seconds"], new["other_pending_seconds"]) == (
+        20, 20, 30)
     assert ledger.totals("lic_old")["instance_seconds"] == 130
-    assert ledger.totals()["instance_seconds"] == 130
+    assert ledger.totals()["instance_seconds"] == 150
+
+
+def test_every_interval_is_sealed_under_the_license_it_accrued_under(ledger, clock):
+    ledger.register("a", "m", 1.0, license_id="lic_1")
+    ledger.register("b", "m", 2.0, license_id="lic_1")
+    clock.t += 30
+    ledger.heartbeat("a", "lic_1")
+    clock.t += 30
+    ledger.heartbeat("a", "lic_2")  # the license changed between two heartbeats of a
+    ledger.heartbeat("b", "lic_2")
+    sealed = ledger.seal_reports(max_intervals=1)
+    assert sorted(r.license_id for r in sealed) == ["lic_1", "lic_2", "lic_2"]
+    by_license: dict[str, float] = {}
+    for r in ledger.pending_reports():
+        by_license[r.license_id] = by_license.get(r.license_id, 0.0) + r.seconds
+    # a: 30 s under each; b: its first 60 s, all accrued at its heartbeat under lic_2.
+    assert by_license == {"lic_1": 30, "lic_2": 90}
+    a = sorted((i["start"], i["end"]) for r in sealed for i in r.intervals
+               if i["instance_id"] == "a")
+    assert a == [(clock.t - 60, clock.t - 30), (clock.t - 30, clock.t)]  # one chain
+
+
+def test_keys_are_kept_per_license_in_files_only_their_owner_reads(tmp_path, clock):
+    import stat
+
+    folder = tmp_path / "fresh" / "ledger"
+    led = UsageLedger(folder / "usage.db", now=clock).start()
+    try:
+        led.remember_key("lic_1", "MTL1.first.key")
+        led.remember_key("lic_2", "MTL1.second.key")
+        assert (led.key_of("lic_1"), led.key_of("lic_2"), led.key_of("lic_3")) == (
+            "MTL1.first.key", "MTL1.second.key", None)
+        led.register("a", "m", 0.0, license_id="lic_1")  # the write-ahead log exists now
+    finally:
+        led.close()
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+    files = list(folder.iterdir())
+    assert files and all(stat.S_IMODE(f.stat().st_mode) == 0o600 for f in files), files
+    # A ledger left readable by others (an older build, a copy) is tightened on start; a folder
+    # the ledger was given is left as it is.
+    (tmp_path / "given").mkdir(mode=0o755)
+    loose = tmp_path / "given" / "usage.db"
+    loose.touch(mode=0o644)
+    loose.chmod(0o644)
+    UsageLedger(loose, now=clock).start().close()
+    assert stat.S_IMODE(loose.stat().st_mode) == 0o600
+    assert stat.S_IMODE(loose.parent.stat().st_mode) == 0o755

@@ -111,10 +111,16 @@ class LicenseService:
             signer=self.public_key), self.signing_key)
 
     def report(self, lic: License, req: UsageReport) -> bool:
-        """Store a usage report; False for a replay. Raises Refusal for one that cannot be."""
+        """Store a usage report; False for a replay. Raises Refusal for one that cannot be.
+        A report naming another license (``license_id``) is that license's usage, sent with
+        the key of ``lic``: accepted for a license of the same customer (the last usage of an
+        ended license, sent with its renewal's key), judged by that license's rules and billed
+        to it."""
         if len(req.intervals) > MAX_REPORT_INTERVALS:
             raise Refusal(f"intervals: {len(req.intervals)} in one report, above "
                           f"{MAX_REPORT_INTERVALS}; send several reports", "too_many_intervals")
+        if req.license_id is not None and req.license_id != lic.license_id:
+            lic = self._same_customers(lic, req.license_id)
         rules = ReportRules(issued_at=lic.issued_at, grace_period_s=lic.grace_period_s,
                             skew_s=SKEW_S, max_interval_s=MAX_INTERVAL_S,
                             overlap_tolerance_s=OVERLAP_TOLERANCE_S)
@@ -122,6 +128,16 @@ class LicenseService:
             report_id=req.report_id, license_id=lic.license_id, cluster_id=req.cluster_id,
             items=[Interval(i.instance_id, i.start, i.end, i.gpus) for i in req.intervals],
             rules=rules)
+
+    def _same_customers(self, lic: License, license_id: str) -> License:
+        row = self.store.get_license(license_id)
+        if row is None:
+            raise Refusal(f"license_id: no license {license_id}", "license_unknown")
+        named = verify_key(row["key"], signers={self.public_key}, check_expiry=False)
+        if named.customer != lic.customer:
+            raise Refusal(f"license_id: license {license_id} is another customer's",
+                          "license_other_customer")
+        return named
 
     def download(self, lic: License, status: str, name: str) -> dict[str, Any]:
         """The manifest and presigned URLs of model ``name`` for an active license that covers

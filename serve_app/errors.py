@@ -90,9 +90,11 @@ class OverloadedError(ServeError):
 class LicenseRefusedError(ServeError):
     type = "license_error"
 
-    def __init__(self, message: str, *, status: int, code: str) -> None:
+    def __init__(self, message: str, *, status: int, code: str,
+                 retry_after_s: float | None = None) -> None:
+        wait = f"{max(1, round(retry_after_s or 60))}"
         super().__init__(message, code=code,
-                         headers={"Retry-After": "60"} if status == 503 else None)
+                         headers={"Retry-After": wait} if status == 503 else None)
         self.status = status
 
 

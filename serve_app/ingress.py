@@ -217,7 +217,8 @@ class IngressApp:
         refusal = self._gate.refusal()
         if refusal is not None:
             raise LicenseRefusedError(refusal["message"], status=refusal["status"],
-                                      code=refusal["code"])
+                                      code=refusal["code"],
+                                      retry_after_s=refusal.get("retry_after_s"))
 
     def _model(self, name: Any) -> _Model:
         if name is not None and not isinstance(name, str):

@@ -26,8 +26,8 @@ from typing import Any
 
 import httpx
 
-from license_contract import License
-from license_server.signing import new_private_key, sign_license, signer_of
+from license_contract import Lease, License
+from license_server.signing import new_private_key, sign_lease, sign_license, signer_of
 from serve_app import vllm_internals
 
 # The vendor key of this test session. tests/conftest.py pins it for the whole session the way a
@@ -52,6 +52,30 @@ def issue_key(vendor: Any, **fields: Any) -> tuple[License, str]:
         grace_period_s=72 * 3600.0, server_url="http://license.test", signer=signer_of(vendor))
     lic = License(**{**base, **fields})
     return lic, sign_license(lic, vendor)
+
+
+def issue_lease(vendor: Any, **fields: Any) -> tuple[Lease, str]:
+    """A lease signed by ``vendor`` as a license server grants one at a check-in: license
+    ``lic_1``, cluster ``cl_1``, a day from now; ``fields`` override."""
+    import time
+    import uuid
+
+    now = time.time()
+    base: dict[str, Any] = dict(
+        lease_id=f"lea_{uuid.uuid4().hex}", license_id="lic_1", cluster_id="cl_1", instances=None,
+        gpus=None, issued_at=now, expires_at=now + 86400, development=False,
+        signer=signer_of(vendor))
+    lease = Lease(**{**base, **fields})
+    return lease, sign_lease(lease, vendor)
+
+
+def serving_state(vendor: Any = VENDOR_KEY, **lease_fields: Any) -> dict[str, Any]:
+    """The license actor's ``state`` that lets the gate serve: allowed, with a good lease."""
+    lease, text = issue_lease(vendor, **lease_fields)
+    return {"allowed": True, "status": 200, "code": "ok", "message": "ok", "retry_after_s": None,
+            "license_id": lease.license_id, "signer": lease.signer,
+            "cluster_id": lease.cluster_id, "lease": text, "server_now": lease.issued_at,
+            "lease_left_s": lease.expires_at - lease.issued_at}
 
 
 class FakeStream:
@@ -192,7 +216,9 @@ class LicenseWire(httpx.AsyncBaseTransport):
     as the server does (when given ``server_now``; ``latency`` passes on ``advance`` around
     each request), answers the next requests to a path from ``scripted`` instead of the app, and
     holds usage reports to the wire contract's interval rules (``issued_at`` given), whatever the
-    server app in front of it checks."""
+    server app in front of it checks. Usage reports sent with a key in ``refused_keys`` get 403,
+    as from a server that no longer takes an ended license's key; ``hang`` holds every request
+    unanswered."""
 
     def __init__(self, app: Any, *, server_now: Callable[[], float] | None = None,
                  issued_at: float | None = None, latency: float = 0.0,
@@ -206,13 +232,24 @@ class LicenseWire(httpx.AsyncBaseTransport):
         self._advance = advance
         self.scripted: dict[str, list[httpx.Response]] = defaultdict(list)
         self.accepted: dict[str, list[dict[str, Any]]] = {}  # report id -> its intervals
+        self.refused_keys: set[str] = set()
+        self.hang = False
+        self.keys: list[str] = []  # the key each request was sent with
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         if not self.up:
             raise httpx.ConnectError("license server unreachable")
+        if self.hang:
+            await asyncio.Event().wait()
         body = await request.aread()
         path = request.url.path
         self.sent.append(request.url.raw_path + b" " + body)
+        key = request.headers.get("authorization", "").removeprefix("Bearer ")
+        self.keys.append(key)
+        if path == "/v1/usage" and key in self.refused_keys:
+            return httpx.Response(403, json={"error": {
+                "message": "this license has ended", "type": "permission_error", "param": None,
+                "code": "license_expired"}})
         if self._advance and self.latency:
             self._advance(self.latency / 2)
         violation = None

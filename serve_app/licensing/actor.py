@@ -6,6 +6,17 @@ takes registrations and heartbeats from LLM replicas, accrues instance-seconds i
 ledger and reports them exactly once. A restart re-runs ``__init__``: everything that counts is
 in the ledger, so nothing is lost.
 
+Each check-in returns a lease (``license_contract.lease``), which the actor verifies (signed by
+the license's signer, for this license and cluster, not from the future) and keeps in the
+ledger: serving needs one that is unexpired. Its life is measured on the monotonic clock from
+receipt, and against the server's time as ``ServerClock.latest`` judges it, which never goes
+back. Registrations honour its grants (instances, GPUs).
+
+Every second is delivered under the license it accrued under, with that license's key, which
+the ledger keeps; if the server no longer takes an ended license's key, the report goes with the
+key in force, naming the license (the server accepts that for a license of the same customer).
+A clean stop (``stop``) delivers what is pending and says goodbye to the server.
+
 Delivery never stalls on one report: a report the server refuses for good (a 4xx other than
 401, 403 and 429) is quarantined with the server's reason and the ones after it go on; 429 waits
 for ``Retry-After``; 401 and 403 are the license policy's business (revoked, expired); 5xx and
@@ -30,9 +41,16 @@ from typing import Any
 
 import httpx
 
-from license_contract import HeartbeatResponse, License, LicenseError
+from license_contract import (
+    HeartbeatResponse,
+    Lease,
+    LeaseError,
+    License,
+    LicenseError,
+    verify_lease,
+)
 from serve_app.licensing.config import LicenseConfig
-from serve_app.licensing.ledger import UsageLedger
+from serve_app.licensing.ledger import Report, UsageLedger
 from serve_app.licensing.policy import Decision, decide
 from serve_app.licensing.server_clock import HEADER, ServerClock
 from serve_app.licensing.vendor import read_license
@@ -51,6 +69,10 @@ CLOCK_WARN_S = 60.0
 NOT_REFUSALS = (401, 403, 429)
 QUARANTINE_SHOWN = 20  # status lists the oldest ones; all are counted
 CLOCK_META = "server_clock"
+LEASE_META = "lease"  # + ":<license id>"
+# A clean stop waits this long for the license server at most: an idle stop stays quick, and
+# what is not delivered goes out at the next start.
+STOP_TIMEOUT_S = 2.0
 
 
 class RateLimitedError(Exception):
@@ -82,25 +104,23 @@ class LicenseActor:
     """Counts instances, keeps the ledger, talks to the license server.
 
     ``now`` is the host's wall clock and ``monotonic`` its monotonic clock (both injected by
-    tests); usage is stamped with the server's time estimated from them."""
+    tests); usage is stamped with the server's time estimated from them. ``boot_id`` names
+    the host's boot (monotonic times compare only within one)."""
 
     def __init__(self, config: LicenseConfig, now: Callable[[], float] = time.time,
                  transport: httpx.AsyncBaseTransport | None = None,
                  autostart: bool = True,
-                 monotonic: Callable[[], float] = time.monotonic) -> None:
+                 monotonic: Callable[[], float] = time.monotonic,
+                 boot_id: Callable[[], str | None] | None = None) -> None:
         self._config = config
         self._autostart = autostart  # tests drive _tick() themselves
         self._transport = transport  # the seam tests use to cut or watch the network
+        self._boot_id = boot_id or _boot_id
         self._clock = ServerClock(now, monotonic)
         self._ledger = UsageLedger(config.ledger_path, now=self._clock.now).start()
         self._clock_saved = False  # the measured (not guessed) offset is in the ledger
         self._restore_clock()
         self._cluster_id = self._ledger.cluster_id()
-        started = self._ledger.get_meta("first_started_at")
-        if started is None:
-            started = str(self._clock.now())
-            self._ledger.set_meta("first_started_at", started)
-        self._started_at = float(started)
         self._license: License | None = None
         self._invalid: str | None = None
         self._development = False
@@ -114,21 +134,86 @@ class LicenseActor:
         except LicenseError as exc:
             self._invalid = str(exc)
             logger.error("License refused, the app will not serve: %s", exc)
+        if self._license is not None:  # its reports go out with it, even after a renewal
+            self._ledger.remember_key(self._license.license_id, config.key.get_secret_value())
         # Check-in state belongs to one license: a new key starts clean.
         self._meta_suffix = f":{self._license.license_id}" if self._license else ":invalid"
         last = self._ledger.get_meta("last_checkin" + self._meta_suffix)
         self._last_checkin = float(last) if last else None
         self._server_status = self._ledger.get_meta("server_status" + self._meta_suffix) or "unknown"
         self._last_error: str | None = None
+        self._lease: Lease | None = None
+        self._lease_text: str | None = None
+        self._lease_deadline: float | None = None  # monotonic; None after a reboot
+        self._lease_problem: str | None = None
+        self._restore_lease()
         self._last_seal = self._clock.monotonic()
         self._usage_not_before = 0.0  # monotonic; set by a 429's Retry-After
         self._heard = False  # a response from the server in this process
+        self._stopped = False
         self._task: asyncio.Task[None] | None = None
 
     def _ensure_running(self) -> None:
         # Async actors have no running loop in __init__; the first call starts the loop.
-        if self._autostart and (self._task is None or self._task.done()):
+        if self._autostart and not self._stopped and (self._task is None or self._task.done()):
             self._task = asyncio.get_running_loop().create_task(self._run())
+
+    # -- the lease -------------------------------------------------------------------------------
+
+    def _take_lease(self, text: str) -> None:
+        """Keep the lease the server sent, if it holds for this license and cluster now; a bad
+        one is logged and the one before stands."""
+        lic = self._license
+        assert lic is not None
+        try:
+            lease = verify_lease(text, signer=lic.signer, license_id=lic.license_id,
+                                 cluster_id=self._cluster_id, now=self._clock.latest())
+        except LeaseError as exc:
+            self._lease_problem = f"{exc} ({exc.code})"
+            self._last_error = f"lease refused: {self._lease_problem}"
+            logger.error("License: the lease the license server sent is refused: %s",
+                         self._lease_problem)
+            return
+        self._clock.see(lease.issued_at)  # signed: the server's time was at least this
+        self._lease, self._lease_text, self._lease_problem = lease, text, None
+        self._lease_deadline = self._clock.monotonic() + lease.expires_at - self._clock.latest()
+        self._ledger.set_meta(LEASE_META + self._meta_suffix, json.dumps({
+            "lease": text, "boot": self._boot_id(), "deadline": self._lease_deadline}))
+        self._save_clock()
+
+    def _restore_lease(self) -> None:
+        """The lease of the process before, if it still holds: its monotonic deadline only
+        within the same boot, else only its expiry against ``ServerClock.latest``."""
+        lic = self._license
+        raw = self._ledger.get_meta(LEASE_META + self._meta_suffix) if lic else None
+        if lic is None or raw is None:
+            return
+        try:
+            data = json.loads(raw)
+            text, boot, deadline = str(data["lease"]), data.get("boot"), data.get("deadline")
+            lease = verify_lease(text, signer=lic.signer, license_id=lic.license_id,
+                                 cluster_id=self._cluster_id, now=self._clock.latest())
+        except (ValueError, KeyError, TypeError):
+            logger.warning("License: ignoring an unreadable saved lease")
+            return
+        except LeaseError as exc:
+            logger.info("License: the saved lease does not hold (%s): serving waits for a "
+                        "check-in", exc.code)
+            return
+        self._clock.see(lease.issued_at)
+        self._lease, self._lease_text = lease, text
+        if boot and boot == self._boot_id() and isinstance(deadline, (int, float)):
+            self._lease_deadline = float(deadline)
+
+    def _lease_left_s(self) -> float | None:
+        """The life left to the lease, judged both ways; None without one."""
+        lease = self._lease
+        if lease is None:
+            return None
+        left = lease.expires_at - self._clock.latest()
+        if self._lease_deadline is not None:
+            left = min(left, self._lease_deadline - self._clock.monotonic())
+        return left
 
     # -- the server's time ---------------------------------------------------------------------
 
@@ -139,23 +224,31 @@ class LicenseActor:
         before the server has answered."""
         try:
             data = json.loads(self._ledger.get_meta(CLOCK_META) or "{}")
-            if data.get("boot") and data["boot"] == _boot_id():
+            floor = float(data.get("floor", 0.0))
+            if data.get("boot") and data["boot"] == self._boot_id():
                 error = data.get("error_s")
                 self._clock.restore(float(data["offset"]),
-                                    None if error is None else float(error))
+                                    None if error is None else float(error), floor=floor)
                 self._clock_saved = self._clock.synced
                 return
             if "wall_offset" in data:
-                self._clock.start_from_wall_offset(float(data["wall_offset"]))
+                self._clock.start_from_wall_offset(float(data["wall_offset"]), floor=floor)
         except (ValueError, KeyError, TypeError):
             logger.warning("License: ignoring an unreadable saved clock offset")
-        for key, value in self._clock_meta().items():
-            self._ledger.set_meta(key, value)
+        self._save_clock()
 
     def _clock_meta(self) -> dict[str, str]:
+        floor = max(self._clock.floor, self._clock.latest() if self._clock.synced else 0.0)
         return {CLOCK_META: json.dumps({
-            "boot": _boot_id(), "offset": self._clock.offset,
-            "error_s": self._clock.error_s(), "wall_offset": self._clock.wall_offset_s()})}
+            "boot": self._boot_id(), "offset": self._clock.offset,
+            "error_s": self._clock.error_s(), "wall_offset": self._clock.wall_offset_s(),
+            "floor": floor})}
+
+    def _save_clock(self) -> None:
+        """Persist the time base and the floor of the server's time (done at every tick, so a
+        restart rewinds leases by one heartbeat interval at most)."""
+        for key, value in self._clock_meta().items():
+            self._ledger.set_meta(key, value)
 
     async def _post(self, client: httpx.AsyncClient, path: str,
                     body: dict[str, Any]) -> httpx.Response:
@@ -196,7 +289,8 @@ class LicenseActor:
     # -- called by replicas ------------------------------------------------------------------
 
     async def register(self, instance_id: str, model: str, gpus: float) -> dict[str, Any]:
-        """Admit a new LLM replica, or refuse it (invalid license, model not entitled, cap)."""
+        """Admit a new LLM replica, or refuse it (invalid license, model not entitled, past
+        the instances or GPUs the license, its lease or the customer's own cap allow)."""
         self._ensure_running()
         lic = self._license
         if lic is None:
@@ -205,33 +299,60 @@ class LicenseActor:
             return {"ok": False, "reason": f"license {lic.license_id} does not cover model "
                                            f"{model!r} (covers: {', '.join(lic.models)})"}
         self._expire()  # a lost node's replicas must not hold the places of their replacements
-        live = {i["instance_id"] for i in self._ledger.live()}
-        caps = [c for c in (lic.max_instances, self._config.max_instances) if c]
-        if instance_id not in live and caps and len(live) >= min(caps):
-            reason = (f"instance cap reached ({len(live)} running, cap {min(caps)}): "
-                      "not starting another replica; running ones are untouched")
+        live = self._ledger.live()
+        others = [i for i in live if i["instance_id"] != instance_id]
+        reason = None
+        if len(others) == len(live):  # a running replica re-registering keeps its place
+            reason = self._past_caps(len(others) + 1, sum(i["gpus"] for i in others) + gpus)
+        if reason is not None:
+            reason += ": not starting another replica; running ones are untouched"
             logger.warning("License: %s", reason)
             return {"ok": False, "reason": reason}
-        self._ledger.register(instance_id, model, gpus)
+        self._ledger.register(instance_id, model, gpus, lic.license_id)
         return {"ok": True, "heartbeat_interval_s": lic.heartbeat_interval_s}
+
+    def _past_caps(self, instances: int, gpus: float) -> str | None:
+        """Why ``instances`` replicas holding ``gpus`` GPUs would be too many, or None. The
+        lease's grants count once there is one; the license's own caps always."""
+        lic = self._license
+        assert lic is not None
+        lease = self._lease
+        instance_caps = [c for c in (lic.max_instances, self._config.max_instances,
+                                     lease.instances if lease else None) if c is not None]
+        if instance_caps and instances > min(instance_caps):
+            return (f"instance cap reached ({instances - 1} running, cap "
+                    f"{min(instance_caps)})")
+        gpu_caps = [c for c in (lic.max_gpus, lease.gpus if lease else None) if c is not None]
+        if gpu_caps and gpus > min(gpu_caps) + 1e-9:
+            return f"GPU cap reached ({gpus:g} GPUs with this replica, cap {min(gpu_caps):g})"
+        return None
 
     async def heartbeat(self, instance_id: str, model: str, gpus: float) -> bool:
         self._ensure_running()
-        if not self._ledger.heartbeat(instance_id):
+        lid = self._license.license_id if self._license else None
+        if not self._ledger.heartbeat(instance_id, lid):
             # Unknown here (e.g. the ledger was lost): it is running, so count it again.
-            self._ledger.register(instance_id, model, gpus)
+            self._ledger.register(instance_id, model, gpus, lid)
         return True
 
     async def deregister(self, instance_id: str) -> None:
-        self._ledger.deregister(instance_id)
+        self._ledger.deregister(instance_id, self._license.license_id if self._license else None)
 
     # -- called by the ingress and operators ---------------------------------------------------
 
     async def state(self) -> dict[str, Any]:
-        """The decision for new requests, computed now."""
+        """The decision for new requests, computed now, with the lease it rests on: the
+        ingress's gate checks the lease itself and stops at its expiry even if this actor is
+        gone by then. ``server_now`` is the server's time the lease is judged against."""
         self._ensure_running()
         d = self._decision()
-        return {"allowed": d.allowed, "status": d.status, "code": d.code, "message": d.message}
+        lic = self._license
+        return {"allowed": d.allowed, "status": d.status, "code": d.code, "message": d.message,
+                "retry_after_s": d.retry_after_s,
+                "license_id": lic.license_id if lic else None,
+                "signer": lic.signer if lic else None, "cluster_id": self._cluster_id,
+                "lease": self._lease_text if d.allowed else None,
+                "lease_left_s": self._lease_left_s(), "server_now": self._clock.latest()}
 
     async def status(self) -> dict[str, Any]:
         """The customer's view: what the status route and CLI print. Usage is the license's in
@@ -241,8 +362,10 @@ class LicenseActor:
         d = self._decision()
         self._expire()
         totals = self._ledger.totals(lic.license_id if lic else None)
+        everywhere = self._ledger.totals()
         quarantined = self._ledger.quarantined()
         live = self._ledger.live()
+        lease = self._lease
         wait = self._usage_not_before - self._clock.monotonic()
         return {
             "license_id": lic.license_id if lic else None,
@@ -255,12 +378,17 @@ class LicenseActor:
             "last_checkin_at": self._last_checkin,
             "instances_now": len(live),
             "gpus_now": sum(i["gpus"] for i in live),
+            "lease_id": lease.lease_id if lease else None,
+            "lease_expires_at": lease.expires_at if lease else None,
+            "lease_instances": lease.instances if lease else None,
+            "lease_gpus": lease.gpus if lease else None,
             "instance_seconds_total": round(totals["instance_seconds"], 3),
             "seconds_pending_delivery": round(totals["pending_seconds"], 3),
+            "older_licenses_pending_seconds": round(totals["other_pending_seconds"], 3),
             "last_report_at": totals["last_report_at"],
             "reports_rate_limited_for_s": round(wait, 1) if wait > 0 else 0.0,
-            "quarantined_reports": totals["quarantined_reports"],
-            "quarantined_seconds": round(totals["quarantined_seconds"], 3),
+            "quarantined_reports": everywhere["quarantined_reports"],
+            "quarantined_seconds": round(everywhere["quarantined_seconds"], 3),
             "quarantined": quarantined[:QUARANTINE_SHOWN],
             "server_clock_offset_s": round(self._clock.wall_offset_s(), 3),
             "clock": self._clock_status(),
@@ -281,9 +409,35 @@ class LicenseActor:
         for _ in range(5):
             await self._report(force=True)
             totals = self._ledger.totals(lid)
-            if not totals.get("pending_seconds"):
+            if not (totals["pending_seconds"] or totals["other_pending_seconds"]):
                 break
         return totals
+
+    async def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> dict[str, Any]:
+        """The app stops cleanly and its replicas are gone: count each one still live as
+        stopped now, deliver what is pending and send a last heartbeat (``stopping``, no
+        instances), within ``timeout_s``; what the server did not get by then goes out at the
+        next start. Returns the ledger totals for the license in force."""
+        self._stopped = True
+        if self._task is not None:
+            self._task.cancel()
+        lid = self._license.license_id if self._license else None
+        for instance in self._ledger.live():
+            self._ledger.deregister(instance["instance_id"], lid)
+        if self._license is not None:
+            try:
+                await asyncio.wait_for(self._goodbye(), timeout_s)
+            except Exception as exc:  # unreachable or slow: the ledger keeps it all
+                logger.warning("License: usage not delivered on stop (%r); it is kept and "
+                               "goes out at the next start", exc)
+        self._save_clock()
+        return self._ledger.totals(lid)
+
+    async def _goodbye(self) -> None:
+        await self.flush()
+        async with self._client() as client:
+            body = {**self._heartbeat_body([]), "stopping": True}
+            _check(await self._post(client, "/v1/heartbeat", body))
 
     async def resend(self, report_id: str) -> dict[str, Any] | None:
         """Offer a quarantined report to the server again (same id and content, so a report it
@@ -293,9 +447,10 @@ class LicenseActor:
         return self._ledger.report_state(report_id)
 
     def _decision(self) -> Decision:
-        return decide(self._license, now=self._clock.now(), last_checkin=self._last_checkin,
+        return decide(self._license, now=self._clock.latest(), lease_left_s=self._lease_left_s(),
+                      last_checkin=self._last_checkin,
                       revoked=self._server_status == "revoked", invalid_reason=self._invalid,
-                      started_at=self._started_at)
+                      lease_problem=self._lease_problem)
 
     def _expire(self) -> None:
         """Stop counting replicas silent for two heartbeat intervals (their node is gone, or
@@ -308,7 +463,7 @@ class LicenseActor:
 
     async def _run(self) -> None:
         failures = 0
-        while True:
+        while not self._stopped:
             lic = self._license
             interval = lic.heartbeat_interval_s if lic else 30.0
             try:
@@ -328,16 +483,19 @@ class LicenseActor:
                                self._last_error, delay)
             await asyncio.sleep(delay)
 
-    def _client(self) -> httpx.AsyncClient:
+    def _client(self, key: str | None = None) -> httpx.AsyncClient:
+        """A client of the license server, with the key in force unless told another."""
         assert self._license is not None
+        key = key or self._config.key.get_secret_value()
         return httpx.AsyncClient(
             base_url=self._license.server_url, transport=self._transport, timeout=10.0,
-            headers={"Authorization": f"Bearer {self._config.key.get_secret_value()}"})
+            headers={"Authorization": f"Bearer {key}"})
 
     async def _tick(self) -> None:
         lic = self._license
         if lic is None:
             return
+        self._save_clock()  # before the network can fail: the floor of the server's time
         self._expire()
         live = self._ledger.live()
         async with self._client() as client:
@@ -368,7 +526,7 @@ class LicenseActor:
         self._ledger.set_meta("last_checkin" + self._meta_suffix, str(now))
         self._ledger.set_meta("server_status" + self._meta_suffix, server_status)
         if lease is not None:
-            self._ledger.set_meta("lease" + self._meta_suffix, lease)
+            self._take_lease(lease)
 
     async def _report(self, force: bool = False) -> None:
         lic = self._license
@@ -385,30 +543,64 @@ class LicenseActor:
         pending = self._ledger.pending_reports()
         if not pending:
             return
-        async with self._client() as client:
+        clients: dict[str, httpx.AsyncClient] = {}
+        try:
             for report in pending:
-                # Only ids, timestamps, durations and GPU counts leave the cluster.
-                resp = await self._post(client, "/v1/usage", {
-                    "cluster_id": self._cluster_id, "report_id": report.report_id,
-                    "intervals": report.intervals})
-                code = resp.status_code
-                if resp.is_success:
-                    self._ledger.mark_delivered(report.report_id, lic.license_id)
-                elif code == 429:
-                    wait = _retry_after(resp, lic.heartbeat_interval_s)
-                    self._usage_not_before = self._clock.monotonic() + wait
-                    self._last_error = f"usage reports rate limited; next in {wait:.0f} s"
-                    logger.warning("License server: %s", self._last_error)
+                if not await self._deliver(report, clients):
                     return
-                elif 400 <= code < 500 and code not in NOT_REFUSALS:
-                    reason = _reason(resp)
-                    self._ledger.quarantine(report.report_id, reason)
-                    logger.error("License server refused usage report %s (%.1f s): %s. It is "
-                                 "quarantined; later reports go on. Re-send it with `python -m "
-                                 "serve_app usage-log resend %s` once the cause is fixed.",
-                                 report.report_id, report.seconds, reason, report.report_id)
-                else:  # the key's problem (401/403) or the server's (5xx): back off, retry
-                    resp.raise_for_status()
+        finally:
+            for client in clients.values():
+                await client.aclose()
+
+    async def _deliver(self, report: Report, clients: dict[str, httpx.AsyncClient]) -> bool:
+        """Offer one report under the license it accrued under; False when the server asks
+        to wait (429). An older license's report goes with that license's key, and if the
+        server no longer takes that key, with the key in force, naming the license."""
+        lic = self._license
+        assert lic is not None
+        own = report.license_id or lic.license_id
+        current = self._config.key.get_secret_value()
+        key = current if own == lic.license_id else self._ledger.key_of(own) or current
+
+        async def post(key: str) -> httpx.Response:
+            if key not in clients:
+                clients[key] = self._client(key)
+            # Only ids, timestamps, durations and GPU counts leave the cluster.
+            body: dict[str, Any] = {"cluster_id": self._cluster_id,
+                                    "report_id": report.report_id, "intervals": report.intervals}
+            if own != lic.license_id and key == current:
+                body["license_id"] = own
+            return await self._post(clients[key], "/v1/usage", body)
+
+        resp = await post(key)
+        if resp.status_code in (401, 403) and key != current:
+            logger.info("License: the server no longer takes the key of license %s (%s); "
+                        "delivering its report %s with the key of %s", own, _reason(resp),
+                        report.report_id, lic.license_id)
+            resp = await post(current)
+        code = resp.status_code
+        if resp.is_success:
+            self._ledger.mark_delivered(report.report_id, own)
+        elif code == 429:
+            wait = _retry_after(resp, lic.heartbeat_interval_s)
+            self._usage_not_before = self._clock.monotonic() + wait
+            self._last_error = f"usage reports rate limited; next in {wait:.0f} s"
+            logger.warning("License server: %s", self._last_error)
+            return False
+        elif 400 <= code < 500 and code not in NOT_REFUSALS:
+            reason = _reason(resp)
+            self._ledger.quarantine(report.report_id, reason)
+            logger.error("License server refused usage report %s (%.1f s): %s. It is "
+                         "quarantined; later reports go on. Re-send it with `python -m "
+                         "serve_app usage-log resend %s` once the cause is fixed.",
+                         report.report_id, report.seconds, reason, report.report_id)
+        elif own != lic.license_id and code in (401, 403):
+            # Another license's trouble must not hold up this one's reports: it is retried.
+            self._last_error = f"report {report.report_id} of license {own}: {_reason(resp)}"
+            logger.warning("License server: %s", self._last_error)
+        else:  # the key's problem (401/403) or the server's (5xx): back off, retry
+            resp.raise_for_status()
+        return True
 
 
 def _check(resp: httpx.Response) -> None:

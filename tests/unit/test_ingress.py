@@ -11,7 +11,7 @@ from starlette.testclient import TestClient
 
 from serve_app.config import AppConfig, ModelConfig
 from serve_app.ingress import build_ingress
-from tests.fakes import FakeLLMHandle, FakeLLMServer
+from tests.fakes import FakeLLMHandle, FakeLLMServer, serving_state
 
 CHAT = {"model": "a", "messages": [{"role": "user", "content": "hi"}]}
 
@@ -230,7 +230,7 @@ def test_metrics_count_every_response_by_route_and_status_refusals_included():
         return gate.state
 
     gate = LicenseGate(current, refresh_s=0.01)
-    gate.state = {"allowed": True, "status": 200, "code": "ok", "message": "ok"}
+    gate.state = serving_state()
     servers = {"a": FakeLLMServer("a"), "b": FakeLLMServer("b")}
     config = AppConfig(models=(ModelConfig(name="a", device="cpu"),
                                ModelConfig(name="b", device="cpu")),
@@ -247,7 +247,7 @@ def test_metrics_count_every_response_by_route_and_status_refusals_included():
         gate.state = {"allowed": False, "status": 503, "code": "license_checkin_overdue",
                       "message": "overdue"}
         assert c.post("/generate", json={"prompt": "x"}, headers=key).status_code == 503
-        gate.state = {"allowed": True, "status": 200, "code": "ok", "message": "ok"}
+        gate.state = serving_state()
         assert c.post("/v1/chat/completions", content=b"x" * 101, headers=key).status_code == 413
         assert c.post("/v1/chat/completions", content=b"{nope", headers=key).status_code == 400
         assert c.post("/chat/generate", json={"messages": [{"role": "user", "content": "x"}]},
@@ -329,7 +329,7 @@ def _check_gate(c, gate, servers):
     assert c.get("/health").status_code == 200
     assert c.get("/v1/models").status_code == 200
     assert c.get("/license").json()["license_id"] == "lic_1"
-    gate.state = {"allowed": True, "status": 200, "code": "ok", "message": "ok"}
+    gate.state = serving_state()
     assert c.post("/v1/chat/completions", json=CHAT).status_code == 200
 
 

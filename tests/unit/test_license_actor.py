@@ -14,7 +14,7 @@ from license_server.db import LicenseStore
 from serve_app.licensing import LicenseConfig
 from serve_app.licensing.actor import LicenseActor
 from serve_app.licensing.gate import LicenseGate
-from tests.fakes import VENDOR_KEY, Clocks, LicenseWire
+from tests.fakes import VENDOR_KEY, Clocks, LicenseWire, serving_state
 
 
 @pytest.fixture
@@ -150,6 +150,38 @@ def test_caps_and_entitlements(world):
     assert not run(small.register("y", "m", 0))["ok"]
 
 
+def test_gpus_are_capped_by_the_license_and_by_its_lease(world):
+    """One 8-GPU tensor-parallel replica holds 8 of the license's GPUs, not one place; the
+    lease's grants count once there is one, whichever is smaller."""
+    clock, store, service, network, make, actor_of = world
+    lic, config = make(max_gpus=12)
+    actor = actor_of(config)
+    assert run(actor.register("tp8", "m", 8.0))["ok"]
+    refused = run(actor.register("tp8b", "m", 8.0))
+    assert not refused["ok"] and "GPU cap reached (16 GPUs with this replica, cap 12)" in (
+        refused["reason"])
+    assert run(actor.register("tp4", "m", 4.0))["ok"]
+    assert run(actor.register("tp8", "m", 8.0))["ok"]  # running: it keeps its place
+    run(actor.deregister("tp4"))
+    # The server grants fewer GPUs to this cluster than the license allows.
+    original = service.lease
+
+    def grant(**caps):
+        service.lease = lambda lic, cluster, development: original(
+            lic.model_copy(update=caps), cluster, development)
+        run(actor._tick())
+
+    grant(max_gpus=9.0)
+    assert run(actor.status())["lease_gpus"] == 9.0
+    refused = run(actor.register("tp2", "m", 2.0))
+    assert not refused["ok"] and "(10 GPUs with this replica, cap 9)" in refused["reason"]
+    assert run(actor.register("tp1", "m", 1.0))["ok"]
+    grant(max_instances=2)
+    refused = run(actor.register("cpu", "m", 0.0))
+    assert not refused["ok"] and "instance cap reached (2 running, cap 2)" in refused["reason"]
+    assert run(actor.status())["instances_now"] == 2
+
+
 def test_dead_replica_stops_counting_within_two_intervals(world):
     clock, store, service, network, make, actor_of = world
     lic, config = make()
@@ -189,13 +221,16 @@ def test_reports_carry_no_prompt_data(world):
 
 def test_gate_refuses_until_first_state_and_keeps_last_on_errors():
     calls = []
+    serving = serving_state()
 
     async def fetch():
         calls.append(1)
         if len(calls) == 2:
             raise RuntimeError("actor restarting")
-        return {"allowed": len(calls) < 3, "status": 403, "code": "license_revoked",
-                "message": "revoked"}
+        if len(calls) < 3:
+            return serving
+        return {"allowed": False, "status": 403, "code": "license_revoked", "message": "revoked",
+                "lease": None}
 
     gate = LicenseGate(fetch, refresh_s=0.01)
     assert gate.refusal()["code"] == "license_pending"
@@ -216,7 +251,7 @@ def test_gate_refuses_until_first_state_and_keeps_last_on_errors():
 
 def test_gate_logs_an_unreadable_actor_at_once_then_once_a_minute_and_when_it_is_back():
     """Driven by a fake fetch and a fake sleep that advances the gate's clock: no waiting."""
-    allowed = {"allowed": True, "status": 200, "code": "ok", "message": "ok"}
+    allowed = serving_state()
     # Up, down for 130 refreshes (one a second), up twice, down once, up.
     script = ["up"] + ["down"] * 130 + ["up", "up", "down", "up"]
     clock = [0.0]

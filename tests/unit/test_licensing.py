@@ -181,19 +181,24 @@ def test_key_serialization():
     assert key.split(".")[1] == b64(canonical(lic))
 
 
-def test_grace_arithmetic_with_an_injected_clock():
+def test_serving_needs_an_unexpired_lease():
     lic, _ = key_for(grace_period_s=3600.0)
-    ok = decide(lic, now=NOW, last_checkin=NOW - 3599)
+    ok = decide(lic, now=NOW, lease_left_s=1.0, last_checkin=NOW - 3599)
     assert ok.allowed and ok.grace_left_s == pytest.approx(1)
-    overdue = decide(lic, now=NOW, last_checkin=NOW - 3600)
+    overdue = decide(lic, now=NOW, lease_left_s=0.0, last_checkin=NOW - 3600)
     assert not overdue.allowed and (overdue.status, overdue.code) == (503,
                                                                       "license_checkin_overdue")
-    # Never checked in: grace counts from start-up.
-    assert decide(lic, now=NOW, last_checkin=None, started_at=NOW - 100).allowed
-    assert not decide(lic, now=NOW, last_checkin=None, started_at=NOW - 4000).allowed
-    revoked = decide(lic, now=NOW, last_checkin=NOW, revoked=True)
+    assert overdue.retry_after_s and "1 h" in overdue.message
+    # No lease: before the first check-in, or with the ledger that held it gone.
+    pending = decide(lic, now=NOW, lease_left_s=None, last_checkin=None)
+    assert (pending.allowed, pending.status, pending.code) == (False, 503, "license_pending")
+    refused = decide(lic, now=NOW, lease_left_s=None, last_checkin=NOW,
+                     lease_problem="signed by another key")
+    assert refused.code == "license_pending" and "signed by another key" in refused.message
+    revoked = decide(lic, now=NOW, lease_left_s=100.0, last_checkin=NOW, revoked=True)
     assert (revoked.allowed, revoked.status, revoked.code) == (False, 403, "license_revoked")
-    expired = decide(lic, now=lic.expires_at, last_checkin=NOW)
+    expired = decide(lic, now=lic.expires_at, lease_left_s=100.0, last_checkin=NOW)
     assert (expired.status, expired.code) == (403, "license_expired")
-    invalid = decide(None, now=NOW, last_checkin=None, invalid_reason="bad key")
+    invalid = decide(None, now=NOW, lease_left_s=None, last_checkin=None,
+                     invalid_reason="bad key")
     assert (invalid.status, invalid.code, invalid.message) == (403, "license_invalid", "bad key")

@@ -356,3 +356,146 @@ def test_flush_before_the_server_has_answered_checks_in_first(world):
     totals = run(actor.flush())  # no tick yet: it measures the server's time, then seals
     assert totals["pending_seconds"] == 0 and actor._ledger.quarantined() == []
     assert world.server_total() == pytest.approx(30)
+
+
+# -- licenses that follow each other --------------------------------------------------------------
+
+
+def renewal(world: World, **issue_kw) -> tuple:
+    """A new license for the same customer (``customer`` overrides), on the same ledger."""
+    issue_kw.setdefault("customer", "ACME")
+    lic, key = world.service.issue(IssueRequest(
+        models=("*",), heartbeat_interval_s=HEARTBEAT_S, grace_period_s=3600, **issue_kw))
+    config = world.config.model_copy(update={"key": SecretStr(key)})
+    return lic, config
+
+
+def actor_for(world: World, config: LicenseConfig) -> LicenseActor:
+    return LicenseActor(config, now=world.clock.wall, monotonic=world.clock.mono,
+                        transport=world.wire, autostart=False)
+
+
+def per_license(world: World, actor: LicenseActor, *licenses) -> tuple[dict, dict]:
+    """(the ledger's seconds, the vendor's billed seconds) per license."""
+    ledger = {lic.license_id: actor._ledger.totals(lic.license_id)["instance_seconds"]
+              for lic in licenses}
+    vendor = {lic.license_id: world.store.total_instance_seconds(lic.license_id)
+              for lic in licenses}
+    return ledger, vendor
+
+
+def test_a_restart_under_a_new_license_bills_every_second_to_the_license_it_accrued_under(world):
+    """The stack stops without a clean stop (the last minute unreported) and starts again under
+    a new license issued after it: the old license's seconds go out under the old license, with
+    its key, and the new license's status counts only its own."""
+    old = world.lic
+    first = world.actor()
+    run(first.register("r1", "m", 1.0))
+    run(first._tick())
+    serve_for(world, first, 3600)
+    assert run(first.status())["seconds_pending_delivery"] > 0  # sealed every 60 s only
+    first._ledger.close()
+    world.clock.advance(120)
+    new, config = renewal(world)
+    second = actor_for(world, config)
+    run(second.register("r2", "m", 1.0))
+    status = run(second.status())
+    assert status["instance_seconds_total"] == 0 and status["older_licenses_pending_seconds"] > 0
+    run(second._tick())
+    serve_for(world, second, 1800, ids=("r2",))
+    run(second.deregister("r2"))
+    run(second.flush())
+    assert second._ledger.quarantined() == []
+    ledger, vendor = per_license(world, second, old, new)
+    # Each heartbeat round trip takes 0.2 s of the simulated time too.
+    assert vendor == pytest.approx(ledger)
+    assert ledger[old.license_id] == pytest.approx(3600, abs=1)
+    assert ledger[new.license_id] == pytest.approx(1800, abs=1)
+    status = run(second.status())
+    assert status["instance_seconds_total"] == pytest.approx(ledger[new.license_id], abs=0.001)
+    assert status["older_licenses_pending_seconds"] == 0
+    old_key = world.config.key.get_secret_value()
+    usage = [k for k, s in zip(world.wire.keys, world.wire.sent, strict=True)
+             if s.startswith(b"/v1/usage")]
+    assert usage.count(old_key) >= 1 and set(usage) == {old_key, config.key.get_secret_value()}
+
+
+def test_an_ended_licenses_last_usage_goes_with_its_renewals_key_naming_it(world):
+    """The old license has expired and the server no longer takes its key: its last seconds go
+    with the new license's key, naming the old license, and are billed to the old one."""
+    world.lic, world.config = renewal(world, days=1)
+    old = world.lic
+    world.wire.issued_at = old.issued_at
+    first = world.actor()
+    run(first.register("r1", "m", 0.0))
+    run(first._tick())
+    serve_for(world, first, 1800)
+    first._ledger.close()
+    world.clock.advance(86400)  # down for a day: the old license has ended
+    world.wire.refused_keys.add(world.config.key.get_secret_value())
+    new, config = renewal(world)
+    second = actor_for(world, config)
+    run(second.register("r2", "m", 0.0))
+    run(second._tick())
+    serve_for(world, second, 600, ids=("r2",))
+    run(second.flush())
+    assert second._ledger.quarantined() == []
+    ledger, vendor = per_license(world, second, old, new)
+    assert vendor == pytest.approx(ledger)
+    assert ledger[old.license_id] == pytest.approx(1800, abs=1)
+    named = [r for r in world.posts(b"/v1/usage") if r.get("license_id")]
+    assert named and {r["license_id"] for r in named} == {old.license_id}
+
+
+def test_a_report_naming_another_customers_license_is_refused(world):
+    other, _ = renewal(world, customer="Someone Else")
+    actor = world.actor()
+    run(actor.register("r1", "m", 0.0))
+    run(actor._tick())
+    actor._ledger.register("x", "m", 0.0, other.license_id)  # as if accrued under theirs
+    serve_for(world, actor, 60, ids=("r1",))
+    actor._ledger.heartbeat("x", other.license_id)
+    actor._ledger.remember_key(other.license_id, "MTL1.unknown.key")  # a key the server refuses
+    world.wire.refused_keys.add("MTL1.unknown.key")
+    run(actor.flush())
+    (refused,) = actor._ledger.quarantined()
+    assert refused["license_id"] == other.license_id and refused["seconds"] > 60
+    assert "another customer's" in refused["reason"] and "license_other_customer" in refused["reason"]
+    assert world.store.total_instance_seconds(other.license_id) == 0
+
+
+# -- a clean stop ---------------------------------------------------------------------------------
+
+
+def test_a_clean_stop_delivers_what_is_pending_and_says_goodbye(world):
+    actor = world.actor()
+    began = world.clock.t
+    run(actor.register("r1", "m", 2.0))
+    run(actor._tick())
+    serve_for(world, actor, 90)  # a report at 60 s; 30 s pending
+    world.clock.advance(4)  # the replica is gone; its goodbye did not arrive
+    lifetime = world.clock.t - began
+    totals = run(actor.stop())
+    assert (totals["pending_seconds"], totals["other_pending_seconds"]) == (0, 0)
+    assert world.server_total() == pytest.approx(lifetime) == totals["instance_seconds"]
+    last = world.posts(b"/v1/heartbeat")[-1]
+    assert (last["stopping"], last["instances"], last["gpus"]) == (True, 0, 0)
+    assert run(actor.status())["instances_now"] == 0
+
+
+def test_a_clean_stop_with_the_server_unreachable_keeps_everything_for_the_next_start(world):
+    actor = world.actor()
+    began = world.clock.t
+    run(actor.register("r1", "m", 0.0))
+    run(actor._tick())
+    serve_for(world, actor, 30)
+    lifetime = world.clock.t - began
+    world.wire.hang = True  # it never answers: the stop gives up after its timeout
+    totals = run(actor.stop(timeout_s=0.05))
+    assert totals["pending_seconds"] == pytest.approx(lifetime) and world.server_total() == 0
+    actor._ledger.close()
+    world.wire.hang = False
+    again = world.actor()
+    run(again._tick())
+    run(again.flush())
+    assert world.server_total() == pytest.approx(lifetime)

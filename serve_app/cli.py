@@ -29,7 +29,8 @@ from serve_app.ray_internals import LOOPBACK, check_loopback, single_box_ray_env
 from serve_app.weights import resolve_model
 
 logger = logging.getLogger("serve_app")
-
+# The actor's own stop gives up after licensing.actor.STOP_TIMEOUT_S; this is that and a margin.
+STOP_WAIT_S = 4.0
 
 
 class Stop(BaseException):
@@ -210,9 +211,28 @@ def _run(settings: Settings) -> int:
         raise
     finally:
         try:
-            serve.shutdown()
+            serve.shutdown()  # the replicas say goodbye to the license actor on their way out
+            if config.license is not None:
+                _deliver_usage(config.license)
         finally:
             ray.shutdown()
+
+
+def _deliver_usage(license: licensing.LicenseConfig) -> None:
+    """Once the replicas are gone: the license actor delivers what is pending and tells the
+    license server this cluster stops, within its stop timeout; what does not go out is kept in
+    the ledger for the next start."""
+    import ray
+
+    try:
+        actor = ray.get_actor(license.actor_name, namespace=license.namespace)
+        totals = ray.get(actor.stop.remote(), timeout=STOP_WAIT_S)
+    except Exception as exc:  # the actor is gone or stuck: the ledger has it all
+        logger.warning("Usage not delivered on stop (%r): it goes out at the next start", exc)
+        return
+    left = totals["pending_seconds"] + totals["other_pending_seconds"]
+    print(f"Usage: {left:.1f} instance-seconds not delivered yet; they go out at the next start."
+          if left else "Usage delivered to the license server.", flush=True)
 
 
 def usage_log_command(argv: list[str]) -> int:

@@ -36,9 +36,13 @@ def _when(value: float) -> str:
 
 
 def format_status(data: dict[str, object]) -> str:
-    """``GET /license`` as aligned lines; quarantined reports one per line under their count."""
+    """``GET /license`` as aligned lines; quarantined reports one per line under their count.
+    A development license says so first."""
     width = max(len(k) for k in data)
     lines = []
+    if data.get("development"):
+        lines.append("DEVELOPMENT LICENSE: signed by a key this build does not pin; the vendor's "
+                     "license server refuses it.")
     for key, value in data.items():
         if key == "quarantined" and isinstance(value, list):
             for q in value:

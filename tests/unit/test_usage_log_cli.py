@@ -82,6 +82,13 @@ def test_status_lists_quarantined_reports_with_their_reasons():
     assert "usage-log resend" in lines[4]
 
 
+def test_status_says_first_that_a_development_license_is_one():
+    lines = format_status({"license_id": "lic_1", "development": True}).splitlines()
+    assert lines[0].startswith("DEVELOPMENT LICENSE: ")
+    assert lines[-1].split() == ["development", "True"]
+    assert "DEVELOPMENT" not in format_status({"license_id": "lic_1", "development": False})
+
+
 @pytest.mark.parametrize("argv", [["verify", "--ledger", "{p}"], ["--ledger", "{p}", "verify"]])
 def test_the_ledger_may_be_named_before_or_after_the_action(tmp_path, capsys, argv):
     missing = tmp_path / "nowhere.db"

@@ -151,6 +151,7 @@ class LicenseActor:
         self._usage_not_before = 0.0  # monotonic; set by a 429's Retry-After
         self._heard = False  # a response from the server in this process
         self._stopped = False
+        self._failures = 0  # check-ins failed in a row
         self._task: asyncio.Task[None] | None = None
 
     def _ensure_running(self) -> None:
@@ -170,7 +171,6 @@ class LicenseActor:
                                  cluster_id=self._cluster_id, now=self._clock.latest())
         except LeaseError as exc:
             self._lease_problem = f"{exc} ({exc.code})"
-            self._last_error = f"lease refused: {self._lease_problem}"
             logger.error("License: the lease the license server sent is refused: %s",
                          self._lease_problem)
             return
@@ -179,7 +179,6 @@ class LicenseActor:
         self._lease_deadline = self._clock.monotonic() + lease.expires_at - self._clock.latest()
         self._ledger.set_meta(LEASE_META + self._meta_suffix, json.dumps({
             "lease": text, "boot": self._boot_id(), "deadline": self._lease_deadline}))
-        self._save_clock()
 
     def _restore_lease(self) -> None:
         """The lease of the process before, if it still holds: its monotonic deadline only
@@ -462,26 +461,32 @@ class LicenseActor:
     # -- the loop ------------------------------------------------------------------------------
 
     async def _run(self) -> None:
-        failures = 0
         while not self._stopped:
-            lic = self._license
-            interval = lic.heartbeat_interval_s if lic else 30.0
-            try:
-                await self._tick()
-                failures = 0
-                self._last_error = None
-                delay = interval
-            except RateLimitedError as exc:
-                self._last_error = str(exc)
-                delay = max(exc.retry_after, 1.0)
-                logger.warning("License server: %s", exc)
-            except Exception as exc:  # the server is down or answers badly: back off, go on
-                failures += 1
-                self._last_error = repr(exc)[:300]
-                delay = min(interval * 2 ** min(failures, 6), max(MAX_BACKOFF_S, interval))
-                logger.warning("License server unreachable (%s); retrying in %.0f s",
-                               self._last_error, delay)
-            await asyncio.sleep(delay)
+            await asyncio.sleep(await self._step())
+
+    async def _step(self) -> float:
+        """One turn of the loop: check in and report; returns how long to wait for the next."""
+        lic = self._license
+        interval = lic.heartbeat_interval_s if lic else 30.0
+        try:
+            await self._tick()
+        except RateLimitedError as exc:
+            self._last_error = str(exc)
+            logger.warning("License server: %s", exc)
+            return max(exc.retry_after, 1.0)
+        except Exception as exc:  # the server is down or answers badly: back off, go on
+            self._failures += 1
+            refused = isinstance(exc, CheckInRefusedError)
+            self._last_error = (str(exc) if refused else repr(exc))[:500]
+            delay = min(interval * 2 ** min(self._failures, 6), max(MAX_BACKOFF_S, interval))
+            logger.warning("License server %s (%s); retrying in %.0f s",
+                           "refused the check-in" if refused else "unreachable",
+                           self._last_error, delay)
+            return delay
+        self._failures = 0
+        self._last_error = None if self._lease_problem is None else (
+            f"lease refused: {self._lease_problem}")
+        return interval
 
     def _client(self, key: str | None = None) -> httpx.AsyncClient:
         """A client of the license server, with the key in force unless told another."""
@@ -603,10 +608,15 @@ class LicenseActor:
         return True
 
 
+class CheckInRefusedError(Exception):
+    """The server answered a check-in with an error; the message is its own reason."""
+
+
 def _check(resp: httpx.Response) -> None:
     if resp.status_code == 429:
         raise RateLimitedError(_retry_after(resp, MAX_BACKOFF_S))
-    resp.raise_for_status()
+    if resp.is_error:
+        raise CheckInRefusedError(f"{resp.request.url.path}: {_reason(resp)}")
 
 
 def _boot_id() -> str | None:

@@ -64,14 +64,18 @@ class LicenseGate:
 
     async def run(self) -> None:
         while True:
-            try:
-                state = await self._fetch()
-            except Exception as exc:  # actor restarting: keep the last decision and lease
-                self._failures.failed(exc)
-            else:
-                self._failures.recovered()
-                self._take(state, self._now())
+            await self.refresh()
             await self._sleep(self._refresh_s)
+
+    async def refresh(self) -> None:
+        """Read the actor's state once (what ``run`` does every ``refresh_s``)."""
+        try:
+            state = await self._fetch()
+        except Exception as exc:  # actor restarting: keep the last decision and lease
+            self._failures.failed(exc)
+        else:
+            self._failures.recovered()
+            self._take(state, self._now())
 
     def _take(self, state: dict[str, Any], received: float) -> None:
         text = state.get("lease")

@@ -208,6 +208,10 @@ class Clocks:
     def advance(self, seconds: float) -> None:
         self.t += seconds
 
+    def reboot(self) -> None:
+        """The host boots again: its monotonic clock starts over (near zero)."""
+        self._mono_origin = self.t - 42.0
+
 
 class LicenseWire(httpx.AsyncBaseTransport):
     """The wire between the license actor and a license server app, in process.

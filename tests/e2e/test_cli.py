@@ -155,20 +155,44 @@ def test_serve_command_serves_only_its_port_and_stops_on_ctrl_c(cli_factory, tmp
 
 
 @pytest.mark.parametrize("stop", ["sigterm", "sigkill"])
-def test_stopping_the_main_process_leaves_nothing(cli_factory, stop):
-    """SIGTERM (a service manager's stop) unwinds like Ctrl-C; SIGKILL leaves no chance to
-    clean up, so Ray's processes and the license server die with the CLI through the kernel,
-    Ray's workers with their raylet, and vLLM's engine with its replica."""
+def test_stopping_the_main_process_leaves_nothing(cli_factory, tmp_path, stop):
+    """SIGTERM (a service manager's stop) unwinds like Ctrl-C and delivers the pending usage
+    first; SIGKILL leaves no chance to clean up, so Ray's processes and the license server die
+    with the CLI through the kernel, Ray's workers with their raylet, and vLLM's engine with its
+    replica. What a SIGKILL left undelivered goes out at the next start, under a new
+    development license, with the key of the license it accrued under: nothing is refused."""
     cli = cli_factory()
     cli.wait_started()
     assert cli.named("VLLM::EngineCore")
+    first = httpx.get(f"{cli.url}/license", timeout=10).json()["license_id"]
     if stop == "sigterm":
         cli.proc.send_signal(signal.SIGTERM)
         assert cli.proc.wait(timeout=120) == 0, cli.text()
+        assert "Usage delivered to the license server." in cli.text(), cli.text()
     else:
         cli.proc.kill()
         assert cli.proc.wait(timeout=30) == -signal.SIGKILL
     cli.assert_all_gone()
+    if stop == "sigterm":
+        return
+
+    again = cli_factory()  # the same data folder: its license server, its ledger
+    again.wait_started()
+
+    def delivered() -> dict | None:
+        st = httpx.get(f"{again.url}/license", timeout=10).json()
+        return st if st["older_licenses_pending_seconds"] == 0 else None
+
+    st = wait_for(delivered, timeout=120, interval=1, what="the first license's last usage")
+    assert st["license_id"] != first
+    assert (st["quarantined_reports"], st["quarantined_seconds"]) == (0, 0), st["quarantined"]
+    verify = subprocess.run([sys.executable, "-m", "serve_app", "usage-log", "verify", "--ledger",
+                             str(tmp_path / "usage_ledger.db")],
+                            capture_output=True, text=True, timeout=60)
+    assert verify.returncode == 0 and first in verify.stdout, verify.stdout + verify.stderr
+    again.proc.send_signal(signal.SIGTERM)
+    assert again.proc.wait(timeout=120) == 0, again.text()
+    again.assert_all_gone()
 
 
 def _load(url: str, requests: int, started: threading.Event) -> None:

@@ -355,7 +355,8 @@ class LicenseActor:
 
     async def status(self) -> dict[str, Any]:
         """The customer's view: what the status route and CLI print. Usage is the license's in
-        force (seconds not yet delivered count for it: they will be delivered with its key)."""
+        force; seconds older licenses still have to deliver show apart, and quarantined
+        reports are every license's."""
         self._ensure_running()
         lic = self._license
         d = self._decision()

@@ -127,8 +127,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--contenders", default="vllm,serve_app",
                    help="with --compare: any of vllm, vllm_no_reserve, serve_app, "
                    "serve_app_licensed, serve_app_per_token, serve_app_worker_process, "
-                   "serve_app_router, ray_serve_llm, ray_serve_llm_haproxy "
-                   "(bench_compare.contender_command says what each is)")
+                   "serve_app_router, serve_app_front_door, serve_app_baseline, ray_serve_llm, "
+                   "ray_serve_llm_haproxy (serve_app.bench.compare.contender_command says what "
+                   "each is)")
+    p.add_argument("--baseline-tree", metavar="PATH",
+                   help="with --compare: the checkout serve_app_baseline runs from")
     return p
 
 

@@ -88,7 +88,7 @@ def model_path_for(source: str, cache_dir: str) -> str:
 
 CONTENDERS = ("vllm", "vllm_no_reserve", "serve_app", "serve_app_licensed",
               "serve_app_per_token", "serve_app_worker_process", "serve_app_router",
-              "serve_app_front_door",
+              "serve_app_front_door", "serve_app_baseline",
               "ray_serve_llm", "ray_serve_llm_haproxy")
 
 
@@ -105,6 +105,8 @@ def contender_command(name: str, model_path: str, port: int, out: str = ".",
     ``serve_app_licensed`` is the same with ``--dev-license`` (a local license server, the
     license actor, heartbeats and usage reports), for the licensing on/off comparison;
     ``serve_app_router`` is the router layout (``colocate_ingress=false``);
+    ``serve_app_baseline`` is ``serve_app`` run from another checkout (``--baseline-tree``, e.g. a
+    ``git worktree`` of the commit before a change), to tell a regression from noise;
     ``serve_app_front_door`` is a cluster's front door on one node: the same replicas reached
     through Serve's HAProxy (``SERVE_APP_REPLICA_HTTP=false``, as the cluster Serve configs set),
     which relays every message to the replica's direct-ingress server; ``ray_serve_llm`` is
@@ -118,7 +120,7 @@ def contender_command(name: str, model_path: str, port: int, out: str = ".",
     ours = [sys.executable, "-m", "serve_app", "--port", str(port), "--model", model_path]
     if eager:
         ours += ["--enforce-eager"]
-    if name == "serve_app":
+    if name in ("serve_app", "serve_app_baseline"):
         return ours, {}
     if name == "serve_app_licensed":
         return ours + ["--dev-license"], {
@@ -212,8 +214,12 @@ def measure(name: str, model_path: str, args: argparse.Namespace, tokenizer: Any
     # its clients. A session of its own puts the server in its own scheduler autogroup (Linux's
     # default), which shares the CPU between groups, not threads: measured here, every
     # contender's streams then came in bursts at c=16, 5x slower, at random.
+    # Python puts the working directory first on the import path: the baseline's own tree.
+    cwd = getattr(args, "baseline_tree", None) if name == "serve_app_baseline" else None
+    if name == "serve_app_baseline" and not cwd:
+        raise ValueError("serve_app_baseline needs --baseline-tree PATH (another checkout)")
     proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
-                            stdin=subprocess.DEVNULL)
+                            stdin=subprocess.DEVNULL, cwd=cwd)
     url = f"http://127.0.0.1:{port}"
     memory = ProcessTree(proc.pid)
     try:

@@ -31,6 +31,7 @@ from serve_app.weights.fetch import (
     read_ranges,
     split_range,
 )
+from serve_app.weights.s3 import make_s3_client
 
 TUNING = Tuning(part_bytes=1000, concurrency=3, attempts=2, record_every=100,
                 progress_every_s=0.0)
@@ -227,4 +228,6 @@ def test_the_bucket_settings_come_from_the_environment_and_stay_secret(monkeypat
         "https://storage.googleapis.com", "auto", "very-secret")
     assert "very-secret" not in repr(model) and "very-secret" not in repr(options)
     assert "GOOG1EXAMPLE" not in repr(options)
-    assert ModelConfig().s3_options().endpoint_url is None
+    # Left unset, the endpoint is boto3's to find (AWS_ENDPOINT_URL, else AWS S3).
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    assert make_s3_client(ModelConfig().s3_options()).meta.endpoint_url == "http://127.0.0.1:9"

@@ -59,6 +59,20 @@ def wait_for(predicate, timeout: float, interval: float = 0.5, what: str = "cond
     raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
 
 
+async def wait_until(predicate, timeout: float, interval: float = 0.01,
+                     what: str = "condition"):
+    """``wait_for`` inside an event loop: the loop keeps running while it waits."""
+    import asyncio
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        last = predicate()
+        if last:
+            return last
+        await asyncio.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
 @pytest.fixture(autouse=True)
 def _no_cloud_credentials(monkeypatch):
     """No test may reach a real cloud account by accident."""

@@ -66,12 +66,10 @@ class FakeStream:
         self,
         items: list[Any],
         *,
-        delay: float = 0.0,
         fail_after: int | None = None,
         error: Exception | None = None,
     ) -> None:
         self._items = list(items)
-        self._delay = delay
         self._fail_after = fail_after
         self._error = error or RuntimeError("replica blew up")
         self._sent = 0
@@ -85,8 +83,6 @@ class FakeStream:
             raise self._error
         if not self._items:
             raise StopAsyncIteration
-        if self._delay and self._sent:
-            await asyncio.sleep(self._delay)
         self._sent += 1
         return self._items.pop(0)
 
@@ -101,7 +97,6 @@ class FakeLLMServer:
         self.name = name
         self.calls: list[tuple[str, tuple[Any, ...]]] = []
         self.streams: list[FakeStream] = []
-        self.stream_delay = 0.0
         self.raise_on_call: Exception | None = None
         self.ready_calls = 0
 
@@ -115,7 +110,7 @@ class FakeLLMServer:
         self.calls.append(("openai_stream", (endpoint, body)))
         items: list[Any] = [(200, "data: {\"n\": 0}\n\n")]
         items += [f"data: {{\"n\": {i}}}\n\n" for i in range(1, 4)] + ["data: [DONE]\n\n"]
-        stream = FakeStream(items, delay=self.stream_delay)
+        stream = FakeStream(items)
         self.streams.append(stream)
         return stream
 

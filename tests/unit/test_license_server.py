@@ -16,6 +16,7 @@ from license_server.app import LicenseService, build_app
 from license_server.cli import LicenseServerSettings, build_service, main
 from license_server.db import Interval, LicenseStore, split_by_day
 from license_server.signing import new_private_key
+from tests.conftest import missing
 from tests.fakes import BEAT, VENDOR_KEY
 
 DAY = 86400.0
@@ -41,9 +42,7 @@ def database_url(param: str, tmp_path) -> str:
     if param == "sqlite":
         return f"sqlite:///{tmp_path / 'licenses.db'}"
     if param == "missing":
-        assert not os.environ.get("CI"), \
-            "TEST_POSTGRES_URL is not set; .ci/run starts PostgreSQL and sets it"
-        pytest.skip("TEST_POSTGRES_URL is not set (see .ci/run to start PostgreSQL)")
+        missing("PostgreSQL (TEST_POSTGRES_URL)", ".ci/run starts it and sets TEST_POSTGRES_URL")
     return param
 
 

@@ -14,9 +14,10 @@ from serve_app import vllm_internals
 from serve_app.config import ModelConfig
 from serve_app.licensing import LicenseConfig
 from serve_app.llm_server import LLMServer
+from tests.conftest import require_vllm
 from tests.fakes import FakeEngineFactory, FakeLicenseActor, Script, write_tiny_model
 
-pytest.importorskip("vllm")
+require_vllm()
 
 # `max_completion_tokens`: vLLM warns (DeprecationWarning, an error here) on chat `max_tokens`.
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}],

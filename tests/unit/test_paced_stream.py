@@ -9,7 +9,9 @@ import time
 
 import pytest
 
-pytest.importorskip("vllm")
+from tests.conftest import require_vllm
+
+require_vllm()
 
 from serve_app import vllm_internals  # noqa: E402
 from serve_app.streaming import PacedEngine  # noqa: E402

@@ -1,8 +1,12 @@
-"""The whole stack in-process: a local Ray, Serve's proxy on a free port, real vLLM on CPU with
-SmolLM2. Started once per module (two modules would fight over one Ray).
+"""The whole stack in-process: a local Ray, real vLLM on CPU with SmolLM2, a real license server.
+Started once per module (two modules would fight over one Ray).
 
-SmolLM2 comes as the vendor's licensed weights: published into a bucket on moto's S3 server
-(loopback), presigned by the license server for the stack's license, downloaded by the replica."""
+``stack`` is the default layout as `python -m serve_app` runs it: the replica serves HTTP on
+its own port, no Serve proxy. SmolLM2 comes as the vendor's licensed weights: published into a
+bucket on moto's S3 server (loopback), presigned by the license server for the stack's
+license, downloaded by the replica. ``router_stack`` is the router layout
+(colocate_ingress=false): Serve's proxy in front of a CPU-only router replica, the engine
+behind a handle."""
 
 from __future__ import annotations
 
@@ -163,6 +167,61 @@ class Stack:
         match = re.search(r"^serve_app_engine_unfinished_requests\{[^}]*\} (\d+)", text, re.M)
         assert match, text[-2000:]
         return int(match.group(1))
+
+
+@contextlib.contextmanager
+def haproxy_ports_of_our_own() -> Iterator[None]:
+    """Serve's HAProxy and fallback proxy listen on fixed side ports (stats, metrics) that
+    other Ray instances on this machine may hold: free ones for the Ray this test starts (its
+    processes inherit the environment; Serve in this process read its constants already)."""
+    mp = pytest.MonkeyPatch()
+    try:
+        for var in ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT",
+                    "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT", "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT"):
+            mp.setenv(var, str(free_port()))
+        yield
+    finally:
+        mp.undo()
+
+
+@pytest.fixture(scope="module")
+def router_stack(tmp_path_factory):
+    """colocate_ingress=false as `python -m serve_app` starts it: Serve's proxy (HAProxy, as
+    RAY_SERVE_ENV ships) on a free port, the router replica, SmolLM2 (the embedded copy: the
+    licensed download is the other stack's) behind a handle, licensed by a real server."""
+    import ray
+    from ray import serve
+
+    from serve_app.builder import build_app_from_config
+
+    data = tmp_path_factory.mktemp("router")
+    vendor = contextlib.ExitStack()
+    license_server = LicenseServerProcess(data / "license_server").start()
+    vendor.callback(license_server.stop)
+    _, key = license_server.issue(heartbeat_interval_s=2.0)
+    license = license_server.license_config(key, data / "ledger.db", report_interval_s=2.0)
+    port = free_port()
+    for name, value in RAY_SERVE_ENV.items():
+        os.environ.setdefault(name, value)
+    vendor.enter_context(haproxy_ports_of_our_own())
+    ray.init(include_dashboard=False, runtime_env={"env_vars": dict(TELEMETRY_OFF_ENV)})
+    try:
+        check_loopback()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        model = E2E_MODEL.model_copy(update={"source": f"builtin:{MODEL}"})
+        config = AppConfig(models=(model,), license=license, colocate_ingress=False)
+        serve.run(build_app_from_config(config), name="serve_app", route_prefix="/",
+                  blocking=False)
+        url = f"http://127.0.0.1:{port}"
+        wait_for(lambda: httpx.get(f"{url}/health", timeout=5).status_code == 200,
+                 timeout=600, what="the router layout to become healthy")
+        yield Stack(url, config, license_server)
+    finally:
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+            vendor.close()
 
 
 @pytest.fixture(scope="module")

@@ -138,8 +138,9 @@ class LicenseServerProcess:
             key_file.parent.mkdir(parents=True, exist_ok=True)
             key_file.write_bytes(private_key_pem(VENDOR_KEY))
             key_file.chmod(0o600)
-        self.settings = LicenseServerSettings(data_dir=str(data_dir), port=self.port,
-                                              admin_token="admin-token", **settings)
+        self.settings = LicenseServerSettings(
+            data_dir=str(data_dir), port=self.port,
+            admin_token="admin-token-of-the-test-license-server", **settings)
         self.service, self.admin_token = build_service(self.settings)
         self.received: list[bytes] = []
         self._server = None

@@ -17,7 +17,7 @@ from starlette.testclient import TestClient
 
 import license_server
 from license_server.app import IssueRequest, LicenseService, build_app
-from license_server.db import LicenseStore, metadata
+from license_server.db import LicenseStore
 from tests.conftest import LicenseServerProcess
 from tests.fakes import VENDOR_KEY
 from tests.unit import test_license_server as base
@@ -113,8 +113,7 @@ def fuzz_world(url):
     clock = base.Clock(T0)
     store = LicenseStore(url, now=clock).start()
     if url.startswith("postgresql"):
-        metadata.drop_all(store.engine)
-        metadata.create_all(store.engine)
+        base.reset_database(store.engine)
     service = LicenseService(store, VENDOR_KEY, "http://license.test", now=clock)
     keys = [service.issue(IssueRequest(models=("*",), customer="ACME", max_instances=2, grace_period_s=86400,
                                        heartbeat_interval_s=1))[1],
@@ -122,9 +121,9 @@ def fuzz_world(url):
             service.issue(IssueRequest(models=("*",), customer="Brief", days=0.01))[1]]
     store.revoke(service.check(keys[1])[0].license_id)
     lids = [service.check(k)[0].license_id for k in keys]
-    client = TestClient(build_app(service, admin_token="admin-secret"))
-    headers = {"key0": keys[0], "key1": keys[1], "key2": keys[2], "admin": "admin-secret",
-               "garbage": "MTL1.garbage.garbage", "wrong-admin": "admin-secreT"}
+    client = TestClient(build_app(service, admin_token=base.ADMIN_TOKEN))
+    headers = {"key0": keys[0], "key1": keys[1], "key2": keys[2], "admin": base.ADMIN_TOKEN,
+               "garbage": "MTL1.garbage.garbage", "wrong-admin": base.ADMIN_TOKEN[:-1] + "T"}
     return clock, store, client, lids, headers
 
 

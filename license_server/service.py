@@ -78,11 +78,15 @@ class LicenseService:
             grace_period_s=req.grace_period_s, server_url=self.public_url, signer=self.public_key,
         )
         key = sign_license(lic, self.signing_key)
+        self.record_issued(lic, key)
+        return lic, key
+
+    def record_issued(self, lic: License, key: str) -> None:
+        """Keep an issued license: its fields and its key's hash, never the key."""
         self.store.add_license(license_id=lic.license_id, customer=lic.customer,
                                key_sha256=key_digest(key), payload=canonical(lic).decode(),
                                issued_at=lic.issued_at, expires_at=lic.expires_at,
                                max_instances=lic.max_instances, max_gpus=lic.max_gpus)
-        return lic, key
 
     def check(self, key: str) -> tuple[License, str]:
         """(license, status) for a presented key; status is active, revoked or expired. The key

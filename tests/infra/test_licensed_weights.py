@@ -173,9 +173,7 @@ def issue_expired(server) -> str:
     now = time.time()
     lic, key = issue_key(server.service.signing_key, customer="Late", issued_at=now - 10,
                          expires_at=now - 1, server_url=server.url)
-    server.service.store.add_license(license_id=lic.license_id, customer=lic.customer, key=key,
-                                     issued_at=lic.issued_at, expires_at=lic.expires_at,
-                                     max_instances=None)
+    server.service.record_issued(lic, key)
     return key
 
 

@@ -209,12 +209,14 @@ class Witness:
 def witness(prev: Beat | None, beat: Beat, slow_after_s: float) -> Witness:
     """The time between two consecutive heartbeats counts at the lower of their two counts
     (instances and GPUs alike), however long it is: heartbeating less often leaves no time
-    unobserved, it only gets the gap flagged (``slow``, longer than ``slow_after_s``). After a
-    heartbeat that said the cluster stops, or out of order, nothing is witnessed."""
+    unobserved, it only gets the gap flagged (``slow``, longer than ``slow_after_s``). Out of
+    order, nothing is witnessed; nor after a heartbeat that said the cluster stops, when the
+    next comes later than a slow gap (the cluster was down). One sooner counts as any other:
+    saying "stop" and going on is no way out of being observed."""
     running_now = beat.at if beat.instances > 0 else None
-    if prev is None or prev.stopping or not beat.at > prev.at:
+    gap = beat.at - prev.at if prev is not None else 0.0
+    if prev is None or not gap > 0 or (prev.stopping and gap > slow_after_s):
         return Witness({}, running_now, None, False)
-    gap = beat.at - prev.at
     instances, gpus = min(prev.instances, beat.instances), min(prev.gpus, beat.gpus)
     hours: dict[int, list[float]] = {}
     if instances > 0 or gpus > 0:

@@ -187,6 +187,27 @@ def test_slow_heartbeats_with_empty_reports(store):
     assert (cluster["unreported_since"], cluster["covered_until"]) == (START, None)
 
 
+def test_every_heartbeat_says_the_cluster_stops(store):
+    """8 instances for 2 hours, every heartbeat (30 s apart) saying the cluster stops, no
+    report: such heartbeats get no lease, and they are observed all the same (a "stop"
+    followed by more heartbeats within a slow gap is not a stop). reports_missing shows within
+    the report window and one heartbeat (61 minutes), reported_short within 3 hours."""
+    vendor = Vendor(store)
+    cheat = vendor.customer(max_instances=8)
+    clock = vendor.clock
+    clock.t = START
+    while clock.t <= START + 2 * HOUR:
+        assert cheat.heartbeat("c1", 8, stopping=True).json()["lease"] is None
+        if clock.t == START + HOUR + 30:
+            (missing,) = vendor.flags(cheat.lid, "reports_missing")
+            assert named(missing, cheat.lid, "c1", day_of(START))
+        clock.t += 30
+    clock.t = START + 3 * HOUR
+    (short,) = vendor.flags(cheat.lid, "reported_short")
+    assert named(short, cheat.lid, None, day_of(START))
+    assert short["evidence"]["observed_instance_seconds"] == 8 * 2 * HOUR
+
+
 def test_a_new_cluster_id_on_every_heartbeat(store):
     """A cluster that renames itself at every heartbeat (30 s) so that no two heartbeats make
     a gap to observe. The 11th new id (after 5 minutes) flags cluster_churn; the 17th is

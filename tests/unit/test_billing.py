@@ -143,8 +143,11 @@ def test_heartbeats_witness_the_lower_count_over_any_gap():
     assert long.hours == {h0: [8 * HOUR, 2 * HOUR], h0 + 1: [8 * HOUR, 2 * HOUR]}
     assert (long.gap_s, long.slow, long.running_from) == (2 * HOUR, True, T0)
     assert not witness(Beat(T0, 2, 0.0), Beat(T0 + 180, 2, 0.0), 180).slow
-    # After a clean stop, or out of order, nothing; scaling from 0 starts the running now.
+    # After a clean stop and a slow gap (the cluster was down), or out of order, nothing; a
+    # "stop" followed at once by more heartbeats is counted; scaling from 0 starts the running.
     assert witness(Beat(T0, 2, 0.0, stopping=True), Beat(T0 + 9 * HOUR, 2, 0.0), 180).hours == {}
+    assert witness(Beat(T0, 2, 0.0, stopping=True), Beat(T0 + 30, 2, 0.0), 180).hours == {
+        h0: [60, 0]}
     assert witness(Beat(T0, 2, 0.0), Beat(T0 - 1, 2, 0.0), 180).hours == {}
     up = witness(Beat(T0, 0, 0.0), Beat(T0 + 30, 3, 0.0), 180)
     assert (up.hours, up.running_from) == ({}, T0 + 30)

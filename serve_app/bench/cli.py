@@ -132,6 +132,18 @@ def parser() -> argparse.ArgumentParser:
                    "each is)")
     p.add_argument("--baseline-tree", metavar="PATH",
                    help="with --compare: the checkout serve_app_baseline runs from")
+    p.add_argument("--roofline", action="store_true",
+                   help="read bandwidth, bytes per decode step, c=1 decode and higher "
+                   "concurrency against their bounds, in one run (bench.roofline)")
+    p.add_argument("--variants", action="append", default=[],
+                   help="with --roofline: this app again with more environment, "
+                   "LABEL:KEY=VALUE,KEY=VALUE (repeatable), e.g. the settings before a change")
+    p.add_argument("--dtype", default="auto",
+                   help="with --roofline: the app's dtype setting (a variant's SERVE_APP_DTYPE "
+                   "wins); bytes per step follow the dtype the engine runs")
+    p.add_argument("--probe-dtype",
+                   help="with --roofline: dtype of the FLOP-rate probe (default: float32 on CPU, "
+                   "bfloat16 on a GPU)")
     return p
 
 
@@ -151,6 +163,11 @@ def main(argv: list[str] | None = None) -> None:
     if missing:
         raise SystemExit(f"The benchmark needs {', '.join(missing)}: "
                          "pip install 'serve-app[bench]'")
+    if args.roofline:
+        from serve_app.bench.roofline import roofline
+
+        roofline(args)
+        return
     if args.compare:
         from serve_app.bench.compare import compare
 

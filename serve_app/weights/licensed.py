@@ -170,7 +170,8 @@ def fetch_licensed_model(name: str, cache_dir: str | Path, license: LicenseConfi
         lic = verify_key(key, check_expiry=False)
     except LicenseError as exc:
         raise ConfigError(f"{LICENSED_PREFIX}{name}: {exc}", code=exc.code) from None
-    folder = Path(cache_dir) / "licensed" / name
+    cache = Path(cache_dir)
+    folder = cache / "licensed" / name
     own = http is None
     http = http or httpx.Client(timeout=httpx.Timeout(60.0, connect=10.0),
                                 limits=httpx.Limits(max_connections=tuning.concurrency + 2))
@@ -181,7 +182,8 @@ def fetch_licensed_model(name: str, cache_dir: str | Path, license: LicenseConfi
         return fetch_or_verified_copy(
             folder, ask,
             lambda grant: fetch_model(grant.manifest, LicensedSource(name, grant, ask, http),
-                                      folder, tuning=tuning))
+                                      folder, within=cache, tuning=tuning),
+            within=cache)
     finally:
         if own:
             http.close()

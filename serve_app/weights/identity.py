@@ -10,7 +10,8 @@ model's identity, whatever name clients use for it (``sources.claimed_identity``
 - a local folder that keeps such a signed identity (a copied cache folder): the model it names.
   The vendor's own models (signed by a key the build pins) need a license the vendor signed: a
   development license, or none, cannot serve them.
-- anything else (``builtin:``, a local folder, ``s3://``): the served name, as configured.
+- anything else (``builtin:``, ``s3://``, a local folder keeping no identity): the served name,
+  as configured.
 """
 
 from __future__ import annotations
@@ -56,9 +57,8 @@ def read_identity(folder: Path, signers: frozenset[str], *, within: Path | None 
                            f"trust ({exc}). If these are not the vendor's weights, remove the "
                            "file.") from None
     if verified and manifest != files:
-        raise WeightsError(f"{folder}: its files are not the ones the vendor signed as model "
-                           f"{identity.model!r} (no verified copy of them there). Fetch the "
-                           "model again.")
+        raise WeightsError(f"{folder}: its verified files are not the ones the vendor signed as "
+                           f"model {identity.model!r}. Fetch the model again.")
     return identity
 
 

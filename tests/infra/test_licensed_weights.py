@@ -407,6 +407,12 @@ def test_an_unreachable_server_serves_the_copy_verified_before(vendor, tmp_path)
         signer=signer_of(other_key)), other_key))
     with pytest.raises(WeightsError, match="not a model identity this app can trust"):
         fetch_licensed_model(NAME, cache, license, tuning=SMALL)
+    manifest = json.loads((folder / ".complete").read_text())
+    manifest["files"] = manifest["files"][:1]  # the vendor's word on other files
+    stamp.write_text(sign_identity(ModelIdentity(model=NAME, manifest=manifest,
+                                                 signer=signer_of(VENDOR_KEY)), VENDOR_KEY))
+    with pytest.raises(WeightsError, match="verified files are not the ones the vendor signed"):
+        fetch_licensed_model(NAME, cache, license, tuning=SMALL)
     stamp.unlink()
     with pytest.raises(WeightsError, match="keeps no identity"):
         fetch_licensed_model(NAME, cache, license, tuning=SMALL)

@@ -195,7 +195,7 @@ class LicenseService:
                           f"{', '.join(lic.models)})", "model_not_licensed", 403)
         if self.catalog is None:
             raise Refusal("this license server publishes no models", "model_not_found", 404)
-        grant = self.catalog.grant(name, self.now())
+        grant = self.catalog.grant(name, self.now(), self.signing_key)
         self.store.record_download(lic.license_id, cluster_id, name)
         return grant
 

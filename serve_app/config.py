@@ -443,6 +443,9 @@ Settings = create_model("Settings", __base__=_SettingsBase, **_derived_fields())
 
 
 def _default_name(source: str) -> str:
-    if source.startswith(BUILTIN_PREFIX):
-        return source[len(BUILTIN_PREFIX) :]
+    # A prefixed source names its model after the prefix: licensed:<model> serves as <model>,
+    # the name its license covers.
+    for prefix in (BUILTIN_PREFIX, LICENSED_PREFIX):
+        if source.startswith(prefix):
+            return source[len(prefix) :]
     return os.path.basename(os.path.normpath(source)) or source

@@ -4,7 +4,7 @@ Started once per module (two modules would fight over one Ray).
 ``stack`` is the default layout as `python -m serve_app` runs it: the replica serves HTTP on
 its own port, no Serve proxy. SmolLM2 comes as the vendor's licensed weights: published into a
 bucket on moto's S3 server (loopback), presigned by the license server for the stack's
-license, downloaded by the replica. ``router_stack`` is the router layout
+license (which names that model only), downloaded by the replica. ``router_stack`` is the router layout
 (colocate_ingress=false): Serve's proxy in front of a CPU-only router replica, the engine
 behind a handle."""
 
@@ -29,6 +29,7 @@ from serve_app.config import (
     TELEMETRY_OFF_ENV,
     AppConfig,
     ModelConfig,
+    Settings,
 )
 from serve_app.ray_internals import check_loopback
 from tests.conftest import LicenseServerProcess, free_port, wait_for
@@ -45,6 +46,18 @@ E2E_MODEL = ModelConfig(source=f"licensed:{MODEL}", max_ongoing_requests=4,
                         max_queued_requests=4, enforce_eager=True,
                         enable_auto_tool_choice=True, tool_call_parser="hermes",
                         served_model_name=(ALIAS,))
+
+
+def e2e_config(key: str, data: Path, port: int) -> AppConfig:
+    """``stack``'s config, E2E_MODEL read as `python -m serve_app` reads SERVE_APP_* settings:
+    the model's name comes from its licensed: source, as customers get it. A fresh cache: the
+    replica downloads the licensed model in every run."""
+    return Settings(model=f"licensed:{MODEL}", license_key=key,
+                    ledger_path=str(data / "ledger.db"), report_interval_s="2.0",
+                    model_cache_dir=str(data / "models"), port=str(port),
+                    max_ongoing_requests="4", max_queued_requests="4", enforce_eager="true",
+                    enable_auto_tool_choice="true", tool_call_parser="hermes",
+                    served_model_name=ALIAS).to_app_config()
 
 
 class Session:
@@ -123,10 +136,12 @@ def licensed_smollm2(data_dir: Path) -> Iterator[LicenseServerProcess]:
 
 
 class Stack:
-    def __init__(self, url: str, config: AppConfig, license_server: LicenseServerProcess) -> None:
+    def __init__(self, url: str, config: AppConfig, license_server: LicenseServerProcess,
+                 data: Path | None = None) -> None:
         self.url = url
         self.config = config
         self.license_server = license_server
+        self.data = data
 
     def flush_usage(self) -> dict:
         """Make the license actor seal and deliver everything now."""
@@ -234,8 +249,8 @@ def stack(tmp_path_factory):
     data = tmp_path_factory.mktemp("e2e")
     vendor = contextlib.ExitStack()
     license_server = vendor.enter_context(licensed_smollm2(data / "license_server"))
-    _, key = license_server.issue(heartbeat_interval_s=2.0)
-    license = license_server.license_config(key, data / "ledger.db", report_interval_s=2.0)
+    # A license for the one model the stack serves, as the vendor sells it.
+    _, license_key = license_server.issue(heartbeat_interval_s=2.0, models=(MODEL,))
     port = free_port()
     for key, value in RAY_SERVE_ENV.items():  # test what `make serve` ships
         os.environ.setdefault(key, value)
@@ -244,9 +259,8 @@ def stack(tmp_path_factory):
         check_loopback()
         # As `python -m serve_app` runs it: the replica listens on the port, no Serve proxy.
         serve.start(proxy_location="Disabled")
-        # A fresh cache: the replica downloads the licensed model in every run.
-        config = AppConfig(models=(E2E_MODEL,), license=license, http_port=port,
-                           model_cache_dir=str(data / "models"))
+        config = e2e_config(license_key, data, port)
+        assert config.models[0] == E2E_MODEL  # the router layout's model, read from settings
         serve.run(build_app_from_config(config), name="serve_app", route_prefix="/",
                   blocking=False)
         url = f"http://127.0.0.1:{port}"
@@ -254,7 +268,7 @@ def stack(tmp_path_factory):
                  timeout=600, what="the app to become healthy")
         # The weights came from the vendor's bucket, through the license server's grant.
         assert (data / "models" / "licensed" / MODEL / ".complete").is_file()
-        yield Stack(url, config, license_server)
+        yield Stack(url, config, license_server, data)
     finally:
         try:
             serve.shutdown()

@@ -227,6 +227,15 @@ def test_settings_are_checked_by_the_models_rules():
     assert Settings(min_replicas="2").to_app_config().models[0].max_replicas == 2
 
 
+def test_a_licensed_source_serves_under_its_models_name(monkeypatch):
+    monkeypatch.setenv("SERVE_APP_MODEL", "licensed:sabia-2-small")
+    monkeypatch.setenv("SERVE_APP_LICENSE_KEY", "MTL1.x.y")
+    (model,) = Settings().to_app_config().models
+    assert model.name == "sabia-2-small" and model.served_names == ("sabia-2-small",)
+    assert Settings(model="licensed:sabia-2-small", model_name="chat",
+                    license_key="MTL1.x.y").to_app_config().models[0].name == "chat"
+
+
 def test_licensed_weights_need_a_license():
     with pytest.raises(ValidationError, match="come with a license"):
         AppConfig(models=(ModelConfig(source="licensed:smollm2-135m-instruct"),))

@@ -446,7 +446,7 @@ def test_cli_clusters_and_downloads(tmp_path, monkeypatch, capsys):
 
 
 class FakeCatalog:
-    def grant(self, name, now):
+    def grant(self, name, now, signing_key):
         return {"model": name, "files": [], "granted_at": now}
 
 

@@ -135,7 +135,7 @@ class LicenseService:
                           403)
         lease = None
         if status == "active" and not req.stopping:
-            lease = self._lease(lic, req.cluster_id, req.development)
+            lease = self.lease(lic, req.cluster_id, req.development)
         self.store.heartbeat(
             lic.license_id, req.cluster_id, Beat(self.now(), req.instances, req.gpus, req.stopping),
             HeartbeatRules(slow_after_s=self.slow_after_s(lic),
@@ -149,11 +149,7 @@ class LicenseService:
                                  lease=None if lease is None else sign_lease(lease,
                                                                              self.signing_key))
 
-    def lease(self, lic: License, cluster_id: str, development: bool) -> str:
-        """A signed lease for ``cluster_id`` (see ``_lease``)."""
-        return sign_lease(self._lease(lic, cluster_id, development), self.signing_key)
-
-    def _lease(self, lic: License, cluster_id: str, development: bool) -> Lease:
+    def lease(self, lic: License, cluster_id: str, development: bool) -> Lease:
         """A lease for ``cluster_id``, valid for the license's grace period (at least two
         heartbeat intervals, so that one late heartbeat does not stop serving) and never past
         the license's own expiry."""

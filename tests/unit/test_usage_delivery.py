@@ -499,3 +499,35 @@ def test_a_clean_stop_with_the_server_unreachable_keeps_everything_for_the_next_
     run(again._tick())
     run(again.flush())
     assert world.server_total() == pytest.approx(lifetime)
+
+
+def test_a_restart_under_a_new_license_over_http_bills_each_license_its_own_seconds(tmp_path):
+    """The same over the real license server on a loopback port and the real clocks: the
+    vendor's total per license equals the ledger's, and nothing is refused."""
+    from tests.conftest import LicenseServerProcess
+
+    server = LicenseServerProcess(tmp_path / "server").start()
+    try:
+        totals = {}
+        actor = None
+        for n in range(2):
+            lic, key = server.issue(heartbeat_interval_s=HEARTBEAT_S, grace_period_s=3600)
+            actor = LicenseActor(server.license_config(key, tmp_path / "ledger.db",
+                                                       report_interval_s=60), autostart=False)
+            run(actor.register(f"r{n}", "m", 1.0))
+            run(actor._tick())
+            run(actor.heartbeat(f"r{n}", "m", 1.0))
+            if n == 0:  # stopped without delivering: its seconds wait in the ledger
+                actor._ledger.close()
+            totals[lic.license_id] = None
+        run(actor.deregister("r1"))
+        run(actor.flush())
+        assert actor._ledger.quarantined() == []
+        for lid in totals:
+            totals[lid] = actor._ledger.totals(lid)["instance_seconds"]
+            assert totals[lid] > 0
+            assert server.service.store.total_instance_seconds(lid) == pytest.approx(
+                totals[lid], abs=1e-6)
+        actor._ledger.close()
+    finally:
+        server.stop()

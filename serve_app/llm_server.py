@@ -137,7 +137,8 @@ class LLMServer:
             logger.error("This vLLM lacks internals the app relies on; affected features may "
                          "fail or quietly stop working: %s", "; ".join(gaps))
         path = await asyncio.to_thread(resolve_model, config.source, self._model_cache_dir,
-                                       s3=config.s3_options(), license=self._license)
+                                       s3=config.s3_options(), license=self._license,
+                                       cluster_id=getattr(self._reporter, "cluster_id", None))
         fetched = await asyncio.to_thread(confirmed_identity, config.source, path, config.name,
                                           self._license)
         if fetched != self._identity:

@@ -308,7 +308,8 @@ class LicenseActor:
             logger.warning("License: %s", reason)
             return {"ok": False, "reason": reason}
         self._ledger.register(instance_id, model, gpus, lic.license_id)
-        return {"ok": True, "heartbeat_interval_s": lic.heartbeat_interval_s}
+        return {"ok": True, "heartbeat_interval_s": lic.heartbeat_interval_s,
+                "cluster_id": self._cluster_id}
 
     def _past_caps(self, instances: int, gpus: float) -> str | None:
         """Why ``instances`` replicas holding ``gpus`` GPUs would be too many, or None. The

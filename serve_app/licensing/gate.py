@@ -129,12 +129,14 @@ class InstanceReporter:
         self._gpus = gpus
         self.instance_id = f"inst_{uuid.uuid4().hex[:16]}"
         self._task: asyncio.Task[None] | None = None
+        self.cluster_id: str | None = None  # the cluster the actor bills, once registered
 
     async def start(self) -> None:
         answer = await self._actor.register.remote(self.instance_id, self._model, self._gpus)
         if not answer["ok"]:
             raise RuntimeError(f"Not starting this replica: {answer['reason']}")
         interval = float(answer["heartbeat_interval_s"])
+        self.cluster_id = answer.get("cluster_id")
         self._task = asyncio.get_running_loop().create_task(self._beat(interval))
 
     async def _beat(self, interval: float) -> None:

@@ -72,13 +72,14 @@ class Grant:
 
 
 def request_grant(http: httpx.Client, server_url: str, key: str, name: str,
-                  signer: str) -> Grant:
+                  signer: str, cluster_id: str | None = None) -> Grant:
     """Ask the license server for model ``name``; raise WeightsError with its reason. The
     grant's identity must be signed by ``signer`` (the license's) and name ``name`` and the
     grant's manifest."""
     url = f"{server_url.rstrip('/')}/v1/models/{name}/download"
     try:
-        response = http.post(url, headers={"Authorization": f"Bearer {key}"})
+        response = http.post(url, headers={"Authorization": f"Bearer {key}"},
+                             json={"cluster_id": cluster_id} if cluster_id else {})
     except httpx.TransportError as exc:
         raise WeightsError(f"Cannot reach the license server at {server_url} for model {name!r} "
                            f"({type(exc).__name__}: {exc}).", code=UNREACHABLE) from None
@@ -180,9 +181,11 @@ class LicensedSource:
 
 
 def fetch_licensed_model(name: str, cache_dir: str | Path, license: LicenseConfig | None, *,
-                         http: httpx.Client | None = None, tuning: Tuning = Tuning()) -> Path:
+                         http: httpx.Client | None = None, tuning: Tuning = Tuning(),
+                         cluster_id: str | None = None) -> Path:
     """Fetch licensed model ``name`` into ``cache_dir`` (once per node) and return the folder.
 
+    ``cluster_id`` (the license actor's) lets the vendor's record of the grant name the cluster;
     ``http`` replaces the client used for the license server and the bucket (tests)."""
     if license is None:
         raise ConfigError(f"The model source {LICENSED_PREFIX}{name} needs the license: set "
@@ -203,7 +206,7 @@ def fetch_licensed_model(name: str, cache_dir: str | Path, license: LicenseConfi
                                 limits=httpx.Limits(max_connections=tuning.concurrency + 2))
     try:
         def ask() -> Grant:
-            return request_grant(http, lic.server_url, key, name, lic.signer)
+            return request_grant(http, lic.server_url, key, name, lic.signer, cluster_id)
 
         def fetch(grant: Grant) -> Path:
             fetch_model(grant.manifest, LicensedSource(name, grant, ask, http), folder,

@@ -35,7 +35,8 @@ if TYPE_CHECKING:
 
 
 def resolve_model(source: str, cache_dir: str | os.PathLike[str], *,
-                  s3: S3Options | None = None, license: LicenseConfig | None = None) -> Path:
+                  s3: S3Options | None = None, license: LicenseConfig | None = None,
+                  cluster_id: str | None = None) -> Path:
     """Return a local folder with the model's weights, tokenizer and config.
 
     ``s3`` says where an ``s3://`` source's bucket is and how to sign for it; None leaves the
@@ -52,7 +53,8 @@ def resolve_model(source: str, cache_dir: str | os.PathLike[str], *,
     if source.startswith(S3_PREFIX):
         return fetch_s3_model(source, cache_dir, s3 or S3Options())
     if source.startswith(LICENSED_PREFIX):
-        return fetch_licensed_model(source[len(LICENSED_PREFIX):], cache_dir, license)
+        return fetch_licensed_model(source[len(LICENSED_PREFIX):], cache_dir, license,
+                                    cluster_id=cluster_id)
     path = Path(source).expanduser()
     if not (path / "config.json").is_file():
         raise ConfigError(

@@ -316,11 +316,15 @@ def test_a_full_download_through_presigned_urls_with_no_bucket_credentials(vendo
     assert all(t.split("?")[0] == urlsplit(signed).path for t, _ in parts)
     assert all("X-Amz-Signature=" in t and "%2F" in t for t, _ in parts)
 
-    # Once there, a restart asks the server and fetches nothing.
+    # Once there, a restart asks the server and fetches nothing. The replica names its cluster
+    # (the license actor's, from its registration): the vendor's record of the grant says it.
     before = len(presigned_gets(gateway))
-    assert resolve_model(f"licensed:{NAME}", tmp_path / "cache", license=license) == folder
+    assert resolve_model(f"licensed:{NAME}", tmp_path / "cache", license=license,
+                         cluster_id="cl_rack7") == folder
     assert len(presigned_gets(gateway)) == before
     assert len(downloads(vendor)) == 2
+    assert [(d["model"], d["cluster_id"]) for d in vendor.service.downloads()["downloads"]] == [
+        (NAME, "cl_rack7"), (NAME, None)]
 
 
 def test_urls_that_expire_mid_download_are_refreshed(vendor, gateway, tmp_path):

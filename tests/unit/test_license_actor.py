@@ -50,7 +50,9 @@ def test_serves_reports_and_bills_exactly(world):
     clock, store, service, network, make, actor_of = world
     lic, config = make()
     actor = actor_of(config)
-    assert run(actor.register("r1", "m", 1.0))["ok"]
+    admitted = run(actor.register("r1", "m", 1.0))
+    # The replica learns the cluster it is billed under (its weights' download names it).
+    assert admitted["ok"] and admitted["cluster_id"] == actor._cluster_id
     run(actor._tick())
     assert run(actor.state())["allowed"]
     for _ in range(6):

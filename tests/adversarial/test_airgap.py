@@ -190,3 +190,72 @@ def test_a_bundle_from_another_installation_is_refused(honest):
     assert _refused(honest, _resign(honest, honest.export(), installation_id="cl_elsewhere")) \
         == "installation_unknown"
     assert honest.vendor_seconds() == 0.0
+
+
+def _codes(site: AirGapSite) -> set[str]:
+    return {f["code"] for f in site.flags()}
+
+
+def test_more_replicas_than_the_lease_grants_are_flagged_from_the_bundle(tmp_path):
+    """A customer patches the actor's cap check away and runs three replicas under a grant of
+    one: the bundle's beats and reports show it."""
+    async def scenario():
+        site = AirGapSite(tmp_path, max_instances=1, max_gpus=1.0)
+        site.replicas = {"r1": 1.0, "r2": 1.0, "r3": 1.0}
+        await site.start()
+        site.take(site.activate(site.request(instances=1, gpus=1.0)))
+        site.actor._past_caps = lambda instances, gpus: None  # the patch
+        for replica, gpus in site.replicas.items():
+            await site.actor.register(replica, "m", gpus)
+        await site.run(DAY)
+        site.import_usage(site.export())
+        return site
+
+    site = run(scenario())
+    flags = [f for f in site.flags() if f["code"].startswith("over_cap")]
+    assert {f["code"] for f in flags} == {"over_cap_heartbeat", "over_cap_reported",
+                                          "over_cap_gpus_heartbeat", "over_cap_gpus_reported"}
+    heartbeat = next(f for f in flags if f["code"] == "over_cap_heartbeat")
+    assert heartbeat["license_id"] == site.license.license_id and heartbeat["day"]
+    assert heartbeat["evidence"] == {"instances": 3, "cap": 1}
+    assert_books_agree(site)  # billed as run, all the same
+
+
+def test_time_with_no_entries_while_the_lease_serves_is_flagged(tmp_path):
+    """The actor is killed (no stop entry) while the ingress serves on its cached lease, and
+    the replicas are replaced before it is started again: days with no entry at all."""
+    async def scenario():
+        site = await AirGapSite(tmp_path).start()
+        site.take(site.activate(site.request()))
+        await site.run(DAY)
+        site.actor._ledger.close()
+        site.actor = None  # killed; the gate's lease deadline is days away
+        site.clock.advance(3 * DAY)
+        serving = site.refusal()
+        site.replicas = {"r3": 0.0, "r4": 0.0}
+        await site.start()
+        await site.run(DAY)
+        site.import_usage(site.export())
+        return site, serving
+
+    site, serving = run(scenario())
+    assert serving is None
+    (slow,) = [f for f in site.flags() if f["code"] == "heartbeats_slow"]
+    assert slow["cluster_id"] and slow["evidence"]["longest_gap_s"] >= 3 * DAY
+
+
+def test_a_clean_stop_and_a_later_start_raise_no_flag(tmp_path):
+    async def scenario():
+        site = await AirGapSite(tmp_path).start()
+        site.take(site.activate(site.request()))
+        await site.run(DAY)
+        await site.stop()
+        site.clock.advance(3 * DAY)
+        await site.start()
+        await site.run(DAY)
+        site.import_usage(site.export())
+        return site
+
+    site = run(scenario())
+    assert site.flags() == []
+    assert_books_agree(site)

@@ -23,6 +23,12 @@ for ``Retry-After``; 401 and 403 are the license policy's business (revoked, exp
 network errors back off. Intervals are stamped in the server's time (``server_clock.py``), so a
 customer clock that is off or steps never gets a report refused.
 
+An air-gapped license (``License.air_gapped``) never dials the server: each tick appends a beat
+entry (what runs now) and the reports sealed since to the hash-chained usage log, a start and a
+stop entry bracket each run, and the lease is the one last imported by file (``airgap.py``),
+bound to the installation's key. The host's clock is then the only time there is, kept from
+going back as the server's is.
+
 Nothing on the request path calls the actor: the ingress polls ``state()`` in the background
 (``LicenseGate``) and checks a cached decision; replicas heartbeat from a background task
 (``InstanceReporter``).

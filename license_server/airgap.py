@@ -14,7 +14,8 @@ customer carries by hand (``license_contract.airgap``), answered with leases car
 Refusals (``Refusal``, with the contract's codes): ``bundle_other_installation`` (signed by
 another key, or holding another installation's entries), ``bundle_chain_broken`` (an entry
 removed, reordered or altered, or not chaining on from the last acknowledged entry),
-``bundle_entry_invalid``, ``installation_unknown``.
+``bundle_entry_invalid``, ``installation_unknown``. A report entry that cannot be true is set
+aside, not billed, and flagged; the rest of its bundle is billed.
 """
 
 from __future__ import annotations
@@ -121,7 +122,7 @@ class AirGapDesk:
         new = self._new_entries(bundle, entries, inst)
         if new is None:  # a replay: nothing after the acknowledged head
             return self._lease_file(inst["lease_text"], lic, inst["installation_id"])
-        self._record(lic, inst["installation_id"], new)
+        refused = self._record(lic, inst["installation_id"], new)
         lease = self._lease(lic, inst["installation_id"], inst["installation_key"], bundle.head)
         signed_lease = sign_lease(lease, svc.signing_key)
         moved = svc.store.acknowledge(
@@ -135,7 +136,7 @@ class AirGapDesk:
         if status != "active":
             raise Refusal(f"usage billed; license {lic.license_id} is {status}, so no renewal",
                           f"license_{status}", 403)
-        return self._lease_file(signed_lease, lic, inst["installation_id"])
+        return self._lease_file(signed_lease, lic, inst["installation_id"], refused=refused)
 
     def _new_entries(self, bundle: UsageBundle, entries: list[UsageEntry],
                      inst: dict[str, Any]) -> list[UsageEntry] | None:
@@ -161,8 +162,14 @@ class AirGapDesk:
         new = entries[start:]
         return new if new or bundle.previous_head == ack else None
 
-    def _record(self, lic: License, installation_id: str, entries: list[UsageEntry]) -> None:
-        """Bill report entries and observe the others, in the order they were logged."""
+    def _record(self, lic: License, installation_id: str,
+                entries: list[UsageEntry]) -> list[dict[str, Any]]:
+        """Bill report entries and observe the others, in the order they were logged. A report
+        that cannot be true (as online: in the server's future, overlapping usage billed) is
+        set aside unbilled, counted as refused for the cluster (the ``quarantined_reports``
+        alert) and listed in the answer: the rest of the bundle is billed, and the
+        installation is not locked out by one entry."""
+        refused: list[dict[str, Any]] = []
         svc = self.service
         beat_rules = HeartbeatRules(slow_after_s=svc.slow_after_s(lic),
                                     cover_tolerance_s=svc.cover_tolerance_s(lic))
@@ -177,15 +184,25 @@ class AirGapDesk:
                 assert e.report_id is not None or not e.intervals
                 if e.report_id is None:
                     continue
-                svc.store.add_report(
-                    report_id=e.report_id, license_id=lic.license_id, cluster_id=installation_id,
-                    items=[Interval(i.instance_id, i.start, i.end, i.gpus) for i in e.intervals],
-                    rules=report_rules)
-            else:
+                try:
+                    svc.store.add_report(
+                        report_id=e.report_id, license_id=lic.license_id,
+                        cluster_id=installation_id,
+                        items=[Interval(i.instance_id, i.start, i.end, i.gpus)
+                               for i in e.intervals], rules=report_rules)
+                except Refusal as exc:
+                    refused.append({"report_id": e.report_id, "code": exc.code,
+                                    "reason": str(exc), "seconds": round(sum(
+                                        i.end - i.start for i in e.intervals), 3)})
+            elif e.at <= svc.now() + SKEW_S:  # a beat from the server's future shows nothing
                 running = e.kind == "beat"
                 svc.store.observe_beat(lic.license_id, installation_id, Beat(
                     e.at, (e.instances or 0) if running else 0,
                     (e.gpus or 0.0) if running else 0.0, e.kind == "stop"), beat_rules)
+        if refused:
+            svc.store.count_refused(lic.license_id, installation_id, len(refused),
+                                    sum(r["seconds"] for r in refused))
+        return refused
 
     # -- the admin's view ------------------------------------------------------------------------
 
@@ -233,10 +250,12 @@ class AirGapDesk:
         return lease.model_copy(update={"installation_key": key, "acknowledged_head": head})
 
     @staticmethod
-    def _lease_file(signed: str, lic: License, installation_id: str) -> str:
+    def _lease_file(signed: str, lic: License, installation_id: str,
+                    refused: list[dict[str, Any]] | None = None) -> str:
         lease = read_lease(signed)
+        extra: dict[str, Any] = {"refused_reports": refused} if refused else {}
         return file_text("lease", signed, license_id=lic.license_id,
                          installation_id=installation_id, expires_at=iso(lease.expires_at),
                          instances=lease.instances, gpus=lease.gpus,
-                         acknowledged_head=lease.acknowledged_head,
+                         acknowledged_head=lease.acknowledged_head, **extra,
                          note="For the customer: python -m serve_app license import <this file>")

@@ -663,9 +663,22 @@ class LicenseStore:
         with self._begin() as conn:
             self._lock(conn, license_id)
             row = self._cluster(conn, license_id, cluster_id)
+            if row is not None and row.last_heartbeat_at is not None \
+                    and beat.at < row.last_heartbeat_at:
+                return  # observed already (an import that failed part way, retried)
             self._record_heartbeat(conn, license_id, cluster_id, beat,
                                    HeartbeatRules(rules.slow_after_s, rules.cover_tolerance_s),
                                    row, {})
+
+    def count_refused(self, license_id: str, cluster_id: str, reports: int,
+                      seconds: float) -> None:
+        """Reports of an air-gapped bundle set aside as refused: the cluster's count of refused
+        reports (``quarantined_reports`` alert) grows by them."""
+        with self._begin() as conn:
+            conn.execute(clusters.update().where(
+                clusters.c.license_id == license_id, clusters.c.cluster_id == cluster_id,
+            ).values(quarantined_reports=clusters.c.quarantined_reports + reports,
+                     quarantined_seconds=clusters.c.quarantined_seconds + seconds))
 
     # -- downloads -----------------------------------------------------------------------------
 

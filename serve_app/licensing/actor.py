@@ -325,6 +325,9 @@ class LicenseActor:
 
     def _clock_status(self) -> str:
         offset = self._clock.wall_offset_s()
+        if self._air_gapped:
+            return ("air-gapped: usage is stamped with this host's clock, which never goes back "
+                    "for leases; keep it synchronised with a local time source")
         if not self._clock.synced:
             if self._heard:
                 return ("The license server does not send its time: usage is stamped with this "

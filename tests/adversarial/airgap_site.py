@@ -42,10 +42,16 @@ class NoNetwork(httpx.AsyncBaseTransport):
 
 class AirGapSite:
     def __init__(self, folder: Path, *, clock: Clocks | None = None, days: float = 365,
-                 max_instances: int | None = None, max_gpus: float | None = None) -> None:
+                 max_instances: int | None = None, max_gpus: float | None = None,
+                 database_url: str | None = None) -> None:
         self.folder = folder
         self.clock = clock or Clocks()
-        store = LicenseStore(f"sqlite:///{folder / 'vendor.db'}", now=self.clock).start()
+        store = LicenseStore(database_url or f"sqlite:///{folder / 'vendor.db'}",
+                             now=self.clock).start()
+        if store.engine is not None and store.engine.dialect.name == "postgresql":
+            from tests.unit.test_license_server import reset_database
+
+            reset_database(store.engine)  # a shared server: start from empty tables
         self.service = LicenseService(store, VENDOR_KEY, "http://license.test", now=self.clock)
         self.desk = AirGapDesk(self.service)
         self.license, self.key = self.service.issue(IssueRequest(
@@ -60,13 +66,18 @@ class AirGapSite:
         self.actor: LicenseActor | None = None
         self.gate: LicenseGate | None = None
         self.served: list[tuple[float, str | None]] = []  # (true time, refusal code or None)
+        self.boot = "boot-1"
+        self.runs = 0
 
     # -- the stack -------------------------------------------------------------------------------
 
     async def start(self) -> AirGapSite:
         self.actor = LicenseActor(self.config, now=self.clock.wall, monotonic=self.clock.mono,
                                   transport=self.network, autostart=False,
-                                  boot_id=lambda: "boot-1")
+                                  boot_id=lambda: self.boot)
+        self.runs += 1
+        if self.runs > 1:  # replicas of a new run are new replicas, with ids of their own
+            self.replicas = {f"{r.split('@')[0]}@{self.runs}": g for r, g in self.replicas.items()}
         for replica, gpus in self.replicas.items():
             await self.actor.register(replica, "m", gpus)
         self.gate = LicenseGate(self.actor.state, now=self.clock.mono)
@@ -79,6 +90,14 @@ class AirGapSite:
         await self.actor.stop()
         self.actor._ledger.close()
         self.actor = None
+
+    def reboot(self, down_s: float) -> None:
+        """The (stopped) head node is down for ``down_s`` and boots again: its monotonic clock
+        starts over."""
+        assert self.actor is None
+        self.clock.advance(down_s)
+        self.clock.reboot()
+        self.boot = f"boot-{int(self.boot.split('-')[1]) + 1}"
 
     async def beat(self) -> None:
         assert self.actor is not None and self.gate is not None

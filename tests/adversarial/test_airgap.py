@@ -12,6 +12,7 @@ import pytest
 from license_contract import GENESIS
 from license_server.billing import Refusal
 from tests.adversarial.airgap_site import DAY, HEARTBEAT_S, LEASE_S, AirGapSite
+from tests.unit.test_license_server import database_url, database_urls
 
 
 def run(coro):
@@ -259,3 +260,59 @@ def test_a_clean_stop_and_a_later_start_raise_no_flag(tmp_path):
     site = run(scenario())
     assert site.flags() == []
     assert_books_agree(site)
+
+
+def test_reports_from_a_clock_days_ahead_are_set_aside_and_flagged_not_a_lock_out(tmp_path):
+    """The head node reboots with its clock two days ahead: what it logs after is in the
+    vendor's future. Those reports are not billed, the cluster is flagged, and the rest of the
+    bundle is billed and renewed."""
+    async def scenario():
+        site = await AirGapSite(tmp_path).start()
+        site.take(site.activate(site.request()))
+        await site.run(DAY)
+        await site.stop()
+        billed_before = site.customer_log_seconds()
+        site.clock.skew = 2 * DAY
+        site.reboot(600)
+        await site.start()
+        await site.run(DAY)
+        renewal = json.loads(site.import_usage(site.export()))
+        return site, billed_before, renewal
+
+    site, billed_before, renewal = run(scenario())
+    refused = renewal["refused_reports"]
+    assert refused and {r["code"] for r in refused} == {"interval_in_future"}
+    assert site.vendor_seconds() == pytest.approx(billed_before, abs=1e-3)
+    assert site.vendor_seconds() + sum(r["seconds"] for r in refused) == pytest.approx(
+        site.customer_log_seconds(), abs=1e-2)
+    (alert,) = [f for f in site.flags() if f["code"] == "quarantined_reports"]
+    assert alert["evidence"]["reports"] == len(refused)
+
+
+@pytest.mark.parametrize("db", database_urls())
+def test_the_vendors_desk_on_each_database(db, tmp_path):
+    """Activation, billing once, a replay and a broken chain, on SQLite and PostgreSQL."""
+    url = database_url(db, tmp_path)
+
+    async def scenario():
+        site = await AirGapSite(tmp_path, database_url=url).start()
+        site.take(site.activate(site.request()))
+        await site.run(DAY)
+        bundle = site.export()
+        renewal = site.import_usage(bundle)
+        assert site.import_usage(bundle) == renewal
+        site.take(renewal)
+        await site.run(DAY)
+        return site
+
+    site = run(scenario())
+    from license_contract import read_bundle, signed_in_file
+
+    bundle = site.export()
+    texts = read_bundle(signed_in_file(bundle, "bundle")).entries
+    assert _refused(site, _resign(site, bundle, entries=texts[1:])) == "bundle_chain_broken"
+    site.import_usage(bundle)
+    assert_books_agree(site)
+    view = site.desk.installations(site.license.license_id)["installations"]
+    assert view[0]["bundles"] == 2
+    site.service.store.engine.dispose()

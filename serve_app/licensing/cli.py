@@ -174,7 +174,9 @@ def _verify(ledger: UsageLedger, path: Path) -> int:
     for problem in check.problems:
         print(f"TAMPERED: {problem}", file=sys.stderr)
     verdict = "chain intact" if check.ok else f"CHAIN BROKEN ({len(check.problems)} problems)"
-    print(f"Usage log in {path}: {check.entries} delivered reports, {verdict}; "
+    others = check.entries - check.reports
+    print(f"Usage log in {path}: {check.reports} delivered reports"
+          f"{f' and {others} beat, start and stop entries' if others else ''}, {verdict}; "
           f"head {check.head}")
     print(f"{'license_id':<26}  {'day':<10}  {'instance_seconds':>16}  {'instance_hours':>16}  "
           f"{'gpu_seconds':>16}")

@@ -85,6 +85,7 @@ def read(db: sqlite3.Connection) -> list[tuple[int, str, str, str]]:
 @dataclass
 class LogCheck:
     entries: int = 0
+    reports: int = 0  # entries that hold a report (the rest: an air-gapped log's beats and runs)
     head: str = GENESIS
     problems: list[str] = field(default_factory=list)
     days: list[dict[str, Any]] = field(default_factory=list)
@@ -114,6 +115,8 @@ def verify(rows: Iterable[tuple[int, str, str, str]]) -> LogCheck:
         if entry.get("prev") != prev:
             check.problems.append(f"entry {seq} ({report_id}): does not follow the entry before "
                                   "it (an entry was removed, inserted or rewritten)")
+        if "report_id" in entry:
+            check.reports += 1
         if entry.get("report_id", report_id) != report_id:
             check.problems.append(f"entry {seq}: holds report {entry.get('report_id')}, "
                                   f"indexed as {report_id}")

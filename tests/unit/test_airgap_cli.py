@@ -60,6 +60,8 @@ def test_request_activate_import_export_import_usage_renew(tmp_path, monkeypatch
     for kind in ("start", "beat", "stop"):
         store.log_event(kind, summary["license_id"], cluster, instances=0, gpus=0.0)
     store.close()
+    assert "0 delivered reports and 3 beat, start and stop entries, chain intact" in \
+        run_customer(["usage-log", "verify"], capsys)
     bundle = tmp_path / "bundle.json"
     bundle.write_text(run_customer(["usage-log", "export"], capsys))
     assert json.loads(bundle.read_text())["entries"] == {"start": 1, "beat": 1, "stop": 1}

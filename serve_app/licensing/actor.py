@@ -593,8 +593,8 @@ class LicenseActor:
 
     async def _offline_tick(self) -> None:
         """Air-gapped: what a check-in does, written to the usage log instead of sent: a beat
-        entry (what runs now), the reports sealed every report interval, the lease imported
-        last, the warning before it runs out."""
+        entry (what runs now) and the reports sealed at it; then the lease imported last and
+        the warning before it runs out."""
         lic = self._license
         assert lic is not None
         # The host's clock is the only time there is: it may go forward, never back.

@@ -43,8 +43,9 @@ class NoNetwork(httpx.AsyncBaseTransport):
 class AirGapSite:
     def __init__(self, folder: Path, *, clock: Clocks | None = None, days: float = 365,
                  max_instances: int | None = None, max_gpus: float | None = None,
-                 database_url: str | None = None) -> None:
+                 database_url: str | None = None, heartbeat_s: float = HEARTBEAT_S) -> None:
         self.folder = folder
+        self.heartbeat_s = heartbeat_s
         self.clock = clock or Clocks()
         store = LicenseStore(database_url or f"sqlite:///{folder / 'vendor.db'}",
                              now=self.clock).start()
@@ -55,12 +56,12 @@ class AirGapSite:
         self.service = LicenseService(store, VENDOR_KEY, "http://license.test", now=self.clock)
         self.desk = AirGapDesk(self.service)
         self.license, self.key = self.service.issue(IssueRequest(
-            customer="Bank", models=("*",), heartbeat_interval_s=HEARTBEAT_S,
+            customer="Bank", models=("*",), heartbeat_interval_s=heartbeat_s,
             grace_period_s=LEASE_S, air_gapped=True, days=days, max_instances=max_instances,
             max_gpus=max_gpus))
         self.ledger_path = str(folder / "head" / "ledger.db")
         self.config = LicenseConfig(key=SecretStr(self.key), ledger_path=self.ledger_path,
-                                    report_interval_s=HEARTBEAT_S)
+                                    report_interval_s=heartbeat_s)
         self.network = NoNetwork()
         self.replicas: dict[str, float] = {"r1": 0.0, "r2": 0.0}  # id -> GPUs
         self.actor: LicenseActor | None = None
@@ -114,7 +115,7 @@ class AirGapSite:
     async def run(self, seconds: float) -> None:
         end = self.clock.t + seconds
         while self.clock.t < end - 1e-6:
-            self.clock.advance(min(HEARTBEAT_S, end - self.clock.t))
+            self.clock.advance(min(self.heartbeat_s, end - self.clock.t))
             await self.beat()
             self.served.append((self.clock.t, self.refusal()))
 

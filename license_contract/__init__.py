@@ -24,13 +24,23 @@ from license_contract.airgap import (
     bundle_text,
     entry_hash,
     entry_text,
+    file_text,
     open_bundle,
     open_request,
+    read_bundle,
     request_text,
+    signed_in_file,
 )
 from license_contract.body import BodyError, read_bounded
 from license_contract.keys import PREFIX, License, LicenseError, key_text, verify_key
-from license_contract.lease import LEASE_PREFIX, Lease, LeaseError, lease_text, verify_lease
+from license_contract.lease import (
+    LEASE_PREFIX,
+    Lease,
+    LeaseError,
+    lease_text,
+    read_lease,
+    verify_lease,
+)
 from license_contract.manifest import (
     MANIFEST_NAME,
     MODEL_NAME,
@@ -73,7 +83,8 @@ from license_contract.usage import (
 
 __all__ = [
     "GENESIS", "ActivationRequest", "BundleError", "UsageBundle", "UsageEntry", "bundle_text",
-    "entry_hash", "entry_text", "open_bundle", "open_request", "request_text",
+    "entry_hash", "entry_text", "file_text", "open_bundle", "open_request", "request_text",
+    "signed_in_file", "read_bundle", "read_lease",
     "LEASE_PREFIX", "MANIFEST_NAME", "MAX_BODY_BYTES", "MAX_INTERVAL_S", "MAX_REPORT_INTERVALS",
     "MODEL_NAME", "OVERLAP_TOLERANCE_S", "PREFIX", "SERVER_TIME_HEADER", "SKEW_S", "STRICT",
     "ActivateRequest", "BodyError", "DownloadRequest", "HeartbeatRequest", "HeartbeatResponse",

@@ -45,6 +45,8 @@ class ActivationRequest(BaseModel):
     models: tuple[str, ...] = Field(min_length=1, max_length=256)
     instances: int = Field(ge=1, le=1_000_000)
     gpus: float = Field(ge=0, le=1_000_000)
+    log_head: str = Field(GENESIS, pattern=HASH, description="The hash of the usage log's last "
+                          "entry when the request was made: the first bundle starts after it.")
     created_at: float
     signer: str = Field(description="The installation's public key.")
 
@@ -108,11 +110,42 @@ def bundle_text(bundle: UsageBundle, signature: bytes) -> str:
     return signed_text(BUNDLE_PREFIX, canonical(bundle), signature)
 
 
+def file_text(kind: str, signed: str, **summary: object) -> str:
+    """A file carried by hand: ``{kind: <signed document>, ...}``, the signed document being
+    all the reader trusts; the other fields say in plain words what it holds."""
+    return json.dumps({kind: signed, **summary}, indent=2, sort_keys=False) + "\n"
+
+
+def signed_in_file(text: str, kind: str) -> str:
+    """The signed document of a file written by ``file_text`` (or the document alone)."""
+    text = text.strip()
+    if not text.startswith("{"):
+        return text
+    try:
+        doc = json.loads(text)
+        value = doc[kind]
+        if not isinstance(value, str):
+            raise TypeError(kind)
+    except (ValueError, KeyError, TypeError):
+        raise BundleError(f"This file holds no {kind} (expected a JSON object with a "
+                          f"{kind!r} field).", f"{kind}_malformed") from None
+    return value
+
+
 def open_request(text: str) -> ActivationRequest:
     """The request, its signature checked against the installation key it names."""
     try:
         return open_signed(text, ACTIVATION_PREFIX, ActivationRequest,
                            what="activation request")
+    except SignatureError as exc:
+        raise BundleError(str(exc), exc.code.replace(" ", "_")) from None
+
+
+def read_bundle(text: str) -> UsageBundle:
+    """The bundle's header as its signer (the key it names) signed it: which license and
+    installation it claims, to look up the key it must be opened with (``open_bundle``)."""
+    try:
+        return open_signed(text, BUNDLE_PREFIX, UsageBundle, what="usage bundle")
     except SignatureError as exc:
         raise BundleError(str(exc), exc.code.replace(" ", "_")) from None
 

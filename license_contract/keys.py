@@ -52,6 +52,8 @@ class License(BaseModel):
     heartbeat_interval_s: float = Field(gt=0)
     grace_period_s: float = Field(ge=0, description="Serving time without check-in.")
     server_url: str = Field(min_length=1, description="The vendor's license server.")
+    air_gapped: bool = Field(False, description="The installation never dials the server: "
+                             "leases and usage travel by file (``airgap.py``).")
     signer: str = Field(description="The public key that signed this license (base64url).")
 
     def allows_model(self, name: str) -> bool:

@@ -29,6 +29,11 @@ class Lease(BaseModel):
     issued_at: float
     expires_at: float
     development: bool = Field(description="Granted to a development license.")
+    installation_key: str | None = Field(None, description="Air-gapped: the installation's "
+                                         "public key, the only one whose usage bundles renew it.")
+    acknowledged_head: str | None = Field(None, pattern=r"^[0-9a-f]{64}$", description=(
+        "Air-gapped: the hash of the last usage-log entry the vendor has billed; the next "
+        "bundle starts after it."))
     signer: str
 
 
@@ -44,11 +49,22 @@ def lease_text(lease: Lease, signature: bytes) -> str:
     return signed_text(LEASE_PREFIX, canonical(lease), signature)
 
 
+def read_lease(text: str, *, signer: str | None = None) -> Lease:
+    """The lease in ``text``, its signature checked (against ``signer``, or the key it names),
+    whatever its times: for showing it, or for knowing what an expired one acknowledged."""
+    try:
+        return open_signed(text, LEASE_PREFIX, Lease, what="lease",
+                           signers=None if signer is None else frozenset({signer}))
+    except SignatureError as exc:
+        raise LeaseError(str(exc), exc.code) from None
+
+
 def verify_lease(text: str, *, signer: str, license_id: str, cluster_id: str,
-                 now: float) -> Lease:
+                 now: float, installation_key: str | None = None) -> Lease:
     """The lease in ``text`` if ``signer`` signed it for this license and cluster and it holds
     at ``now`` (server time); else ``LeaseError``. A lease issued more than the allowed clock
-    skew after ``now`` is refused too: no server hands out leases from its future."""
+    skew after ``now`` is refused too: no server hands out leases from its future. With
+    ``installation_key`` (air-gapped), the lease must name that key."""
     try:
         lease = open_signed(text, LEASE_PREFIX, Lease, what="lease", signers=frozenset({signer}))
     except SignatureError as exc:
@@ -59,6 +75,9 @@ def verify_lease(text: str, *, signer: str, license_id: str, cluster_id: str,
     if lease.cluster_id != cluster_id:
         raise LeaseError(f"The lease is for cluster {lease.cluster_id}, not {cluster_id}.",
                          "lease_wrong_cluster")
+    if installation_key is not None and lease.installation_key != installation_key:
+        raise LeaseError("The lease was granted to another installation (its key differs).",
+                         "lease_other_installation")
     if not lease.issued_at < lease.expires_at:
         raise LeaseError("The lease ends before it starts.", "lease_malformed")
     if lease.issued_at > now + SKEW_S:

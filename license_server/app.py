@@ -6,7 +6,8 @@ Client side (``Authorization: Bearer <license key>``): ``POST /v1/activate``,
 recorded).
 Admin side (``Authorization: Bearer <admin token>``): ``POST /admin/licenses`` (issue),
 ``GET /admin/licenses``, ``POST /admin/licenses/{id}/revoke``,
-``GET /admin/licenses/{id}/clusters``, ``GET /admin/usage`` (JSON or ``?format=csv``;
+``GET /admin/licenses/{id}/clusters``, ``GET /admin/licenses/{id}/installations`` (air-gapped
+ones: last bundle, head billed, lease, overdue), ``GET /admin/usage`` (JSON or ``?format=csv``;
 ``from``/``to`` days, ``limit`` with ``cursor`` or ``offset``), ``GET /admin/downloads``.
 ``GET /v1/public-key`` and ``GET /health`` are open.
 
@@ -47,6 +48,7 @@ from license_contract import (
     LicenseError,
     UsageReport,
 )
+from license_server.airgap import AirGapDesk
 from license_server.billing import Refusal
 from license_server.crosscheck import USAGE_COLUMNS, csv_row
 from license_server.limits import FailedAuth, RateLimiter, retry_after
@@ -169,6 +171,13 @@ def build_app(service: LicenseService, admin_token: str, *,
         admin(request)
         return JSONResponse(service.clusters(request.path_params["license_id"]))
 
+    async def installations(request: Request) -> Response:
+        admin(request)
+        lid = request.path_params["license_id"]
+        if not LICENSE_ID.match(lid) or service.store.get_license(lid) is None:
+            raise HTTPException(404, f"no license {lid[:64]}")
+        return JSONResponse(AirGapDesk(service).installations(lid))
+
     async def download_log(request: Request) -> Response:
         admin(request)
         q = request.query_params
@@ -254,6 +263,7 @@ def build_app(service: LicenseService, admin_token: str, *,
         Route("/admin/licenses", list_licenses, methods=["GET"]),
         Route("/admin/licenses/{license_id}/revoke", revoke, methods=["POST"]),
         Route("/admin/licenses/{license_id}/clusters", clusters, methods=["GET"]),
+        Route("/admin/licenses/{license_id}/installations", installations, methods=["GET"]),
         Route("/admin/usage", usage),
         Route("/admin/downloads", download_log, methods=["GET"]),
     ]

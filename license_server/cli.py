@@ -1,5 +1,8 @@
 """``python -m license_server serve|issue|list|revoke|usage|clusters|downloads|public-key|
-rotate-admin-token|publish-model|models``.
+rotate-admin-token|publish-model|models|activate|import-usage|installations``.
+
+``activate`` and ``import-usage`` answer an air-gapped installation's files (``airgap.py``):
+the lease for an activation request, the renewal for a usage bundle, on stdout.
 
 Admin commands act on the same database as the server (``LICENSE_SERVER_DATABASE_URL`` or the
 SQLite file in ``LICENSE_SERVER_DATA_DIR``), so they work whether or not it is running.
@@ -24,6 +27,7 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from license_contract import iso
+from license_server.airgap import AirGapDesk
 from license_server.app import IssueRequest, LicenseService, build_app, to_csv
 from license_server.billing import Refusal
 from license_server.catalog import ModelBucket, ModelCatalog
@@ -187,7 +191,21 @@ def main(argv: list[str] | None = None) -> None:
     issue.add_argument("--max-gpus", type=float)
     issue.add_argument("--heartbeat-interval", type=float, default=30.0)
     issue.add_argument("--grace-hours", type=float, default=72.0)
+    issue.add_argument("--air-gapped", action="store_true",
+                       help="its app never dials this server: activation and usage by file; "
+                       "each lease lives --grace-hours")
     issue.add_argument("--json", action="store_true")
+    activate = sub.add_parser("activate", help="air-gapped: answer an activation request "
+                              "(request.json) with a lease on stdout (> lease.json)")
+    activate.add_argument("file")
+    imported = sub.add_parser("import-usage", help="air-gapped: bill a usage bundle "
+                              "(bundle.json) and write the renewal lease on stdout "
+                              "(> renewal.json)")
+    imported.add_argument("file")
+    installations = sub.add_parser("installations", help="a license's air-gapped "
+                                   "installations: last bundle, head billed, lease, overdue")
+    installations.add_argument("license_id")
+    installations.add_argument("--json", action="store_true")
     sub.add_parser("list", help="list licenses")
     revoke = sub.add_parser("revoke", help="revoke a license")
     revoke.add_argument("license_id")
@@ -245,7 +263,7 @@ def main(argv: list[str] | None = None) -> None:
             models=tuple(m.strip() for m in args.models.split(",") if m.strip()),
             max_instances=args.max_instances, max_gpus=args.max_gpus,
             heartbeat_interval_s=args.heartbeat_interval,
-            grace_period_s=args.grace_hours * 3600))
+            grace_period_s=args.grace_hours * 3600, air_gapped=args.air_gapped))
         if args.json:
             print(json.dumps({"license": lic.model_dump(mode="json"), "key": key,
                               "public_key": service.public_key}))
@@ -298,6 +316,26 @@ def main(argv: list[str] | None = None) -> None:
                       f"{d['cluster_id'] or '-'}  {d['model']}")
             if page["next_before"] is not None:
                 print(f"next page: --before {page['next_before']}", file=sys.stderr)
+    elif args.command in ("activate", "import-usage"):
+        try:
+            text = Path(args.file).read_text()
+            answer = (AirGapDesk(service).activate(text) if args.command == "activate"
+                      else AirGapDesk(service).import_usage(text))
+        except OSError as exc:
+            sys.exit(f"{args.command}: {exc}")
+        except Refusal as exc:
+            sys.exit(f"{args.command}: refused ({exc.code}): {exc}")
+        sys.stdout.write(answer)
+    elif args.command == "installations":
+        view = AirGapDesk(service).installations(args.license_id)
+        if args.json:
+            print(json.dumps(view, indent=2))
+        else:
+            for i in view["installations"]:
+                last = iso(i["last_bundle_at"]) if i["last_bundle_at"] else "never"
+                print(f"{i['installation_id']:<28} bundles={i['bundles']:<4} last bundle {last:<24}"
+                      f" lease until {iso(i['lease_expires_at'])}"
+                      f"{'  OVERDUE' if i['overdue'] else ''}")
     elif args.command == "public-key":
         print(service.public_key)
     elif args.command == "rotate-admin-token":

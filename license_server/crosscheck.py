@@ -27,6 +27,10 @@ for people. What the server holds the customer's reports against:
   without saying it stops.
 - ``quarantined_reports`` (alert, per cluster): the cluster's actor holds reports this server
   refused.
+- ``bundle_overdue`` (alert, per air-gapped installation): the lease last answered to it has run
+  out and no usage bundle renewed it. An air-gapped installation's beats are observed from its
+  bundles like heartbeats, so the checks above hold for it too (its caps, slow gaps for time
+  with no entries, reports against beats); it is overdue rather than silent.
 """
 
 from __future__ import annotations
@@ -127,6 +131,25 @@ def cluster_alerts(license_id: str, clusters: list[dict[str, Any]], *, now: floa
                 f"{c['quarantined_seconds']:.0f} instance-seconds", cid,
                 reports=c["quarantined_reports"],
                 instance_seconds=float(c["quarantined_seconds"])))
+    return alerts
+
+
+def overdue_alerts(license_id: str, installations: list[dict[str, Any]], *,
+                   now: float) -> list[dict[str, Any]]:
+    """Air-gapped installations whose last lease ran out with no bundle carried in since."""
+    alerts = []
+    for i in installations:
+        expired = i["lease_expires_at"]
+        if now < expired:
+            continue
+        last = i.get("last_bundle_at")
+        alerts.append(flag(
+            "bundle_overdue", license_id, day_name(day_index(expired)),
+            f"no usage bundle since {'activation' if last is None else f'{last:.0f}'}; the "
+            f"installation's lease ran out {now - expired:.0f} s ago", i["installation_id"],
+            last_bundle_at=last, last_entry_at=i.get("last_entry_at"),
+            lease_expires_at=float(expired), overdue_s=float(now - expired),
+            bundles=i.get("bundles", 0)))
     return alerts
 
 

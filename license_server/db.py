@@ -137,6 +137,35 @@ downloads = sa.Table(
     sa.Column("granted_at", sa.Float, nullable=False),
 )
 
+# Air-gapped installations (activated by file): the key that signs their bundles, the last
+# usage-log entry billed (``acknowledged_head``), when the last bundle came, and the lease last
+# answered; every head acknowledged, with the lease answered for it, so a replayed bundle gets
+# the same answer and bills nothing.
+installations = sa.Table(
+    "installations", metadata,
+    sa.Column("license_id", sa.String(64), sa.ForeignKey("licenses.license_id"), primary_key=True),
+    sa.Column("installation_id", sa.String(128), primary_key=True),
+    sa.Column("installation_key", sa.String(64), nullable=False),
+    sa.Column("activated_at", sa.Float, nullable=False),
+    sa.Column("models", sa.Text, nullable=False),
+    sa.Column("instances", sa.Integer, nullable=False),
+    sa.Column("gpus", sa.Float, nullable=False),
+    sa.Column("acknowledged_head", sa.String(64), nullable=False),
+    sa.Column("last_bundle_at", sa.Float),
+    sa.Column("last_entry_at", sa.Float),
+    sa.Column("bundles", sa.Integer, nullable=False, default=0),
+    sa.Column("lease_text", sa.Text, nullable=False),
+    sa.Column("lease_expires_at", sa.Float, nullable=False),
+)
+
+installation_heads = sa.Table(
+    "installation_heads", metadata,
+    sa.Column("license_id", sa.String(64), sa.ForeignKey("licenses.license_id"), primary_key=True),
+    sa.Column("installation_id", sa.String(128), primary_key=True),
+    sa.Column("head", sa.String(64), primary_key=True),
+    sa.Column("acknowledged_at", sa.Float, nullable=False),
+)
+
 # The overlap check reads by (license, instance, start), usage pages by (license, start), the
 # coverage of a cluster by (license, cluster, start), a replay by report id, and the download
 # log by time. Bound to the table, they are made with it by create_all.
@@ -555,6 +584,101 @@ class LicenseStore:
                                                             0.0))
                                  .where(reports.c.license_id == license_id)).scalar_one()
         return float(total)
+
+    # -- air-gapped installations ---------------------------------------------------------------
+
+    def installation(self, license_id: str, installation_id: str) -> dict[str, Any] | None:
+        with self._begin() as conn:
+            row = conn.execute(installations.select().where(
+                installations.c.license_id == license_id,
+                installations.c.installation_id == installation_id)).first()
+        return dict(row._mapping) if row else None
+
+    def installations_of(self, license_id: str) -> list[dict[str, Any]]:
+        query = (installations.select().where(installations.c.license_id == license_id)
+                 .order_by(installations.c.installation_id))
+        with self._begin() as conn:
+            return [dict(r._mapping) for r in conn.execute(query).all()]
+
+    def add_installation(self, *, license_id: str, installation_id: str, key: str,
+                         models: str, instances: int, gpus: float, head: str, lease_id: str,
+                         lease_text: str, lease_expires_at: float) -> None:
+        """Record an activated installation and the lease it was answered with; its cluster
+        row holds the lease too (the cluster cap counts it)."""
+        now = self._now()
+        with self._begin() as conn:
+            self._lock(conn, license_id)
+            conn.execute(installations.insert().values(
+                license_id=license_id, installation_id=installation_id, installation_key=key,
+                activated_at=now, models=models, instances=instances, gpus=gpus,
+                acknowledged_head=head, bundles=0, lease_text=lease_text,
+                lease_expires_at=lease_expires_at))
+            conn.execute(installation_heads.insert().values(
+                license_id=license_id, installation_id=installation_id, head=head,
+                acknowledged_at=now))
+            self._ensure_cluster(conn, license_id, installation_id, now)
+            conn.execute(clusters.update().where(
+                clusters.c.license_id == license_id, clusters.c.cluster_id == installation_id,
+            ).values(lease_id=lease_id, lease_expires_at=lease_expires_at))
+
+    def known_heads(self, license_id: str, installation_id: str) -> set[str]:
+        with self._begin() as conn:
+            return {r[0] for r in conn.execute(sa.select(installation_heads.c.head).where(
+                installation_heads.c.license_id == license_id,
+                installation_heads.c.installation_id == installation_id))}
+
+    def acknowledge(self, license_id: str, installation_id: str, *, previous: str, head: str,
+                    last_entry_at: float | None, lease_id: str, lease_text: str,
+                    lease_expires_at: float) -> bool:
+        """Move the installation's acknowledged head from ``previous`` to ``head`` with the
+        renewal answered for it; False when another import moved it first."""
+        now = self._now()
+        with self._begin() as conn:
+            self._lock(conn, license_id)
+            values: dict[str, Any] = {
+                "acknowledged_head": head, "last_bundle_at": now,
+                "bundles": installations.c.bundles + 1, "lease_text": lease_text,
+                "lease_expires_at": lease_expires_at}
+            if last_entry_at is not None:
+                values["last_entry_at"] = last_entry_at
+            done = conn.execute(installations.update().where(
+                installations.c.license_id == license_id,
+                installations.c.installation_id == installation_id,
+                installations.c.acknowledged_head == previous).values(**values)).rowcount
+            if not done:
+                return False
+            if head != previous:
+                conn.execute(installation_heads.insert().values(
+                    license_id=license_id, installation_id=installation_id, head=head,
+                    acknowledged_at=now))
+            conn.execute(clusters.update().where(
+                clusters.c.license_id == license_id, clusters.c.cluster_id == installation_id,
+            ).values(lease_id=lease_id, lease_expires_at=lease_expires_at))
+        return True
+
+    def observe_beat(self, license_id: str, cluster_id: str, beat: Beat,
+                     rules: HeartbeatRules) -> None:
+        """Record a beat an air-gapped installation logged, at the time it logged it: the
+        same observations (witnessed hours, slow gaps, coverage) as a heartbeat received."""
+        with self._begin() as conn:
+            self._lock(conn, license_id)
+            row = self._cluster(conn, license_id, cluster_id)
+            if row is not None and row.last_heartbeat_at is not None \
+                    and beat.at < row.last_heartbeat_at:
+                return  # observed already (an import that failed part way, retried)
+            self._record_heartbeat(conn, license_id, cluster_id, beat,
+                                   HeartbeatRules(rules.slow_after_s, rules.cover_tolerance_s),
+                                   row, {})
+
+    def count_refused(self, license_id: str, cluster_id: str, reports: int,
+                      seconds: float) -> None:
+        """Reports of an air-gapped bundle set aside as refused: the cluster's count of refused
+        reports (``quarantined_reports`` alert) grows by them."""
+        with self._begin() as conn:
+            conn.execute(clusters.update().where(
+                clusters.c.license_id == license_id, clusters.c.cluster_id == cluster_id,
+            ).values(quarantined_reports=clusters.c.quarantined_reports + reports,
+                     quarantined_seconds=clusters.c.quarantined_seconds + seconds))
 
     # -- downloads -----------------------------------------------------------------------------
 

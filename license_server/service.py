@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import math
 import re
 import time
 import uuid
@@ -33,7 +34,7 @@ from license_contract import (
 )
 from license_server.billing import DAY, Beat, Interval, Refusal, day_index, day_name, parse_day
 from license_server.catalog import ModelCatalog
-from license_server.crosscheck import LicenseFacts, license_usage
+from license_server.crosscheck import LicenseFacts, license_usage, overdue_alerts
 from license_server.db import HeartbeatRules, LicenseStore, ReportRules
 from license_server.limits import ServerPolicy
 from license_server.signing import sign_lease, sign_license
@@ -76,6 +77,7 @@ class LicenseService:
             issued_at=now, expires_at=now + req.days * 86400, max_instances=req.max_instances,
             max_gpus=req.max_gpus, heartbeat_interval_s=req.heartbeat_interval_s,
             grace_period_s=req.grace_period_s, server_url=self.public_url, signer=self.public_key,
+            air_gapped=req.air_gapped,
         )
         key = sign_license(lic, self.signing_key)
         self.record_issued(lic, key)
@@ -233,7 +235,7 @@ class LicenseService:
             raise Refusal(f"no license {license_id[:64]}", "not_found", 404)
         lic = self.stored_license(row)
         now = self.now()
-        silent = self.silent_after_s(lic)
+        silent = math.inf if lic.air_gapped else self.silent_after_s(lic)
         out = []
         for c in self.store.clusters_of(license_id):
             last = c["last_heartbeat_at"]
@@ -288,10 +290,14 @@ class LicenseService:
             lic = self.stored_license(lic_row)
             # The window check reaches back before the first day asked for.
             wfirst = max(first - (p.window_days - 1), 0)
+            active = lic_row["revoked_at"] is None and now < lic.expires_at
             facts = LicenseFacts(
                 license_id=lid, max_instances=lic.max_instances, max_gpus=lic.max_gpus,
-                active=lic_row["revoked_at"] is None and now < lic.expires_at,
-                silent_after_s=self.silent_after_s(lic), clusters=self.store.clusters_of(lid),
+                active=active,
+                # An air-gapped cluster is heard from when its bundle is carried in, not
+                # every interval: it is overdue, not silent.
+                silent_after_s=math.inf if lic.air_gapped else self.silent_after_s(lic),
+                clusters=self.store.clusters_of(lid),
                 days=self.store.observed_days(lid, day_name(first), day_name(last)),
                 hours=self.store.observed_hours(lid, wfirst * 24, (last + 1) * 24 - 1),
                 cluster_days=self.store.cluster_days(lid, day_name(first), day_name(last)))
@@ -300,6 +306,8 @@ class LicenseService:
                 first_day=first, last_day=last, now=now,
                 active_now=self.store.active_instances(lid, fresh_s=self.slow_after_s(lic)),
                 policy=p)
+            if lic.air_gapped and active:
+                warn += overdue_alerts(lid, self.store.installations_of(lid), now=now)
             got = [r for r in got if after is None or (r["license_id"], r["day"]) > after]
             if skip >= len(got):
                 skip -= len(got)

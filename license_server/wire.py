@@ -41,6 +41,8 @@ class IssueRequest(BaseModel):
     max_gpus: float | None = Field(None, gt=0, le=1_000_000)
     heartbeat_interval_s: float = Field(30.0, ge=0.1, le=86400)
     grace_period_s: float = Field(72 * 3600.0, ge=0, le=366 * 86400)
+    air_gapped: bool = Field(False, description="The installation never dials the server: "
+                             "activation and usage by file; its leases live the grace period.")
 
     @field_validator("models")
     @classmethod

@@ -238,9 +238,23 @@ def _deliver_usage(license: licensing.LicenseConfig) -> None:
 def usage_log_command(argv: list[str]) -> int:
     """``python -m serve_app usage-log ...`` on the ledger the settings name."""
     settings = Settings()
+    key = settings.license_key.get_secret_value() if settings.license_key else None
     return licensing.usage_log_command(
         argv, ledger=settings.ledger_path,
-        dev_ledger=str(Path(settings.data_dir) / "usage_ledger.db"))
+        dev_ledger=str(Path(settings.data_dir) / "usage_ledger.db"), key=key)
+
+
+def license_command(argv: list[str]) -> int:
+    """``python -m serve_app license request|import``: an air-gapped installation's activation
+    and leases by file, for the model and replicas the settings name."""
+    settings = Settings()
+    model = settings.to_app_config().models[0]
+    key = settings.license_key.get_secret_value() if settings.license_key else None
+    return licensing.license_command(
+        argv, key=key, ledger=settings.ledger_path, models=(model.name,),
+        instances=model.max_replicas,
+        gpus=float(model.max_replicas * model.tensor_parallel_size
+                   if model.scheduling_device() == "gpu" else 0))
 
 
 def print_manifest(argv: list[str]) -> int:
@@ -260,6 +274,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     if argv[:1] == ["usage-log"]:
         sys.exit(usage_log_command(argv[1:]))
+    if argv[:1] == ["license"]:
+        sys.exit(license_command(argv[1:]))
     if argv[:1] == ["manifest"]:
         sys.exit(print_manifest(argv[1:]))
     parser = argparse.ArgumentParser(prog="python -m serve_app", description=__doc__)

@@ -5,7 +5,7 @@ The rest of the app uses these names; the modules behind them are this package's
 """
 
 from serve_app.licensing.actor import LicenseActor
-from serve_app.licensing.cli import status, usage_log_command
+from serve_app.licensing.cli import license_command, status, usage_log_command
 from serve_app.licensing.config import LicenseConfig
 from serve_app.licensing.failure_log import FailureLog
 from serve_app.licensing.gate import InstanceReporter, LicenseGate
@@ -17,6 +17,6 @@ from serve_app.licensing.vendor import is_development, pinned_signers, read_lice
 __all__ = [
     "HEAD_RESOURCE", "Decision", "FailureLog", "InstanceReporter", "LicenseActor",
     "LicenseConfig", "LicenseGate", "UsageLedger", "decide", "get_license_actor",
-    "head_node_options", "is_development", "pinned_signers", "read_license", "status",
-    "usage_log_command",
+    "head_node_options", "is_development", "license_command", "pinned_signers", "read_license",
+    "status", "usage_log_command",
 ]

@@ -23,6 +23,12 @@ for ``Retry-After``; 401 and 403 are the license policy's business (revoked, exp
 network errors back off. Intervals are stamped in the server's time (``server_clock.py``), so a
 customer clock that is off or steps never gets a report refused.
 
+An air-gapped license (``License.air_gapped``) never dials the server: each tick appends a beat
+entry (what runs now) and the reports sealed since to the hash-chained usage log, a start and a
+stop entry bracket each run, and the lease is the one last imported by file (``airgap.py``),
+bound to the installation's key. The host's clock is then the only time there is, kept from
+going back as the server's is.
+
 Nothing on the request path calls the actor: the ingress polls ``state()`` in the background
 (``LicenseGate``) and checks a cached decision; replicas heartbeat from a background task
 (``InstanceReporter``).
@@ -47,8 +53,10 @@ from license_contract import (
     LeaseError,
     License,
     LicenseError,
+    iso,
     verify_lease,
 )
+from serve_app.licensing import airgap
 from serve_app.licensing.config import LicenseConfig
 from serve_app.licensing.ledger import Report, UsageLedger
 from serve_app.licensing.policy import Decision, decide
@@ -70,6 +78,8 @@ NOT_REFUSALS = (401, 403, 429)
 QUARANTINE_SHOWN = 20  # status lists the oldest ones; all are counted
 CLOCK_META = "server_clock"
 LEASE_META = "lease"  # + ":<license id>"
+# An air-gapped installation is warned this long before its lease runs out (log and status).
+AIRGAP_WARN_S = 7 * 86400.0
 # A clean stop waits this long for the license server at most: an idle stop stays quick, and
 # what is not delivered goes out at the next start.
 STOP_TIMEOUT_S = 2.0
@@ -146,7 +156,20 @@ class LicenseActor:
         self._lease_text: str | None = None
         self._lease_deadline: float | None = None  # monotonic; None after a reboot
         self._lease_problem: str | None = None
+        # Air-gapped: no server is ever dialled; leases come by file (``airgap.py``).
+        self._air_gapped = bool(self._license is not None and self._license.air_gapped)
+        self._installation_key = (airgap.installation_public(config.ledger_path)
+                                  if self._air_gapped else None)
+        self._refused_import: str | None = None
+        self._warned_day: int | None = None
         self._restore_lease()
+        if self._air_gapped:
+            assert self._license is not None
+            logger.info("License %s is air-gapped: this installation never dials the license "
+                        "server; usage is logged for bundles carried by hand.",
+                        self._license.license_id)
+            self._take_imported()
+            self._ledger.log_event("start", self._license.license_id, self._cluster_id)
         self._last_seal = self._clock.monotonic()
         self._usage_not_before = 0.0  # monotonic; set by a 429's Retry-After
         self._heard = False  # a response from the server in this process
@@ -168,7 +191,8 @@ class LicenseActor:
         assert lic is not None
         try:
             lease = verify_lease(text, signer=lic.signer, license_id=lic.license_id,
-                                 cluster_id=self._cluster_id, now=self._clock.latest())
+                                 cluster_id=self._cluster_id, now=self._clock.latest(),
+                                 installation_key=self._installation_key)
         except LeaseError as exc:
             self._lease_problem = f"{exc} ({exc.code})"
             logger.error("License: the lease the license server sent is refused: %s",
@@ -191,7 +215,8 @@ class LicenseActor:
             data = json.loads(raw)
             text, boot, deadline = str(data["lease"]), data.get("boot"), data.get("deadline")
             lease = verify_lease(text, signer=lic.signer, license_id=lic.license_id,
-                                 cluster_id=self._cluster_id, now=self._clock.latest())
+                                 cluster_id=self._cluster_id, now=self._clock.latest(),
+                                 installation_key=self._installation_key)
         except (ValueError, KeyError, TypeError):
             logger.warning("License: ignoring an unreadable saved lease")
             return
@@ -203,6 +228,34 @@ class LicenseActor:
         self._lease, self._lease_text = lease, text
         if boot and boot == self._boot_id() and isinstance(deadline, (int, float)):
             self._lease_deadline = float(deadline)
+
+    def _take_imported(self) -> None:
+        """Air-gapped: take the lease last imported by file (``license import``), once."""
+        lic = self._license
+        assert lic is not None
+        text = airgap.imported_lease_text(self._ledger, lic)
+        if text is None or text in (self._lease_text, self._refused_import):
+            return
+        if self._installation_key is None:  # made by `license request` after this started
+            self._installation_key = airgap.installation_public(self._config.ledger_path)
+        self._take_lease(text)
+        self._refused_import = text if self._lease_text != text else None
+
+    def _warn_expiry(self) -> str | None:
+        """Air-gapped: from ``AIRGAP_WARN_S`` before the lease runs out, what the operator is
+        told (logged once a day)."""
+        left = self._lease_left_s()
+        if not self._air_gapped or left is None or not 0 < left <= AIRGAP_WARN_S:
+            return None
+        assert self._lease is not None
+        text = (f"the air-gapped lease expires at {iso(self._lease.expires_at)}, in "
+                f"{left / 86400:.1f} days: carry a usage bundle to the vendor and import the "
+                "renewal before then")
+        day = int(self._clock.latest() // 86400)
+        if self._warned_day != day:
+            self._warned_day = day
+            logger.warning("License: %s", text)
+        return text
 
     def _lease_left_s(self) -> float | None:
         """The life left to the lease, judged both ways; None without one."""
@@ -272,6 +325,9 @@ class LicenseActor:
 
     def _clock_status(self) -> str:
         offset = self._clock.wall_offset_s()
+        if self._air_gapped:
+            return ("air-gapped: usage is stamped with this host's clock, which never goes back "
+                    "for leases; keep it synchronised with a local time source")
         if not self._clock.synced:
             if self._heard:
                 return ("The license server does not send its time: usage is stamped with this "
@@ -352,7 +408,8 @@ class LicenseActor:
                 "license_id": lic.license_id if lic else None,
                 "signer": lic.signer if lic else None, "cluster_id": self._cluster_id,
                 "lease": self._lease_text if d.allowed else None,
-                "lease_left_s": self._lease_left_s(), "server_now": self._clock.latest()}
+                "lease_left_s": self._lease_left_s(), "server_now": self._clock.latest(),
+                "air_gapped": self._air_gapped}
 
     async def status(self) -> dict[str, Any]:
         """The customer's view: what the status route and CLI print. Usage is the license's in
@@ -396,7 +453,20 @@ class LicenseActor:
             "last_error": self._last_error,
             "cluster_id": self._cluster_id,
             "development": self._development,
+            "air_gapped": self._air_gapped,
+            **(self._air_gapped_status() if self._air_gapped else {}),
         }
+
+    def _air_gapped_status(self) -> dict[str, Any]:
+        lic = self._license
+        assert lic is not None
+        left = airgap.waiting(self._ledger, lic, self._clock.latest())
+        return {"mode": "air-gapped: this installation never dials the license server; leases "
+                        "and usage travel by file",
+                "installation_key": self._installation_key,
+                "usage_entries_waiting": left["entries"],
+                "usage_days_waiting": left["days"],
+                "lease_warning": self._warn_expiry()}
 
     async def flush(self) -> dict[str, Any]:
         """Seal and deliver now (tests and shutdown); returns the ledger totals for the license
@@ -425,7 +495,11 @@ class LicenseActor:
         lid = self._license.license_id if self._license else None
         for instance in self._ledger.live():
             self._ledger.deregister(instance["instance_id"], lid)
-        if self._license is not None:
+        if self._air_gapped:
+            assert self._license is not None
+            await self._report(force=True)
+            self._ledger.log_event("stop", self._license.license_id, self._cluster_id)
+        elif self._license is not None:
             try:
                 await asyncio.wait_for(self._goodbye(), timeout_s)
             except Exception as exc:  # unreachable or slow: the ledger keeps it all
@@ -502,6 +576,8 @@ class LicenseActor:
         lic = self._license
         if lic is None:
             return
+        if self._air_gapped:
+            return await self._offline_tick()
         self._save_clock()  # before the network can fail: the floor of the server's time
         self._expire()
         live = self._ledger.live()
@@ -515,6 +591,24 @@ class LicenseActor:
             answer = HeartbeatResponse.model_validate_json(resp.content)
             self._checked_in(answer.status, answer.lease)
         await self._report()
+
+    async def _offline_tick(self) -> None:
+        """Air-gapped: what a check-in does, written to the usage log instead of sent: a beat
+        entry (what runs now) and the reports sealed at it; then the lease imported last and
+        the warning before it runs out."""
+        lic = self._license
+        assert lic is not None
+        # The host's clock is the only time there is: it may go forward, never back.
+        self._clock.see(self._clock.now())
+        self._save_clock()
+        self._expire()
+        self._take_imported()
+        live = self._ledger.live()
+        self._ledger.log_event("beat", lic.license_id, self._cluster_id, instances=len(live),
+                               gpus=sum(i["gpus"] for i in live))
+        # Sealed at every beat: a bundle's reports then cover its beats up to its last one.
+        await self._report(force=True)
+        self._warn_expiry()
 
     def _heartbeat_body(self, live: list[dict[str, Any]]) -> dict[str, Any]:
         body: dict[str, Any] = {"cluster_id": self._cluster_id, "instances": len(live),
@@ -541,7 +635,7 @@ class LicenseActor:
             return
         # Seal only once the server has answered in this process: until then the intervals'
         # stamps may still move to the server's time, and sealed ones cannot.
-        if (self._heard or self._clock.synced) and (
+        if (self._heard or self._clock.synced or self._air_gapped) and (
                 force or self._clock.monotonic() - self._last_seal >= self._config.report_interval_s):
             self._ledger.seal_reports(lic.license_id)
             self._last_seal = self._clock.monotonic()
@@ -549,6 +643,10 @@ class LicenseActor:
             return
         pending = self._ledger.pending_reports()
         if not pending:
+            return
+        if self._air_gapped:  # nothing is sent: the usage log carries them
+            for report in pending:
+                self._ledger.keep_locally(report.report_id, self._cluster_id)
             return
         clients: dict[str, httpx.AsyncClient] = {}
         try:

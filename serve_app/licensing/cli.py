@@ -1,6 +1,8 @@
 """The customer's license commands: ``python -m serve_app status`` (the license as the running
-app sees it) and ``python -m serve_app usage-log verify|resend`` (the audit of the bill, read
-from the usage ledger on the head node)."""
+app sees it), ``python -m serve_app usage-log verify|resend|export`` (the audit of the bill, read
+from the usage ledger on the head node; ``export`` writes an air-gapped installation's usage
+bundle) and ``python -m serve_app license request|import`` (an air-gapped installation's
+activation and leases, by file)."""
 
 from __future__ import annotations
 
@@ -11,7 +13,10 @@ import time
 import urllib.request
 from pathlib import Path
 
+from license_contract import License, LicenseError
+from serve_app.licensing import airgap
 from serve_app.licensing.ledger import UsageLedger
+from serve_app.licensing.vendor import read_license
 
 
 def status(argv: list[str]) -> None:
@@ -31,6 +36,61 @@ def status(argv: list[str]) -> None:
     print(format_status(data))
 
 
+def _license(key: str | None) -> License:
+    if not key:
+        sys.exit("no license key: set SERVE_APP_LICENSE_KEY")
+    try:
+        return read_license(key, check_expiry=False)[0]
+    except LicenseError as exc:
+        sys.exit(f"license key: {exc}")
+
+
+def license_command(argv: list[str], *, key: str | None, ledger: str, models: tuple[str, ...],
+                    instances: int, gpus: float) -> int:
+    """``python -m serve_app license request|import``: an air-gapped installation's activation
+    request (to stdout) and the leases the vendor sends back (from a file), on the ledger of
+    this (head) node."""
+    parser = argparse.ArgumentParser(prog="python -m serve_app license")
+    parser.add_argument("--ledger", default=ledger, help="the usage ledger (default: "
+                        "SERVE_APP_LEDGER_PATH); the installation key is kept beside it")
+    sub = parser.add_subparsers(dest="action", required=True)
+    request = sub.add_parser("request", help="write an activation request for the vendor to "
+                             "stdout (> request.json); makes this installation's key")
+    request.add_argument("--models", help="comma-separated models the cluster will run "
+                         f"(default: {','.join(models)})")
+    request.add_argument("--instances", type=int, default=instances,
+                         help=f"LLM replicas at most (default {instances})")
+    request.add_argument("--gpus", type=float, default=gpus,
+                         help=f"GPUs at most (default {gpus:g})")
+    take = sub.add_parser("import", help="keep a lease or renewal the vendor sent (lease.json, "
+                          "renewal.json); the running app serves under it within a tick")
+    take.add_argument("file")
+    ns = parser.parse_args(argv)
+    lic = _license(key)
+    path = Path(ns.ledger).expanduser()
+    store = UsageLedger(path).start()
+    try:
+        if ns.action == "request":
+            names = tuple(m.strip() for m in ns.models.split(",")) if ns.models else models
+            sys.stdout.write(airgap.activation_request(
+                lic, key or "", store, str(path), models=names, instances=ns.instances,
+                gpus=ns.gpus, now=time.time()))
+            print(f"Installation key kept in {airgap.key_path(path)} (0600); send the request "
+                  "to the vendor.", file=sys.stderr)
+            return 0
+        lease = airgap.import_lease(lic, store, str(path), Path(ns.file).read_text(),
+                                    now=time.time())
+        print(f"Lease {lease.lease_id} imported: serving until {_when(lease.expires_at)} "
+              f"({lease.instances if lease.instances is not None else 'any'} instances, "
+              f"{lease.gpus if lease.gpus is not None else 'any'} GPUs).")
+        return 0
+    except airgap.AirGapError as exc:
+        print(f"license {ns.action}: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        store.close()
+
+
 def _when(value: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(value))
 
@@ -43,6 +103,11 @@ def format_status(data: dict[str, object]) -> str:
     if data.get("development"):
         lines.append("DEVELOPMENT LICENSE: signed by a key this build does not pin; the vendor's "
                      "license server refuses it.")
+    if data.get("air_gapped"):
+        lines.append("AIR-GAPPED: this installation never dials the license server; leases and "
+                     "usage travel by file.")
+    if data.get("lease_warning"):
+        lines.append(f"WARNING: {data['lease_warning']}")
     for key, value in data.items():
         if key == "quarantined" and isinstance(value, list):
             for q in value:
@@ -58,7 +123,8 @@ def format_status(data: dict[str, object]) -> str:
     return "\n".join(lines)
 
 
-def usage_log_command(argv: list[str], ledger: str, dev_ledger: str) -> int:
+def usage_log_command(argv: list[str], ledger: str, dev_ledger: str,
+                      key: str | None = None) -> int:
     """``python -m serve_app usage-log verify|resend``: the customer's audit of the bill, read
     straight from the usage ledger on this (head) node. ``ledger`` is the configured ledger's
     path, ``dev_ledger`` that of ``python -m serve_app --dev-license``."""
@@ -82,6 +148,9 @@ def usage_log_command(argv: list[str], ledger: str, dev_ledger: str) -> int:
     resend.add_argument("--all", action="store_true", help="every quarantined report")
     resend.add_argument("--wait", type=float, default=120.0,
                         help="seconds to wait for the running app to deliver them (0: do not)")
+    sub.add_parser("export", parents=[common], help="air-gapped: write every usage entry the "
+                   "vendor has not acknowledged, signed by this installation, to stdout "
+                   "(> bundle.json)")
     ns = parser.parse_args(argv)
     path = Path(ns.ledger or (dev_ledger if ns.dev_license else ledger)).expanduser()
     if not path.exists():
@@ -91,6 +160,10 @@ def usage_log_command(argv: list[str], ledger: str, dev_ledger: str) -> int:
     try:
         if ns.action == "verify":
             return _verify(store, path)
+        if ns.action == "export":
+            lic = _license(key)
+            sys.stdout.write(airgap.export_bundle(lic, store, str(path), now=time.time()))
+            return 0
         return _resend(store, ns.report_ids, ns.all, ns.wait)
     finally:
         store.close()
@@ -101,7 +174,9 @@ def _verify(ledger: UsageLedger, path: Path) -> int:
     for problem in check.problems:
         print(f"TAMPERED: {problem}", file=sys.stderr)
     verdict = "chain intact" if check.ok else f"CHAIN BROKEN ({len(check.problems)} problems)"
-    print(f"Usage log in {path}: {check.entries} delivered reports, {verdict}; "
+    others = check.entries - check.reports
+    print(f"Usage log in {path}: {check.reports} delivered reports"
+          f"{f' and {others} beat, start and stop entries' if others else ''}, {verdict}; "
           f"head {check.head}")
     print(f"{'license_id':<26}  {'day':<10}  {'instance_seconds':>16}  {'instance_hours':>16}  "
           f"{'gpu_seconds':>16}")

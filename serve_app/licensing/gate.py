@@ -14,7 +14,7 @@ from typing import Any
 
 from license_contract import LeaseError, verify_lease
 from serve_app.licensing.failure_log import FailureLog
-from serve_app.licensing.policy import OVERDUE_RETRY_S, PENDING_RETRY_S
+from serve_app.licensing.policy import AIRGAP_RENEW, OVERDUE_RETRY_S, PENDING_RETRY_S
 
 logger = logging.getLogger("ray.serve")
 
@@ -25,6 +25,10 @@ EXPIRED = {"allowed": False, "status": 503, "code": "license_lease_expired",
            "retry_after_s": OVERDUE_RETRY_S,
            "message": "The license's lease has run out and the license actor has not renewed "
                       "it: new requests wait for a check-in with the license server."}
+
+AIRGAP_EXPIRED = {"allowed": False, "status": 503, "code": "license_airgap_lease_expired",
+                  "retry_after_s": OVERDUE_RETRY_S,
+                  "message": f"The air-gapped license's lease has run out: {AIRGAP_RENEW}."}
 
 
 class LicenseGate:
@@ -116,7 +120,7 @@ class LicenseGate:
         if self._deadline is None:
             return self._bad_lease or PENDING
         if self._now() >= self._deadline:
-            return EXPIRED
+            return AIRGAP_EXPIRED if state.get("air_gapped") else EXPIRED
         return None
 
 

@@ -322,6 +322,48 @@ class UsageLedger:
                 "cluster_id": cluster[0] if cluster else None, "delivered_at": now,
                 "intervals": self._report(report_id).intervals})
 
+    def keep_locally(self, report_id: str, cluster_id: str) -> None:
+        """Air-gapped: the report cannot be sent, so it is logged as a ``report`` entry (and
+        counts as delivered: it leaves the cluster in a bundle)."""
+        now = self._now()
+        db = self._tx()
+        with db:
+            done = db.execute("UPDATE reports SET delivered_at = ? WHERE report_id = ? AND "
+                              "delivered_at IS NULL", (now, report_id)).rowcount
+            if not done:
+                return
+            lid = db.execute("SELECT license_id FROM reports WHERE report_id = ?",
+                             (report_id,)).fetchone()[0]
+            usage_log.append(db, {"kind": "report", "at": float(now), "license_id": lid,
+                                  "cluster_id": cluster_id, "report_id": report_id,
+                                  "intervals": [{**i, "gpus": float(i["gpus"]),
+                                                 "start": float(i["start"]),
+                                                 "end": float(i["end"])}
+                                                for i in self._report(report_id).intervals]})
+
+    def log_event(self, kind: str, license_id: str, cluster_id: str,
+                  instances: int | None = None, gpus: float | None = None) -> str:
+        """Air-gapped: append a ``beat`` (what runs now), ``start`` or ``stop`` entry; returns
+        the log's new head."""
+        # Written as the contract spells it (``entry_text``): the vendor refuses other spellings.
+        entry: dict[str, Any] = {"kind": kind, "at": float(self._now()), "license_id": license_id,
+                                 "cluster_id": cluster_id, "intervals": []}
+        if instances is not None:
+            entry["instances"] = instances
+        if gpus is not None:
+            entry["gpus"] = float(gpus)
+        db = self._tx()
+        with db:
+            usage_log.append(db, entry, key=f"{kind}_{uuid.uuid4().hex}")
+            return usage_log.head(db)
+
+    def log_head(self) -> str:
+        return usage_log.head(self._tx())
+
+    def log_after(self, known: str) -> list[tuple[int, str, str]] | None:
+        """The usage log's entries after the one whose hash is ``known``; None if none is."""
+        return usage_log.after(self._tx(), known)
+
     def quarantine(self, report_id: str, reason: str) -> None:
         """The server refused the report for good: keep it, with the reason, out of the way."""
         with self._tx() as db:

@@ -5,8 +5,11 @@ permission each successful check-in with the license server returns, which lives
 license's grace period: an honest outage of the server serves for that long after the last
 check-in, then new requests get 503 ``license_checkin_overdue``. Without a lease (before the
 first check-in, or with the ledger that held it deleted) new requests get 503
-``license_pending``. Revoked and expired licenses get 403. Requests already running are never
-touched: the decision is consulted only when a request arrives.
+``license_pending``. Revoked and expired licenses get 403. An air-gapped license
+(``License.air_gapped``) serves under a lease imported by file: without one 503
+``license_airgap_no_lease``, after it 503 ``license_airgap_lease_expired``, each saying which
+commands bring the next. Requests already running are never touched: the decision is consulted
+only when a request arrives.
 """
 
 from __future__ import annotations
@@ -54,6 +57,8 @@ def decide(
     if now >= lic.expires_at:
         return Decision(False, 403, "license_expired",
                         f"License {lic.license_id} expired at {iso(lic.expires_at)}.", 0.0)
+    if lic.air_gapped:
+        return _air_gapped(lic, lease_left_s)
     if lease_left_s is None:
         why = (f"the lease it sent was refused: {lease_problem}" if lease_problem else
                "serving starts when it grants a lease")
@@ -70,4 +75,28 @@ def decide(
             f"connectivity to {lic.server_url}; serving resumes at the next successful "
             "check-in.", 0.0, OVERDUE_RETRY_S,
         )
+    return Decision(True, 200, "ok", "ok", lease_left_s)
+
+
+# What an operator of an air-gapped installation does about a missing or lapsed lease.
+AIRGAP_ACTIVATE = ("run `python -m serve_app license request > request.json`, have the vendor "
+                   "answer it (`python -m license_server activate request.json`), then `python "
+                   "-m serve_app license import lease.json`")
+AIRGAP_RENEW = ("export the usage (`python -m serve_app usage-log export > bundle.json`), carry "
+                "it to the vendor (`python -m license_server import-usage bundle.json`), and "
+                "import the renewal (`python -m serve_app license import renewal.json`); "
+                "serving resumes at once")
+
+
+def _air_gapped(lic: License, lease_left_s: float | None) -> Decision:
+    """An air-gapped license never waits for a check-in: it serves under a lease imported by
+    file, and says how to get the next one."""
+    if lease_left_s is None:
+        return Decision(False, 503, "license_airgap_no_lease",
+                        f"Air-gapped license {lic.license_id} has no lease imported: "
+                        f"{AIRGAP_ACTIVATE}.", 0.0, OVERDUE_RETRY_S)
+    if lease_left_s <= 0:
+        return Decision(False, 503, "license_airgap_lease_expired",
+                        f"The lease of air-gapped license {lic.license_id} has run out: "
+                        f"{AIRGAP_RENEW}.", 0.0, OVERDUE_RETRY_S)
     return Decision(True, 200, "ok", "ok", lease_left_s)

@@ -1,5 +1,9 @@
 """The customer's own record of what was billed: a hash-chained log of delivered usage reports.
 
+An air-gapped installation (``airgap.py``) logs in it what it cannot send: its sealed reports,
+and beat, start and stop entries (``license_contract.UsageEntry``), which it carries to the
+vendor in signed bundles.
+
 Every report the license server accepts is appended, in the same SQLite transaction that marks it
 delivered in the ledger (so a crash can neither log an undelivered report nor deliver an unlogged
 one). An entry is canonical JSON holding the report (id, license, cluster, intervals) and
@@ -39,18 +43,38 @@ def entry_hash(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def append(db: sqlite3.Connection, entry: dict[str, Any]) -> bool:
+def append(db: sqlite3.Connection, entry: dict[str, Any], key: str | None = None) -> bool:
     """Append a delivered report inside the caller's transaction; False when it is already
-    logged (a replay the server answered as a duplicate)."""
-    known = db.execute("SELECT 1 FROM usage_log WHERE report_id = ?",
-                       (entry["report_id"],)).fetchone()
+    logged (a replay the server answered as a duplicate). ``key``: the entry's unique index
+    when it is not a report (an air-gapped installation's beat, start and stop entries)."""
+    key = key or entry["report_id"]
+    known = db.execute("SELECT 1 FROM usage_log WHERE report_id = ?", (key,)).fetchone()
     if known:
         return False
-    row = db.execute("SELECT hash FROM usage_log ORDER BY seq DESC LIMIT 1").fetchone()
-    text = encode({**entry, "prev": row[0] if row else GENESIS})
+    text = encode({**entry, "prev": head(db)})
     db.execute("INSERT INTO usage_log(report_id, entry, hash) VALUES (?, ?, ?)",
-               (entry["report_id"], text, entry_hash(text)))
+               (key, text, entry_hash(text)))
     return True
+
+
+def head(db: sqlite3.Connection) -> str:
+    """The hash of the log's last entry (GENESIS for an empty log)."""
+    row = db.execute("SELECT hash FROM usage_log ORDER BY seq DESC LIMIT 1").fetchone()
+    return row[0] if row else GENESIS
+
+
+def after(db: sqlite3.Connection, known: str) -> list[tuple[int, str, str]] | None:
+    """(seq, entry, hash) of every entry after the one whose hash is ``known`` (GENESIS: all),
+    in order; None when no entry has that hash."""
+    seq = 0
+    if known != GENESIS:
+        row = db.execute("SELECT seq FROM usage_log WHERE hash = ? ORDER BY seq LIMIT 1",
+                         (known,)).fetchone()
+        if row is None:
+            return None
+        seq = row[0]
+    return db.execute("SELECT seq, entry, hash FROM usage_log WHERE seq > ? ORDER BY seq",
+                      (seq,)).fetchall()
 
 
 def read(db: sqlite3.Connection) -> list[tuple[int, str, str, str]]:
@@ -61,6 +85,7 @@ def read(db: sqlite3.Connection) -> list[tuple[int, str, str, str]]:
 @dataclass
 class LogCheck:
     entries: int = 0
+    reports: int = 0  # entries that hold a report (the rest: an air-gapped log's beats and runs)
     head: str = GENESIS
     problems: list[str] = field(default_factory=list)
     days: list[dict[str, Any]] = field(default_factory=list)
@@ -90,7 +115,9 @@ def verify(rows: Iterable[tuple[int, str, str, str]]) -> LogCheck:
         if entry.get("prev") != prev:
             check.problems.append(f"entry {seq} ({report_id}): does not follow the entry before "
                                   "it (an entry was removed, inserted or rewritten)")
-        if entry.get("report_id") != report_id:
+        if "report_id" in entry:
+            check.reports += 1
+        if entry.get("report_id", report_id) != report_id:
             check.problems.append(f"entry {seq}: holds report {entry.get('report_id')}, "
                                   f"indexed as {report_id}")
         prev = stored

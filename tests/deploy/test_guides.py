@@ -20,6 +20,7 @@ DOCKER_GUIDE = (ROOT / "deploy" / "docker.md").read_text()
 COLAB_GUIDE = (ROOT / "deploy" / "colab.md").read_text()
 README = (ROOT / "README.md").read_text()
 LICENSE_SERVER_GUIDE = (ROOT / "deploy" / "license-server.md").read_text()
+AIR_GAPPED_GUIDE = (ROOT / "deploy" / "air-gapped.md").read_text()
 # `python -m MODULE` -> the function its __main__ calls.
 CLIS = {
     "serve_app": "serve_app.cli",
@@ -29,7 +30,7 @@ CLIS = {
 }
 # serve_app.cli.main dispatches these words itself, before its own parser (which has no
 # subcommands, so it would take any other word as an unknown positional after --help).
-SERVE_APP_COMMANDS = ("status", "usage-log", "manifest")
+SERVE_APP_COMMANDS = ("status", "usage-log", "manifest", "license")
 SETTINGS_ENV = {f"SERVE_APP_{name.upper()}" for name in Settings.model_fields}
 
 
@@ -136,7 +137,7 @@ def check_cli(words: list[str], capsys, tmp_path) -> str:
         assert '"config.json"' in capsys.readouterr().out
         return "serve_app manifest"
     if module == "serve_app":
-        sub = sub[:2] if sub[:1] == ["usage-log"] else sub[:1]
+        sub = sub[:2] if sub[:1] in (["usage-log"], ["license"]) else sub[:1]
         assert not sub or sub[0] in SERVE_APP_COMMANDS, words
     else:
         sub = sub[:1]
@@ -168,6 +169,13 @@ def test_the_license_server_guide_commands_are_its_cli(capsys, tmp_path):
     commands = {"serve", "issue", "list", "revoke", "usage", "public-key", "rotate-admin-token",
                 "publish-model", "models"}
     assert {f"license_server {c}" for c in commands} <= checked
+
+
+def test_the_air_gapped_guide_commands_are_our_clis(capsys, tmp_path):
+    checked = {check_cli(words, capsys, tmp_path) for words in python_commands(AIR_GAPPED_GUIDE)}
+    assert {"serve_app license request", "serve_app license import", "serve_app usage-log export",
+            "serve_app status", "license_server issue", "license_server activate",
+            "license_server import-usage", "license_server installations"} <= checked
 
 
 @pytest.mark.parametrize("command", [

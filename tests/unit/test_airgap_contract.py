@@ -121,3 +121,42 @@ def test_an_activation_request_proves_its_installation_key():
     forged = request_text(request, other.sign(canonical(request)))
     with pytest.raises(BundleError):
         open_request(forged)
+
+
+def test_a_lease_bound_to_an_installation_key_holds_only_for_that_key():
+    from license_contract import LeaseError, read_lease, verify_lease
+    from tests.fakes import VENDOR_KEY, issue_lease
+
+    lease, text = issue_lease(VENDOR_KEY, installation_key=KEY, acknowledged_head=GENESIS)
+    checks = dict(signer=lease.signer, license_id=lease.license_id, cluster_id=lease.cluster_id,
+                  now=lease.issued_at)
+    assert verify_lease(text, installation_key=KEY, **checks) == lease
+    with pytest.raises(LeaseError) as info:
+        verify_lease(text, installation_key=signer_of(new_private_key()), **checks)
+    assert info.value.code == "lease_other_installation"
+    # An expired lease still reads (what it acknowledged), its signature checked all the same.
+    assert read_lease(text, signer=lease.signer).acknowledged_head == GENESIS
+    with pytest.raises(LeaseError):
+        read_lease(text, signer=KEY)
+
+
+def test_the_air_gapped_flag_is_strict_and_online_keys_read_as_online():
+    from license_contract import License, verify_key
+    from tests.fakes import VENDOR_KEY, issue_key
+
+    lic, key = issue_key(VENDOR_KEY)
+    assert verify_key(key).air_gapped is False
+    assert issue_key(VENDOR_KEY, air_gapped=True)[0].air_gapped is True
+    with pytest.raises(ValueError):
+        License(**{**lic.model_dump(), "air_gapped": "true"})
+
+
+def test_a_carried_file_holds_its_signed_document_or_says_it_does_not():
+    from license_contract import file_text, signed_in_file
+
+    assert signed_in_file(file_text("lease", "MTLL1.a.b", note="x"), "lease") == "MTLL1.a.b"
+    assert signed_in_file("  MTLL1.a.b\n", "lease") == "MTLL1.a.b"
+    for text in ('{"bundle": "MTLB1.a.b"}', '{"lease": 7}', "{not json"):
+        with pytest.raises(BundleError) as info:
+            signed_in_file(text, "lease")
+        assert info.value.code == "lease_malformed"

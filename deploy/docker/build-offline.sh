@@ -231,6 +231,8 @@ build() {
     *) log "unknown flavour $flavour (cpu or gpu)"; exit 2 ;;
   esac
   local tag="serve-app:$flavour" start=$SECONDS
+  local previous
+  previous=$(docker_cli image inspect --format '{{.Id}}' "$tag" 2>/dev/null || true)
   local build_log="$CACHE/build-$flavour.log"
   log "docker build -f deploy/docker/Dockerfile.$flavour -t $tag ${args[*]} (log: $build_log)"
   if ! docker_cli build --network host -f "$ROOT/deploy/docker/Dockerfile.$flavour" \
@@ -239,6 +241,10 @@ build() {
     exit 1
   fi
   local took=$((SECONDS - start))
+  # The image this tag named before, and the layers only it used (GBs): a cache of nothing.
+  if [ -n "$previous" ] && [ "$previous" != "$(docker_cli image inspect --format '{{.Id}}' "$tag")" ]; then
+    docker_cli rmi "$previous" >/dev/null 2>&1 || true
+  fi
   docker_cli image inspect --format "IMAGE=$tag ID={{.Id}} SIZE={{.Size}} BUILD_SECONDS=$took" "$tag"
   [ "$STARTED" = 0 ] || log "dockerd keeps running; stop it with $0 stop-daemon"
 }

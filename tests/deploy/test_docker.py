@@ -1,7 +1,7 @@
 """The Docker images and compose.yaml, checked without a Docker daemon: hadolint on the
 Dockerfiles, their commands and environment against what the README and the Makefile document,
 the build context against what the Dockerfiles copy, compose.yaml's services, volumes, health
-checks and GPU profile. The images themselves are not built here (no registry for base images)."""
+checks and GPU profile. tests/image builds the CPU image and runs it."""
 
 from __future__ import annotations
 

@@ -20,8 +20,9 @@ from typing import Any
 
 import yaml
 
-from license_contract import LicenseError, load_public_key, verify_key
+from license_contract import LicenseError
 from serve_app import ray_internals
+from serve_app.licensing import read_license
 
 TOKEN_FILE = "~/.ray/auth_token"
 LICENSE_ENV_FILE = "~/.serve_app/license.env"
@@ -109,18 +110,19 @@ def head_resources(config: dict[str, Any]) -> dict[str, float]:
 
 
 def license_problems(env_text: str, now: float | None = None) -> list[str]:
-    """Check a ``license.env`` (``KEY=value`` lines): the key verifies against the public key,
-    is unexpired, and names an HTTPS license server."""
+    """Check a ``license.env`` (``KEY=value`` lines): the key is signed by a vendor key this
+    build pins, is unexpired, and names an HTTPS license server."""
     env = parse_env(env_text)
-    missing = [k for k in ("SERVE_APP_LICENSE_KEY", "SERVE_APP_LICENSE_PUBLIC_KEY") if k not in env]
-    if missing:
-        return [f"license env lacks {', '.join(missing)}"]
+    if "SERVE_APP_LICENSE_KEY" not in env:
+        return ["license env lacks SERVE_APP_LICENSE_KEY"]
     try:
-        public_key = load_public_key(env["SERVE_APP_LICENSE_PUBLIC_KEY"])
-        lic = verify_key(env["SERVE_APP_LICENSE_KEY"], public_key,
-                         now=time.time() if now is None else now)
-    except (LicenseError, ValueError) as exc:
+        lic, development = read_license(env["SERVE_APP_LICENSE_KEY"],
+                                        now=time.time() if now is None else now)
+    except LicenseError as exc:
         return [str(exc)]
+    if development:
+        return [f"license {lic.license_id} is a development license: this build does not pin "
+                "the key that signed it, and the vendor's license server refuses it"]
     if not lic.server_url.startswith("https://"):
         return [f"license server {lic.server_url} is not HTTPS: usage reports and the license "
                 "key would cross the network in clear; ask the vendor for an HTTPS one"]
@@ -136,8 +138,8 @@ def local_problems(config: dict[str, Any]) -> list[str]:
         problems.append(f"no Ray token at {token}: run `ray get-auth-token --generate`")
     env_file = Path(mounts.get(LICENSE_ENV_FILE, LICENSE_ENV_FILE)).expanduser()
     if not env_file.is_file():
-        problems.append(f"no license env file at {env_file}: write SERVE_APP_LICENSE_KEY=... and "
-                        "SERVE_APP_LICENSE_PUBLIC_KEY=... lines into it (chmod 600)")
+        problems.append(f"no license env file at {env_file}: write a SERVE_APP_LICENSE_KEY=... "
+                        "line into it (chmod 600)")
     else:
         problems += [f"{env_file}: {p}" for p in license_problems(env_file.read_text())]
     return problems

@@ -11,6 +11,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from license_contract.keys import ID
+
 # -- limits -------------------------------------------------------------------------------------
 
 MAX_BODY_BYTES = 1 << 20  # the largest request body (413 above)
@@ -22,9 +24,8 @@ OVERLAP_TOLERANCE_S = 0.001  # overlap ignored between an instance's intervals (
 # Every server response carries its wall clock (Unix seconds); the actor stamps usage with it.
 SERVER_TIME_HEADER = "X-Server-Time"
 
-# Ids are opaque tokens: printable ASCII, no spaces (a NUL would be a 500 from PostgreSQL).
-ID = r"^[!-~]+$"
 STRICT = ConfigDict(extra="forbid", allow_inf_nan=False)
+VERSION = r"^[0-9A-Za-z.+_-]{1,64}$"
 
 
 class ActivateRequest(BaseModel):
@@ -34,9 +35,26 @@ class ActivateRequest(BaseModel):
 
 
 class HeartbeatRequest(ActivateRequest):
-    instances: int = Field(ge=0, le=1_000_000)
+    """What a cluster says it runs, every heartbeat interval: the server integrates it over time
+    and holds the usage reports against it."""
+
+    instances: int = Field(ge=0, le=1_000_000, description="LLM replicas running now.")
+    gpus: float = Field(ge=0, le=1_000_000, description="GPUs those replicas hold now.")
+    development: bool = Field(description="The app trusts this license only as development: "
+                              "its build does not pin the key that signed it.")
+    version: str = Field(pattern=VERSION, description="The app's version.")
+    stopping: bool = Field(False, description="The cluster's last heartbeat: it stops cleanly.")
     quarantined_reports: int | None = Field(None, ge=0, le=1_000_000_000)
     quarantined_seconds: float | None = Field(None, ge=0, le=1e12)
+
+
+class HeartbeatResponse(BaseModel):
+    model_config = STRICT
+
+    license_id: str
+    status: str = Field(description="active, revoked or expired.")
+    lease: str | None = Field(description="The signed lease to serve under (``lease.py``); None "
+                              "when the license may not serve.")
 
 
 class IntervalModel(BaseModel):
@@ -50,8 +68,18 @@ class IntervalModel(BaseModel):
 
 class UsageReport(ActivateRequest):
     report_id: str = Field(min_length=8, max_length=64, pattern=ID)
+    license_id: str | None = Field(
+        None, min_length=1, max_length=64, pattern=ID,
+        description="The license the intervals accrued under, when it is not the one the "
+        "report is sent with (an ended license's usage, sent with its renewal's key).")
     # MAX_REPORT_INTERVALS is checked after parsing, with its own message; this bounds the parse.
     intervals: list[IntervalModel] = Field(max_length=100_000)
+
+
+class DownloadRequest(BaseModel):
+    model_config = STRICT
+
+    cluster_id: str | None = Field(None, min_length=1, max_length=128, pattern=ID)
 
 
 # -- errors ---------------------------------------------------------------------------------------

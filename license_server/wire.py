@@ -1,10 +1,11 @@
-"""The server's side of the wire: the admin's issue request, reading a body against a limit
-while it streams in, errors in the contract's shape, and the ``X-Server-Time`` header every
-response carries (the actor keeps its clock offset from it). The client routes' schemas are the
-contract's (``license_contract.usage``)."""
+"""The server's side of the wire: the admin's issue request, a body parsed once the contract's
+reader (``license_contract.read_bounded``) took it within its limit, errors in the contract's
+shape, and the ``X-Server-Time`` header every response carries (the actor keeps its clock offset
+from it). The client routes' schemas are the contract's (``license_contract.usage``)."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import Callable
 from typing import Any
@@ -14,7 +15,14 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from license_contract import SERVER_TIME_HEADER, STRICT, error_body, error_type
+from license_contract import (
+    SERVER_TIME_HEADER,
+    STRICT,
+    BodyError,
+    error_body,
+    error_type,
+    read_bounded,
+)
 from license_server.billing import Refusal
 
 _TIME_HEADER = SERVER_TIME_HEADER.lower().encode()
@@ -27,8 +35,10 @@ class IssueRequest(BaseModel):
 
     customer: str = Field(min_length=1, max_length=256, pattern=TEXT)
     days: float = Field(30, gt=0, le=3660)
-    models: tuple[str, ...] = Field(("*",), min_length=1, max_length=256)
+    models: tuple[str, ...] = Field(min_length=1, max_length=256,
+                                    description="Entitled model names; '*' (written) is any.")
     max_instances: int | None = Field(None, ge=1, le=1_000_000)
+    max_gpus: float | None = Field(None, gt=0, le=1_000_000)
     heartbeat_interval_s: float = Field(30.0, ge=0.1, le=86400)
     grace_period_s: float = Field(72 * 3600.0, ge=0, le=366 * 86400)
 
@@ -40,23 +50,22 @@ class IssueRequest(BaseModel):
         return names
 
 
-async def read_model(request: Request, model: type[BaseModel], limit: int) -> Any:
-    """Parse the body as ``model``, refusing it (413) as soon as it is known to exceed
-    ``limit`` bytes: by its Content-Length, or while it streams in without one."""
-    declared = request.headers.get("content-length")
-    if declared is not None:
-        if not declared.isdigit():
-            raise Refusal("Content-Length is not a number")
-        if int(declared) > limit:
-            raise Refusal(f"the body is {declared} bytes, above the {limit} byte limit",
-                          "request_too_large", 413)
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise Refusal(f"the body is above the {limit} byte limit", "request_too_large", 413)
-        chunks.append(chunk)
-    raw = b"".join(chunks)
+async def read_model(request: Request, model: type[BaseModel], limit: int,
+                     timeout_s: float | None = None) -> Any:
+    """Parse the body as ``model``, refusing it as soon as it is known to exceed ``limit``
+    bytes (413) or its Content-Length is not a number (400): ``license_contract.read_bounded``;
+    and when it has not arrived whole within ``timeout_s`` (408: a client cannot hold a
+    request open by sending slowly). A client that goes away mid-body raises starlette's
+    ``ClientDisconnect``."""
+    try:
+        raw = await asyncio.wait_for(
+            read_bounded(request.headers.get("content-length"), request.stream(), limit),
+            timeout_s)
+    except BodyError as exc:
+        raise Refusal(exc.message, exc.code, exc.status) from None
+    except asyncio.TimeoutError:
+        raise Refusal(f"the request body did not arrive within {timeout_s:g} s",
+                      "body_timeout", 408) from None
     try:
         return model.model_validate_json(raw or b"{}")
     except ValidationError as exc:

@@ -10,6 +10,7 @@ from typing import Any
 from ray import serve
 from ray.serve import Application
 
+from license_contract import LicenseError, verify_key
 from serve_app.config import AppConfig, ModelConfig, Settings
 from serve_app.deployments import Ingress, colocated, started
 from serve_app.llm_server import EngineFactory, LLMServer
@@ -85,20 +86,23 @@ def colocated_options(model: ModelConfig, config: AppConfig) -> dict[str, Any]:
 
 
 def instance_cap(config: AppConfig) -> int | None:
-    """The fewest replicas any one model may scale to: the customer's cap and the license's
-    (read offline from the key; an invalid key is the license actor's to report)."""
+    """The fewest replicas any one model may scale to: the customer's cap and the license's,
+    read offline from the key. Expiry is the license actor's to judge (on the license server's
+    clock), so an expired key still caps. A key that does not verify leaves the customer's cap
+    alone, said in the log: the actor refuses it too, so the app will not serve."""
     lic = config.license
     if lic is None:
         return None
     caps = [lic.max_instances] if lic.max_instances else []
     try:
-        from license_contract import load_public_key, verify_key
-
-        entitled = verify_key(lic.key.get_secret_value(), load_public_key(lic.public_key))
+        entitled = verify_key(lic.key.get_secret_value(), check_expiry=False)
+    except LicenseError as exc:
+        logger.warning("No instance cap from the license key: %s Capping by the customer's "
+                       "max_instances only (%s); the license actor refuses this key.", exc,
+                       lic.max_instances or "none set")
+    else:
         if entitled.max_instances:
             caps.append(entitled.max_instances)
-    except Exception:
-        pass
     return min(caps) if caps else None
 
 

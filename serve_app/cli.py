@@ -90,15 +90,17 @@ class DevLicenseServer:
         self.port = port
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> tuple[str, str]:
-        """Start the server and return (license key, vendor public key)."""
+    def start(self) -> str:
+        """Start the server and return the development license's key."""
         # The vendor's server runs as its own program (it ships in the `license-server` extra);
         # the app only speaks to it over HTTP, as to the vendor's.
+        # Its key is not one this build pins, so it takes heartbeats from development licenses.
         env = {**os.environ, "LICENSE_SERVER_DATA_DIR": str(self.data_dir),
-               "LICENSE_SERVER_PORT": str(self.port)}
+               "LICENSE_SERVER_PORT": str(self.port),
+               "LICENSE_SERVER_POLICY__ACCEPT_DEVELOPMENT": "true"}
         issued = subprocess.run(
             [sys.executable, "-m", "license_server", "issue", "--customer",
-             "local-development", "--days", "30", "--json"],
+             "local-development", "--days", "30", "--models", "*", "--json"],
             env=env, check=True, capture_output=True, text=True)
         dev = json.loads(issued.stdout)
         # Loopback: only this box's app uses it. SIGINT blocked: a Ctrl-C reaches the whole
@@ -120,7 +122,7 @@ class DevLicenseServer:
                 time.sleep(0.3)
         print(f"License server at {url}; development license {dev['license']['license_id']} "
               f"(data in {self.data_dir})", flush=True)
-        return dev["key"], dev["public_key"]
+        return dev["key"]
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -151,9 +153,9 @@ def _run_with_license(settings: Settings, dev_license: bool) -> int:
         if dev_license and settings.license_key is None:
             data_dir = Path(settings.data_dir).resolve()
             license_server = DevLicenseServer(data_dir, settings.license_server_port)
-            key, public_key = license_server.start()
+            key = license_server.start()
             settings = settings.model_copy(update={
-                "license_key": SecretStr(key), "license_public_key": public_key,
+                "license_key": SecretStr(key),
                 "ledger_path": str(data_dir / "usage_ledger.db"), "report_interval_s": 30.0})
         return _run(settings)
     finally:

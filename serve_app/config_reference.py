@@ -73,15 +73,21 @@ def _cell(text: str | None) -> str:
 def table(model: type[BaseModel], names: dict[str, str] | None, skip: set[str] = frozenset()
           ) -> list[str]:
     """Rows for ``model``'s fields; ``names`` maps a field to its ``SERVE_APP_*`` setting (None:
-    the model is only reachable through a Serve config's ``args``)."""
+    the model is only reachable through a Serve config's ``args``). A setting read by
+    ``Settings`` itself may default otherwise than the field: the row says so."""
     head = "| field | environment / `key=value` | type | default | description |"
     rows = [head, "|---|---|---|---|---|"]
     for field, info in model.model_fields.items():
         if field in skip:
             continue
-        env = "—" if names is None else f"`SERVE_APP_{names.get(field, field).upper()}`"
+        setting = None if names is None else names.get(field, field)
+        env = "—" if setting is None else f"`SERVE_APP_{setting.upper()}`"
+        default = default_text(info)
+        own = _SettingsBase.model_fields.get(setting) if model is not _SettingsBase else None
+        if own is not None and default_text(own) != default:
+            default += f" (environment: {default_text(own)})"
         rows.append(f"| `{field}` | {env} | {type_name(info.annotation)} | "
-                    f"{default_text(info)} | {_cell(info.description)} |")
+                    f"{default} | {_cell(info.description)} |")
     return rows
 
 
@@ -92,6 +98,7 @@ def render() -> str:
         return {f: renames.get(f, f) for f in model.model_fields
                 if f not in _NOT_DERIVED[model.__name__]}
 
+    # Beside the derived settings: the fields ``Settings`` reads under names of its own.
     sections = [
         ("`ModelConfig`: one served model (a Serve config's `args.models[]`)",
          ModelConfig, {**names(ModelConfig, MODEL_SETTING_NAMES),
@@ -104,6 +111,7 @@ def render() -> str:
                          "ledger_path": "ledger_path"}),
     ]
     lines = [BEGIN, ""]
+    shown: set[str] = set()
     for title, model, env in sections:
         lines += [f"#### {title}", ""]
         rows = table(model, env)
@@ -111,10 +119,11 @@ def render() -> str:
         lines += [r.replace("`SERVE_APP_MODELS`", "—").replace("`SERVE_APP_LICENSE`", "—")
                   for r in rows]
         lines.append("")
-    cli_only = set(_SettingsBase.model_fields) - {"api_keys", "ledger_path",
-                                                  "host", "port"}
-    lines += ["#### `python -m serve_app` only", ""]
-    lines += table(_SettingsBase, {}, skip=set(_SettingsBase.model_fields) - cli_only)
+        shown |= set(env.values())
+    # Each setting once: the rest of ``Settings``' own fields have no config field.
+    lines += ["#### Settings of the environment and `key=value` only (no field in a Serve "
+              "config)", ""]
+    lines += table(_SettingsBase, {}, skip=shown)
     lines += ["", END]
     return "\n".join(lines)
 

@@ -6,7 +6,8 @@ engine lives in this very process (see ``deployments.py``); tests pass fakes wit
 
 Every response carries ``X-Request-Id`` (the caller's, when safe, or a fresh one). Errors leave
 as OpenAI's error JSON through the handlers here; a 5xx shows the client only that id, under
-which its traceback is logged.
+which its traceback is logged. Every response, refusals included, is counted by route and status
+(``metrics.py``).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import generate_latest
 from pydantic import ValidationError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -28,6 +29,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from license_contract import BodyError, read_bounded
 from serve_app.config import AppConfig, ModelConfig
 from serve_app.errors import (
     RETRY_AFTER_S,
@@ -45,7 +47,9 @@ from serve_app.errors import (
     to_error_body,
     to_serve_error,
 )
+from serve_app.licensing import FailureLog
 from serve_app.maritalk import ChatGenerateRequest, GenerateRequest
+from serve_app.metrics import Metrics, MetricsMiddleware
 from serve_app.request_ids import (
     RequestIdMiddleware,
     log_internal,
@@ -79,23 +83,6 @@ class _Model:
         self.ready = False
 
 
-class _Metrics:
-    def __init__(self) -> None:
-        self.registry = CollectorRegistry()
-        self.requests = Counter(
-            "serve_app_requests", "HTTP requests by route and status.", ["route", "status"],
-            registry=self.registry,
-        )
-        self.latency = Histogram(
-            "serve_app_request_seconds", "Time to response headers, by route.", ["route"],
-            registry=self.registry,
-        )
-        self.in_flight = Gauge(
-            "serve_app_requests_in_flight", "Generation requests being served.",
-            registry=self.registry,
-        )
-
-
 class IngressApp:
     """Builds the starlette app; holds per-process state (readiness, metrics, in-flight)."""
 
@@ -107,8 +94,10 @@ class IngressApp:
         license_gate: LicenseGate | None = None,
         license_status: Callable[[], Awaitable[dict[str, Any]]] | None = None,
         limits: Mapping[str, int] | None = None,
+        readiness_retry_s: float = 1.0,
     ) -> None:
         self._config = config
+        self._readiness_retry_s = readiness_retry_s
         self._gate = license_gate
         self._license_status = license_status
         limits = limits or {}
@@ -119,7 +108,7 @@ class IngressApp:
         # vLLM's served_model_name: a model also answers to its aliases.
         self._aliases = {n: m.name for m in config.models for n in m.served_names}
         self._keys = [k.get_secret_value().encode() for k in config.api_keys]
-        self._metrics = _Metrics()
+        self._metrics = Metrics()
         self._created = int(time.time())
         self._lifespans = 0
         self._tasks: list[asyncio.Task[None]] = []
@@ -128,20 +117,22 @@ class IngressApp:
 
     def build(self) -> Starlette:
         routes = [
-            Route("/", self.status, methods=["GET"]),
-            Route("/health", self.health, methods=["GET"]),
-            Route("/metrics", self.metrics, methods=["GET"]),
-            Route("/license", self.license, methods=["GET"]),
-            Route("/v1/models", self.list_models, methods=["GET"]),
-            Route("/v1/models/{model:path}", self.get_model, methods=["GET"]),
-            Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
-            Route("/v1/completions", self.completions, methods=["POST"]),
-            Route("/generate", self.generate, methods=["POST"]),
-            Route("/chat/generate", self.chat_generate, methods=["POST"]),
+            Route("/", self.status, methods=["GET"], name="status"),
+            Route("/health", self.health, methods=["GET"], name="health"),
+            Route("/metrics", self.metrics, methods=["GET"], name="metrics"),
+            Route("/license", self.license, methods=["GET"], name="license"),
+            Route("/v1/models", self.list_models, methods=["GET"], name="models"),
+            Route("/v1/models/{model:path}", self.get_model, methods=["GET"], name="model"),
+            Route("/v1/chat/completions", self.chat_completions, methods=["POST"], name="chat"),
+            Route("/v1/completions", self.completions, methods=["POST"], name="completions"),
+            Route("/generate", self.generate, methods=["POST"], name="maritalk_raw"),
+            Route("/chat/generate", self.chat_generate, methods=["POST"], name="maritalk_chat"),
         ]
         return Starlette(
             routes=routes,
-            middleware=[Middleware(RequestIdMiddleware)],
+            # Outermost of the two: it counts the request-id middleware's last-resort 500 too.
+            middleware=[Middleware(MetricsMiddleware, metrics=self._metrics, routes=routes),
+                        Middleware(RequestIdMiddleware)],
             exception_handlers={
                 ServeError: self._on_serve_error,
                 HTTPException: self._on_http_error,
@@ -167,13 +158,20 @@ class IngressApp:
                     task.cancel()
 
     async def _watch_readiness(self) -> None:
-        for model in self._models.values():
-            while not model.ready:
-                try:
-                    await model.handle.ready.remote()
-                    model.ready = True
-                except Exception:  # replica still starting or restarting
-                    await asyncio.sleep(1.0)
+        await asyncio.gather(*(self._await_ready(m) for m in self._models.values()))
+
+    async def _await_ready(self, model: _Model) -> None:
+        # A replica that keeps failing to start leaves /health at 503: the log says why.
+        failures = FailureLog(to_stderr_too(), f"The readiness check of model {model.config.name}")
+        while not model.ready:
+            try:
+                await model.handle.ready.remote()
+            except Exception as exc:  # replica still starting, restarting, or failing to start
+                failures.failed(exc)
+                await asyncio.sleep(self._readiness_retry_s)
+            else:
+                model.ready = True
+                failures.recovered()
 
     async def _on_serve_error(self, request: Request, exc: Exception) -> Response:
         assert isinstance(exc, ServeError)
@@ -205,18 +203,12 @@ class IngressApp:
             )
 
     async def _read_body(self, request: Request) -> bytes:
-        limit = self._config.max_body_bytes
-        too_large = PayloadTooLargeError(f"The request body exceeds {limit} bytes.")
-        declared = request.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > limit:
-            raise too_large
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise too_large
-            chunks.append(chunk)
-        return b"".join(chunks)
+        try:
+            return await read_bounded(request.headers.get("content-length"), request.stream(),
+                                      self._config.max_body_bytes)
+        except BodyError as exc:
+            error = PayloadTooLargeError if exc.status == 413 else BadRequestError
+            raise error(exc.message, code=exc.code) from None
 
     def _check_license(self) -> None:
         """Memory only: the gate's decision was fetched in the background."""
@@ -238,10 +230,6 @@ class IngressApp:
                 param="model",
             )
         return model
-
-    def _count(self, route: str, status: int, started: float) -> None:
-        self._metrics.requests.labels(route, str(status)).inc()
-        self._metrics.latency.labels(route).observe(time.perf_counter() - started)
 
     # -- status routes -------------------------------------------------------------------------
 
@@ -330,7 +318,6 @@ class IngressApp:
         self._metrics.in_flight.inc()
 
     async def _openai(self, request: Request, endpoint: str) -> Response:
-        started = time.perf_counter()
         raw, body, model = await self._admit(request)
         stream = check_generation_body(
             body, max_n=self._config.max_n, max_model_len=model.config.max_model_len,
@@ -345,7 +332,6 @@ class IngressApp:
                     status, text = await model.unary.remote(endpoint, raw)
                 except Exception as exc:
                     raise to_serve_error(exc, rid) from None
-                self._count(endpoint, status, started)
                 return _replica_response(status, text, rid, request.url.path)
             gen = model.stream.remote(endpoint, raw)
             try:
@@ -353,7 +339,6 @@ class IngressApp:
             except Exception as exc:
                 gen.cancel()
                 raise to_serve_error(exc, rid) from None
-            self._count(endpoint, status, started)
             if status != 200:
                 return _replica_response(status, text, rid, request.url.path)
             release = False  # the response releases when it is over
@@ -379,7 +364,6 @@ class IngressApp:
         return await self._maritalk(request, "chat")
 
     async def _maritalk(self, request: Request, kind: str) -> Response:
-        started = time.perf_counter()
         raw, body, model = await self._admit(request)
         try:
             # Refused here, before the Ray hop; the replica validates again for its values.
@@ -394,7 +378,6 @@ class IngressApp:
             raise to_serve_error(exc, rid) from None
         finally:
             self._release(model)
-        self._count(f"maritalk_{kind}", status, started)
         return _replica_response(status, text, rid, request.url.path)
 
 

@@ -151,8 +151,8 @@ def license_problems(env_file: Path, now: float | None = None) -> list[str]:
     from infra.cluster_yaml import license_problems as env_problems
 
     if not env_file.is_file():
-        return [f"no {env_file}: write SERVE_APP_LICENSE_KEY=... and "
-                "SERVE_APP_LICENSE_PUBLIC_KEY=... lines into it (chmod 600)"]
+        return [f"no {env_file}: write a SERVE_APP_LICENSE_KEY=... "
+                "line into it (chmod 600)"]
     try:
         return [f"{env_file}: {problem}" for problem in env_problems(env_file.read_text(), now)]
     except ValueError as exc:  # a line that is not KEY=value

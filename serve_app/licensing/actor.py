@@ -20,6 +20,7 @@ Nothing on the request path calls the actor: the ingress polls ``state()`` in th
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
 import json
 import logging
 import time
@@ -29,15 +30,20 @@ from typing import Any
 
 import httpx
 
-from license_contract import License, LicenseError, load_public_key, verify_key
+from license_contract import HeartbeatResponse, License, LicenseError
 from serve_app.licensing.config import LicenseConfig
 from serve_app.licensing.ledger import UsageLedger
 from serve_app.licensing.policy import Decision, decide
 from serve_app.licensing.server_clock import HEADER, ServerClock
+from serve_app.licensing.vendor import read_license
 
 logger = logging.getLogger("ray.serve")
 
 MAX_BACKOFF_S = 60.0
+try:
+    VERSION = importlib.metadata.version("serve-app")
+except importlib.metadata.PackageNotFoundError:  # run from a source tree that is not installed
+    VERSION = "0+unknown"
 # Offsets beyond this between this host's clock and the server's are reported in status.
 CLOCK_WARN_S = 60.0
 # Statuses that mean "this report will never be accepted as it is"; the rest of 4xx are the key's
@@ -97,9 +103,14 @@ class LicenseActor:
         self._started_at = float(started)
         self._license: License | None = None
         self._invalid: str | None = None
+        self._development = False
         try:
-            self._license = verify_key(config.key.get_secret_value(),
-                                       load_public_key(config.public_key), now=self._clock.now())
+            self._license, self._development = read_license(config.key.get_secret_value(),
+                                                            now=self._clock.now())
+            if self._development:
+                logger.warning("License %s is a development license: this build does not pin "
+                               "the key that signed it, and the vendor's server refuses it.",
+                               self._license.license_id)
         except LicenseError as exc:
             self._invalid = str(exc)
             logger.error("License refused, the app will not serve: %s", exc)
@@ -255,6 +266,7 @@ class LicenseActor:
             "clock": self._clock_status(),
             "last_error": self._last_error,
             "cluster_id": self._cluster_id,
+            "development": self._development,
         }
 
     async def flush(self) -> dict[str, Any]:
@@ -327,7 +339,7 @@ class LicenseActor:
         if lic is None:
             return
         self._expire()
-        live = len(self._ledger.live())
+        live = self._ledger.live()
         async with self._client() as client:
             if self._ledger.get_meta("activated" + self._meta_suffix) is None:
                 resp = await self._post(client, "/v1/activate", {"cluster_id": self._cluster_id})
@@ -335,23 +347,28 @@ class LicenseActor:
                 self._ledger.set_meta("activated" + self._meta_suffix, str(self._clock.now()))
             resp = await self._post(client, "/v1/heartbeat", self._heartbeat_body(live))
             _check(resp)
-            self._checked_in(resp.json()["status"])
+            answer = HeartbeatResponse.model_validate_json(resp.content)
+            self._checked_in(answer.status, answer.lease)
         await self._report()
 
-    def _heartbeat_body(self, live: int) -> dict[str, Any]:
-        body: dict[str, Any] = {"cluster_id": self._cluster_id, "instances": live}
+    def _heartbeat_body(self, live: list[dict[str, Any]]) -> dict[str, Any]:
+        body: dict[str, Any] = {"cluster_id": self._cluster_id, "instances": len(live),
+                                "gpus": sum(i["gpus"] for i in live),
+                                "development": self._development, "version": VERSION}
         totals = self._ledger.totals()
         if totals["quarantined_reports"]:  # the vendor sees refused usage too
             body["quarantined_reports"] = totals["quarantined_reports"]
             body["quarantined_seconds"] = round(totals["quarantined_seconds"], 3)
         return body
 
-    def _checked_in(self, server_status: str) -> None:
+    def _checked_in(self, server_status: str, lease: str | None) -> None:
         now = self._clock.now()
         self._last_checkin = now
         self._server_status = server_status
         self._ledger.set_meta("last_checkin" + self._meta_suffix, str(now))
         self._ledger.set_meta("server_status" + self._meta_suffix, server_status)
+        if lease is not None:
+            self._ledger.set_meta("lease" + self._meta_suffix, lease)
 
     async def _report(self, force: bool = False) -> None:
         lic = self._license

@@ -11,7 +11,6 @@ class LicenseConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     key: SecretStr = Field(description="The license key the vendor sent (MTL1....).")
-    public_key: str = Field(description="The vendor's Ed25519 public key (base64url or PEM).")
     ledger_path: str = Field(description="Usage ledger (SQLite) on the head node.")
     report_interval_s: float = Field(60.0, gt=0, description="How often usage is reported.")
     max_instances: int | None = Field(

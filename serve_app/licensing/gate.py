@@ -7,19 +7,29 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
+
+from serve_app.licensing.failure_log import FailureLog
 
 logger = logging.getLogger("ray.serve")
 
 
 class LicenseGate:
-    """The ingress's cached license decision, refreshed in the background."""
+    """The ingress's cached license decision, refreshed in the background.
 
-    def __init__(self, fetch: Callable[[], Any], refresh_s: float = 1.0) -> None:
+    While the actor cannot be read (it restarts, its node is gone) the last decision stands;
+    the failure is logged once, then once a minute with a count (``FailureLog``)."""
+
+    def __init__(self, fetch: Callable[[], Any], refresh_s: float = 1.0, *,
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+                 now: Callable[[], float] = time.monotonic) -> None:
         self._fetch = fetch  # async () -> state dict; the actor's ``state`` in production
         self._refresh_s = refresh_s
+        self._sleep = sleep
+        self._failures = FailureLog(logger, "Reading the license state", now=now)
         self.state: dict[str, Any] | None = None
 
     async def run(self) -> None:
@@ -27,8 +37,10 @@ class LicenseGate:
             try:
                 self.state = await self._fetch()
             except Exception as exc:  # actor restarting: keep the last decision
-                logger.warning("License state unavailable: %r", exc)
-            await asyncio.sleep(self._refresh_s)
+                self._failures.failed(exc)
+            else:
+                self._failures.recovered()
+            await self._sleep(self._refresh_s)
 
     def refusal(self) -> dict[str, Any] | None:
         """None when new requests may be served."""

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,10 +27,8 @@ from serve_app.weights.fetch import (
     Tuning,
     WeightsError,
     fetch_model,
-    verified_copy,
+    fetch_or_verified_copy,
 )
-
-logger = logging.getLogger(__name__)
 
 S3_PREFIX = "s3://"
 _IO_BLOCK = MiB
@@ -237,13 +234,8 @@ def fetch_s3_model(url: str, cache_dir: str | Path, options: S3Options = S3Optio
     tag = hashlib.sha256(f"{bucket}/{prefix}".encode()).hexdigest()[:12]
     folder = Path(cache_dir) / "s3" / f"{prefix.rsplit('/', 1)[-1] or bucket}-{tag}"
     source = S3Source(client or make_s3_client(options, tuning), bucket, prefix, tuning)
-    try:
-        manifest = source.read_manifest()
-    except WeightsError as exc:
-        # A replica restarting while the store is unreachable still serves the copy verified
-        # before; any other failure (keys, bucket, manifest) is a configuration to fix.
-        if exc.code != UNREACHABLE or verified_copy(folder) is None:
-            raise
-        logger.warning("%s Serving the copy verified earlier in %s.", exc.message, folder)
-        return folder
-    return fetch_model(manifest, source, folder, tuning=tuning)
+    return fetch_or_verified_copy(
+        folder, source.read_manifest,
+        lambda manifest: fetch_model(manifest, source, folder, within=Path(cache_dir),
+                                     tuning=tuning),
+        within=Path(cache_dir))

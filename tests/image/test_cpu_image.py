@@ -262,8 +262,7 @@ def test_compose_stack_then_a_second_run_keeps_ledger_model_and_license(
                                "--customer", "image-test", "--days", "2",
                                "--heartbeat-interval", str(interval), "--json").stdout)
     license_id = issued["license"]["license_id"]
-    compose.env = {"SERVE_APP_LICENSE_KEY": issued["key"],
-                   "SERVE_APP_LICENSE_PUBLIC_KEY": issued["public_key"]}
+    compose.env = {"SERVE_APP_LICENSE_KEY": issued["key"]}
 
     # The app under compose, licensed by the license server.
     started = time.monotonic()
@@ -275,7 +274,9 @@ def test_compose_stack_then_a_second_run_keeps_ledger_model_and_license(
     # Compose's own health check, as `docker compose ps` shows it.
     wait_for(lambda: compose.health("app") == "healthy", 120, "compose's health check")
     st = license_status(docker, app)
-    assert (st["license_id"], st["customer"], st["state"]) == (license_id, "image-test", "ok")
+    # The image pins the vendor's key, not this server's: its licenses are development ones.
+    assert (st["license_id"], st["customer"], st["state"], st["development"]) \
+        == (license_id, "image-test", "ok", True)
     first, billed, alerts = wait_for(lambda: delivered(docker, app, server, license_id), 120,
                                      "usage at the license server")
     assert alerts == [] and first["quarantined_reports"] == 0
@@ -305,7 +306,6 @@ def test_compose_stack_then_a_second_run_keeps_ledger_model_and_license(
                         "-v", f"{project}_app-data:/data",
                         "-v", f"{model_cache}:/home/app/.cache",
                         "-e", f"SERVE_APP_LICENSE_KEY={issued['key']}",
-                        "-e", f"SERVE_APP_LICENSE_PUBLIC_KEY={issued['public_key']}",
                         "-e", f"SERVE_APP_REPORT_INTERVAL_S={interval}", image.id)
     wait_healthy(docker, second)
     second_healthy_s = time.monotonic() - restarted

@@ -19,10 +19,10 @@ import yaml
 from pydantic import SecretStr
 
 from infra import cluster_yaml
-from license_contract import License, public_key_text
-from license_server.signing import new_private_key, sign_license
+from license_server.signing import new_private_key
 from serve_app import ray_internals
 from serve_app.config import RAY_SERVE_ENV, TELEMETRY_OFF_ENV, Settings
+from tests.fakes import VENDOR_KEY, issue_key
 
 ROOT = Path(__file__).resolve().parents[2]
 GCP = ROOT / "ray_cluster.yaml"
@@ -143,10 +143,8 @@ def test_command_env_reads_only_what_precedes_ray_start():
 
 
 def test_the_head_declares_the_license_actors_resource(rendered):
-    try:
-        from serve_app.licensing.placement import HEAD_RESOURCE
-    except ImportError:  # before the license actor's placement by this resource is merged
-        HEAD_RESOURCE = "serve_app_head"
+    from serve_app.licensing.placement import HEAD_RESOURCE
+
     assert HEAD_RESOURCE == cluster_yaml.HEAD_RESOURCE
     assert cluster_yaml.head_resources(rendered)[HEAD_RESOURCE] == 1
     workers = [t for name, t in rendered["available_node_types"].items()
@@ -192,16 +190,14 @@ def test_each_breach_is_reported(breach, expected):
         assert len(problems) == 1 and problems[0].startswith(expected), (path, problems)
 
 
-VENDOR = new_private_key()
+VENDOR = VENDOR_KEY
 
 
 def license_env(server_url: str, expires_in: float = 86400) -> str:
     now = time.time()
-    lic = License(license_id="lic-1", customer="ACME", issued_at=now, expires_at=now + expires_in,
-                  server_url=server_url)
-    return (f"SERVE_APP_LICENSE_KEY={sign_license(lic, VENDOR)}\n"
-            f"# from the vendor's email\nexport SERVE_APP_LICENSE_PUBLIC_KEY="
-            f"{public_key_text(VENDOR.public_key())}\n")
+    _, key = issue_key(VENDOR, license_id="lic-1", issued_at=now, expires_at=now + expires_in,
+                       server_url=server_url)
+    return f"# from the vendor's email\nexport SERVE_APP_LICENSE_KEY={key}\n"
 
 
 def test_license_server_must_be_https():
@@ -213,8 +209,12 @@ def test_license_server_must_be_https():
     tampered = license_env("https://l.example.com").replace("SERVE_APP_LICENSE_KEY=MTL1.",
                                                             "SERVE_APP_LICENSE_KEY=MTL1.e")
     assert "license key" in cluster_yaml.license_problems(tampered)[0]
-    assert cluster_yaml.license_problems("SERVE_APP_LICENSE_KEY=x\n") == [
-        "license env lacks SERVE_APP_LICENSE_PUBLIC_KEY"]
+    assert cluster_yaml.license_problems("SERVE_APP_LICENSE_TYPO=x\n") == [
+        "license env lacks SERVE_APP_LICENSE_KEY"]
+    # A key the build does not pin: the vendor's server would refuse the cluster's check-ins.
+    _, foreign = issue_key(new_private_key(), server_url="https://l.example.com")
+    (problem,) = cluster_yaml.license_problems(f"SERVE_APP_LICENSE_KEY={foreign}\n")
+    assert "development license" in problem
 
 
 def test_license_env_file_is_mounted_on_every_node(rendered):
@@ -246,7 +246,6 @@ def test_cluster_serve_config_takes_the_license_from_the_environment(monkeypatch
         monkeypatch.setenv(name, value)
     config = Settings(**args).to_app_config()
     assert config.license.key == SecretStr(env["SERVE_APP_LICENSE_KEY"])
-    assert config.license.public_key == env["SERVE_APP_LICENSE_PUBLIC_KEY"]
     (model,) = config.models
     assert model.device == "gpu" and model.min_replicas < model.max_replicas
     # Port 9000 is left to Serve's HAProxy, which spreads requests over every node's replicas.

@@ -20,8 +20,6 @@ from serve_app.licensing import status as serve_app_status
 from tests.infra.test_cluster_yaml import ROOT
 
 GUIDES = [ROOT / "deploy" / "gcp.md", ROOT / "deploy" / "on-prem.md"]
-SECTIONS = ["Prerequisites", "Preflight", "Start the cluster", "Deploy the app", "Call it",
-            "Watch usage", "Scale", "Tear down"]
 _SUBSTITUTION = re.compile(r"\$\(([^()]*)\)")
 
 
@@ -113,12 +111,6 @@ def test_every_command_parses(guide, capsys):
     for needed in ("ray up", "ray exec", "serve deploy", "python -m serve_app status",
                    "ray dashboard", "ray down"):
         assert any(c.startswith(needed) for c in checked), needed
-
-
-@pytest.mark.parametrize("guide", GUIDES, ids=lambda p: p.name)
-def test_every_step_is_there_in_order(guide):
-    headings = re.findall(r"^## \d+\. (.*)$", guide.read_text(), re.M)
-    assert headings == SECTIONS
 
 
 def test_gcp_guide_runs_the_preflight_and_the_firewall():

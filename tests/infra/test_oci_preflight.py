@@ -10,8 +10,7 @@ import yaml
 
 from infra.oci import cli, preflight
 from infra.oci.clients import Backoff, build_clients
-from license_contract import License, public_key_text
-from license_server.signing import new_private_key, sign_license
+from tests.fakes import VENDOR_KEY, issue_key
 from tests.infra.oci_fake import SECURITY_LIST, provider_section
 
 CLUSTER_YAML = Path(__file__).resolve().parents[2] / "infra" / "oci" / "ray_cluster.yaml"
@@ -19,12 +18,11 @@ CLIENTS, ADMIN = "203.0.113.0/24", "198.51.100.7/32"
 
 
 def license_env(path: Path, server_url: str) -> Path:
-    vendor = new_private_key()
+    vendor = VENDOR_KEY
     now = time.time()
-    key = sign_license(License(license_id="lic-1", customer="ACME", issued_at=now - 60,
-                               expires_at=now + 86400, server_url=server_url), vendor)
-    path.write_text(f"SERVE_APP_LICENSE_KEY={key}\n"
-                    f"SERVE_APP_LICENSE_PUBLIC_KEY={public_key_text(vendor.public_key())}\n")
+    _, key = issue_key(vendor, license_id="lic-1", issued_at=now - 60, expires_at=now + 86400,
+                       server_url=server_url)
+    path.write_text(f"SERVE_APP_LICENSE_KEY={key}\n")
     return path
 
 

@@ -9,11 +9,10 @@ import os
 import pytest
 from pydantic import SecretStr
 
-from license_contract import License, public_key_text
-from license_server.signing import new_private_key, sign_license
 from serve_app.config import TELEMETRY_OFF_ENV
 from serve_app.licensing import LicenseConfig
 from serve_app.licensing.placement import HEAD_RESOURCE, head_node_options
+from tests.fakes import VENDOR_KEY, issue_key
 
 pytestmark = pytest.mark.serve
 
@@ -27,12 +26,10 @@ def loopback_ray(monkeypatch):
 
 
 def license_config(tmp_path) -> LicenseConfig:
-    vendor = new_private_key()
+    vendor = VENDOR_KEY
     # A closed loopback port: the actor's check-ins fail fast and stay on this machine.
-    lic = License(license_id="lic_placement", customer="c", issued_at=0, expires_at=4e9,
-                  server_url="http://127.0.0.1:9")
-    return LicenseConfig(key=SecretStr(sign_license(lic, vendor)),
-                         public_key=public_key_text(vendor.public_key()),
+    _, key = issue_key(vendor, license_id="lic_placement", server_url="http://127.0.0.1:9")
+    return LicenseConfig(key=SecretStr(key),
                          ledger_path=str(tmp_path / "ledger.db"),
                          actor_name=f"license_placement_{os.getpid()}")
 

@@ -11,6 +11,7 @@ from starlette.testclient import TestClient
 
 from serve_app.config import AppConfig, ModelConfig
 from serve_app.ingress import build_ingress
+from tests.conftest import wait_until
 from tests.fakes import FakeLLMHandle, FakeLLMServer
 
 CHAT = {"model": "a", "messages": [{"role": "user", "content": "hi"}]}
@@ -108,6 +109,12 @@ def test_body_limit_by_header_and_by_stream():
                 yield b"x" * 50
 
         assert_openai_error(c.post("/v1/completions", content=chunks()), 413)
+        # A Content-Length that is not a number is refused, not ignored (the license server's
+        # rule too: both read with license_contract.read_bounded).
+        for declared in ("abc", "-1", ""):
+            resp = c.post("/v1/completions", content=b'{"prompt": "x"}',
+                          headers={"Content-Length": declared})
+            assert_openai_error(resp, 400, "invalid_content_length")
         assert not servers["a"].calls
         assert c.post("/v1/completions", json={"prompt": "ok"}).status_code == 200
 
@@ -203,6 +210,78 @@ def test_status_health_and_metrics(client):
     assert 'serve_app_engine_unfinished_requests{model_name="b"} 0' in text
 
 
+def _request_counts(c):
+    """``/metrics``' response counts by (route, status) and latency counts by route."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    counts, timed = {}, {}
+    for family in text_string_to_metric_families(c.get("/metrics").text):
+        for sample in family.samples:
+            if sample.name == "serve_app_requests_total":
+                counts[sample.labels["route"], sample.labels["status"]] = sample.value
+            elif sample.name == "serve_app_request_seconds_count":
+                timed[sample.labels["route"]] = sample.value
+    return counts, timed
+
+
+def test_metrics_count_every_response_by_route_and_status_refusals_included():
+    from serve_app.licensing.gate import LicenseGate
+
+    async def current():
+        return gate.state
+
+    gate = LicenseGate(current, refresh_s=0.01)
+    gate.state = {"allowed": True, "status": 200, "code": "ok", "message": "ok"}
+    servers = {"a": FakeLLMServer("a"), "b": FakeLLMServer("b")}
+    config = AppConfig(models=(ModelConfig(name="a", device="cpu"),
+                               ModelConfig(name="b", device="cpu")),
+                       api_keys=(SecretStr("k"),), max_body_bytes=100)
+    # Model a admits nothing: every request for it is refused as overloaded.
+    app = build_ingress(config, {k: FakeLLMHandle(v) for k, v in servers.items()},
+                        license_gate=gate, limits={"a": 0})
+    key = {"Authorization": "Bearer k"}
+    b = {**CHAT, "model": "b"}
+    with TestClient(app) as c:
+        assert c.post("/v1/chat/completions", json=b).status_code == 401
+        gate.state = {"allowed": False, "status": 403, "code": "license_revoked", "message": "r"}
+        assert c.post("/v1/completions", json={"prompt": "x"}, headers=key).status_code == 403
+        gate.state = {"allowed": False, "status": 503, "code": "license_checkin_overdue",
+                      "message": "overdue"}
+        assert c.post("/generate", json={"prompt": "x"}, headers=key).status_code == 503
+        gate.state = {"allowed": True, "status": 200, "code": "ok", "message": "ok"}
+        assert c.post("/v1/chat/completions", content=b"x" * 101, headers=key).status_code == 413
+        assert c.post("/v1/chat/completions", content=b"{nope", headers=key).status_code == 400
+        assert c.post("/chat/generate", json={"messages": [{"role": "user", "content": "x"}]},
+                      headers=key).status_code == 503
+        assert c.post("/v1/chat/completions", json={**CHAT, "model": "zz"},
+                      headers=key).status_code == 404
+        for path in ("/v1/models/zz", "/v1/models/a/b/c"):
+            assert c.get(path, headers=key).status_code == 404
+        for path in ("/nope", "/nope/2", "/v1/chat/completions/x"):
+            assert c.get(path).status_code == 404
+        assert c.get("/v1/chat/completions").status_code == 405
+        servers["b"].raise_on_call = RuntimeError("replica down")
+        assert c.post("/v1/chat/completions", json=b, headers=key).status_code == 500
+        servers["b"].raise_on_call = None
+        assert c.post("/v1/chat/completions", json=b, headers=key).status_code == 200
+        with c.stream("POST", "/v1/chat/completions", json={**b, "stream": True},
+                      headers=key) as resp:
+            assert resp.status_code == 200
+            resp.read()
+        assert c.get("/health").status_code == 200
+        counts, timed = _request_counts(c)
+        assert counts == {
+            ("chat", "401"): 1, ("completions", "403"): 1, ("maritalk_raw", "503"): 1,
+            ("chat", "413"): 1, ("chat", "400"): 1, ("maritalk_chat", "503"): 1,
+            ("chat", "404"): 1, ("model", "404"): 2, ("unmatched", "404"): 3,
+            ("chat", "405"): 1, ("chat", "500"): 1, ("chat", "200"): 2, ("health", "200"): 1,
+        }
+        routes = {route for route, _ in counts}
+        assert timed == {r: sum(n for (q, _), n in counts.items() if q == r) for r in routes}
+        # The scrape is counted once its own headers left.
+        assert _request_counts(c)[0][("metrics", "200")] == 1
+
+
 def test_unknown_route_and_method_use_openai_shape(client):
     c, _ = client
     assert_openai_error(c.get("/nope"), 404, "not_found")
@@ -256,19 +335,22 @@ def _check_gate(c, gate, servers):
 
 
 class _AsyncGenServer(FakeLLMServer):
-    """Streams from a real async generator, as LLMServer does, and records its closing."""
+    """Streams from a real async generator, as LLMServer does, and records its closing. With
+    ``hold`` (a threading.Event), a stream waits after its first event until it is set."""
 
     def __init__(self, name: str = "a") -> None:
         super().__init__(name)
         self.closed = 0
+        self.hold = None
 
     async def openai_stream(self, endpoint, body):
         import asyncio
 
         try:
             yield 200, 'data: {"n": 0}\n\n'
+            if self.hold is not None:
+                assert await asyncio.to_thread(self.hold.wait, 60)
             for i in range(1, 4):
-                await asyncio.sleep(self.stream_delay)
                 yield f'data: {{"n": {i}}}\n\n'
             yield "data: [DONE]\n\n"
         finally:
@@ -282,7 +364,7 @@ def test_local_model_streams_through_local_handle_and_is_admitted_up_to_its_limi
     from serve_app.deployments import LocalHandle
 
     server = _AsyncGenServer("a")
-    server.stream_delay = 0.3
+    server.hold = threading.Event()
     config = AppConfig(models=(ModelConfig(name="a", device="cpu"),))
     app = build_ingress(config, {"a": LocalHandle(server)}, limits={"a": 1})
     with TestClient(app) as c:
@@ -303,7 +385,8 @@ def test_local_model_streams_through_local_handle_and_is_admitted_up_to_its_limi
                                   "overloaded")
         assert "capacity" in err["message"]
         assert c.post("/generate", json={"prompt": "x"}).status_code == 503
-        t.join(10)
+        server.hold.set()
+        t.join(60)
         assert results["first"] == 'data: {"n": 0}'
         assert results["rest"][-1] == "data: [DONE]" and len(results["rest"]) == 4
         # The slot came back: the next request is served, its unary call ran locally.
@@ -326,8 +409,7 @@ def test_local_stream_cancel_closes_the_generator():
         assert await stream.__anext__() == (200, 'data: {"n": 0}\n\n')
         stream.cancel()
         stream.cancel()  # idempotent
-        await asyncio.sleep(0.05)
-        assert server.closed == 1
+        await wait_until(lambda: server.closed == 1, timeout=30, what="the generator's closing")
         finished = LocalHandle(server).options(method_name="openai_stream", stream=True).remote(
             "chat", b"{}")
         assert len([x async for x in finished]) == 5
@@ -387,6 +469,48 @@ def serve_log(caplog):
         yield caplog
     finally:
         logger.removeHandler(caplog.handler)
+
+
+def test_a_failing_readiness_check_is_logged_once_per_model_and_retried(serve_log):
+    """/health stays 503 while a model's replica fails to start: the log must say why."""
+    import logging
+    import threading
+
+    servers = {"a": FakeLLMServer("a"), "b": FakeLLMServer("b")}
+    ready = {"a": threading.Event(), "b": threading.Event()}
+
+    def failing(name, times):
+        attempts = []
+
+        async def check():
+            attempts.append(1)
+            if len(attempts) <= times:
+                raise RuntimeError(f"replica of {name} failed to start ({len(attempts)})")
+            ready[name].set()
+            return name
+
+        return check
+
+    servers["a"].ready, servers["b"].ready = failing("a", 3), failing("b", 1)
+    config = AppConfig(models=(ModelConfig(name="a", device="cpu"),
+                               ModelConfig(name="b", device="cpu")))
+    app = build_ingress(config, {k: FakeLLMHandle(v) for k, v in servers.items()},
+                        readiness_retry_s=0.0)
+    serve_log.set_level(logging.INFO, logger="ray.serve")
+    with TestClient(app) as c:
+        assert ready["a"].wait(10) and ready["b"].wait(10)
+        assert c.get("/health").json() == {"status": "ok"}
+    lines = [r for r in serve_log.records if "readiness check" in r.getMessage()]
+    # The rate of the lines between is FailureLog's, tested through the license gate.
+    first = sorted(r.getMessage() for r in lines if "failed:" in r.getMessage())
+    assert first == [
+        "The readiness check of model a failed: RuntimeError('replica of a failed to start (1)')",
+        "The readiness check of model b failed: RuntimeError('replica of b failed to start (1)')",
+    ]
+    assert all(r.exc_info and r.levelname == "WARNING" for r in lines if "failed:" in r.getMessage())
+    back = sorted(r.getMessage().rsplit(" in ", 1)[0] for r in lines if "again" in r.getMessage())
+    assert back == ["The readiness check of model a works again after 3 failures",
+                    "The readiness check of model b works again after 1 failure"]
 
 
 def test_every_response_carries_the_callers_request_id(client):

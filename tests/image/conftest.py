@@ -159,7 +159,8 @@ def image(docker: Docker) -> Image:
     built = _fields(_script("cpu", env=env, timeout=2400))
     img = Image(built["IMAGE"], built["ID"], int(built["SIZE"]), int(built["BUILD_SECONDS"]))
     assert docker("image", "inspect", "--format", "{{.Id}}", img.tag).stdout.strip() == img.id
-    report(f"{img.tag} {img.id} {img.size / 1e9:.2f} GB, docker build {img.build_seconds} s")
+    report(f"{img.tag} {img.id} {img.size / 1e9:.2f} GB; base {built['BASE_SECONDS']} s, "
+           f"wheels {built['WHEELS_SECONDS']} s, docker build {img.build_seconds} s")
     return img
 
 

@@ -7,11 +7,12 @@
 #   deploy/docker/build-offline.sh daemon      only find or start the Docker daemon
 #   deploy/docker/build-offline.sh stop-daemon stop the daemon this script started
 #
-# - Docker: Debian's docker.io (installed if missing). The daemon is $DOCKER_HOST's if that is
-#   set, else one of this script's own (own socket, data and state directories) that creates
-#   no bridge network and no iptables rule: builds use `--network host`, containers `--network
-#   none` or `host`. It keeps running after a build (its socket is printed); `stop-daemon`
-#   stops it. Its data directory stays, and with it the layer cache of the next build.
+# - Docker: Debian's docker.io and docker-compose (installed if missing). The daemon is
+#   $DOCKER_HOST's if that is set, else one of this script's own (own socket, data and state
+#   directories) that creates no bridge network and no iptables rule: builds use `--network
+#   host`, containers `--network none` or `host`. It keeps running after a build (its socket is
+#   printed); `stop-daemon` stops it. Its data directory stays, and with it the layer cache of
+#   the next build.
 # - The base: Debian bookworm with Python 3.11 from Debian's mirror (mmdebstrap), imported as
 #   an image. It stands in for python:3.11-slim-bookworm (CPU) and CUDA's base (GPU), and holds
 #   this machine's own CA certificates (HTTPS here goes through a proxy with its own CA). Cached
@@ -22,12 +23,14 @@
 #
 # Prints the image's id, size and build time. Environment: PYTHON (a CPython 3.11 with pip, for
 # the wheels; default python3), SERVE_APP_IMAGE_CACHE (default /var/cache/serve-app-image),
-# SERVE_APP_IMAGE_STATE (default /run/serve-app-image), SERVE_APP_INDEX_PORT (default 39141).
+# SERVE_APP_IMAGE_STATE (default /run/serve-app-image), SERVE_APP_IMAGE_DATA (the daemon's
+# data, default /var/lib/serve-app-image), SERVE_APP_INDEX_PORT (default 39141).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 CACHE=${SERVE_APP_IMAGE_CACHE:-/var/cache/serve-app-image}
 STATE=${SERVE_APP_IMAGE_STATE:-/run/serve-app-image}
+DATA=${SERVE_APP_IMAGE_DATA:-/var/lib/serve-app-image}
 PYTHON=${PYTHON:-python3}
 # A fixed port keeps the index's URL, a build argument, the same from build to build, and so
 # Docker's cache of the pip layer valid.
@@ -65,7 +68,9 @@ apt_install() {
 daemon_up() { docker_cli info >/dev/null 2>&1; }
 
 ensure_daemon() {
-  apt_install docker.io
+  # docker-compose: Compose v1, the only one Debian bookworm packages (tests/image runs
+  # compose.yaml with it).
+  apt_install docker.io docker-compose
   if [ -n "${DOCKER_HOST:-}" ]; then
     daemon_up || { log "no Docker daemon answers at DOCKER_HOST=$DOCKER_HOST"; exit 1; }
     echo "DOCKER_HOST=$DOCKER_HOST"
@@ -78,9 +83,9 @@ ensure_daemon() {
     echo "STARTED=0"
     return
   fi
-  mkdir -p "$STATE" /var/lib/serve-app-image
+  mkdir -p "$STATE" "$DATA"
   log "starting dockerd (socket $STATE/docker.sock, log $STATE/dockerd.log)"
-  setsid dockerd --host "$DOCKER_HOST" --data-root /var/lib/serve-app-image/docker \
+  setsid dockerd --host "$DOCKER_HOST" --data-root "$DATA/docker" \
     --exec-root "$STATE/exec" --pidfile "$STATE/dockerd.pid" \
     --bridge=none --iptables=false --ip6tables=false --ip-forward=false --ip-masq=false \
     --userland-proxy=false --log-level=warn </dev/null >"$STATE/dockerd.log" 2>&1 &

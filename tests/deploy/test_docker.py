@@ -177,7 +177,7 @@ def build_args(path: Path) -> dict[str, str]:
 
 @pytest.mark.parametrize(("flavour", "arg", "default"), [
     ("cpu", "BASE_IMAGE", "python:3.11-slim-bookworm"),
-    ("gpu", "CUDA_BASE", "nvidia/cuda:12.9.1-base-ubuntu24.04")])
+    ("gpu", "CUDA_BASE", "nvidia/cuda:13.0.0-base-ubuntu24.04")])
 def test_image_base_is_a_build_argument_defaulting_to_the_real_one(flavour, arg, default):
     """build-offline.sh builds these files as they are, with a stand-in base."""
     path = DOCKERFILES[flavour]

@@ -109,6 +109,11 @@ stop_daemon() {
     if kill -0 "$pid" 2>/dev/null; then log "dockerd $pid still running: SIGKILL"; kill -KILL "$pid"; fi
   fi
   rm -f "$pidfile"
+  # The daemon leaves its network namespaces mounted under its exec root.
+  local ns
+  for ns in "$STATE"/exec/netns/*; do
+    if mountpoint -q "$ns"; then umount "$ns"; fi
+  done
   log "stopped dockerd $pid"
 }
 

@@ -293,4 +293,11 @@ def main(argv: list[str] | None = None) -> None:
     dev_license = ns.dev_license
     overrides = {k: v for k, v in vars(ns).items() if v is not None and k != "dev_license"}
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    sys.exit(run(Settings(**overrides), dev_license=dev_license))
+    code = run(Settings(**overrides), dev_license=dev_license)
+    # Serve, Ray and the local license server have stopped by now; all that is left is the
+    # interpreter's finalisation of Ray's and the app's modules, which took seconds on a busy
+    # 2-core box and pushed `docker stop` past its 10 s. Flush what was printed, and leave.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

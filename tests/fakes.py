@@ -481,7 +481,7 @@ class FakeEngine:
         if not self.healthy:
             raise self.dead_error
 
-    def shutdown(self) -> None:
+    def shutdown(self, timeout: float | None = None) -> None:
         self.stopped = True
 
     async def generate(self, prompt: Any, sampling_params: Any, request_id: str,

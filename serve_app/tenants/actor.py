@@ -81,6 +81,15 @@ class KeyActor:
         self._book.forget(replica_id)
         self._peers.pop(replica_id, None)
 
+    async def info(self) -> dict[str, Any]:
+        """Where the actor runs and what it holds: its node, its store, the table's version and
+        the replicas that synced recently."""
+        import ray
+
+        return {"node_id": ray.get_runtime_context().get_node_id(),
+                "store": str(self._store.path), "version": self._store.version(),
+                "replicas": self._book.live()}
+
     async def usage(self, first_day: str | None = None,
                     last_day: str | None = None) -> list[dict[str, Any]]:
         return self._store.usage(first_day, last_day)

@@ -223,7 +223,7 @@ def _check_exposure(host: str, config: AppConfig) -> bool:
     the model start, with the store's keys read from its file. Returns whether clients will
     need a key."""
     active = len(config.api_keys)
-    if config.key_store_path and Path(config.key_store_path).exists():
+    if config.key_store_path and Path(config.key_store_path).expanduser().exists():
         store = tenants.KeyStore(config.key_store_path).start()
         try:
             active += store.active_keys()

@@ -46,7 +46,11 @@ class Cli:
         self.data_dir = tmp_path
         env = {**os.environ, STACK_ENV: self.marker, "RAY_TMPDIR": self.ray_temp_dir,
                "SERVE_APP_DATA_DIR": str(tmp_path), "SERVE_APP_HOST": host,
-               "SERVE_APP_LICENSE_SERVER_PORT": str(self.license_port)}
+               "SERVE_APP_LICENSE_SERVER_PORT": str(self.license_port),
+               "SERVE_APP_KEY_STORE_PATH": str(tmp_path / "api_keys.db")}
+        if host == "0.0.0.0":
+            # MariTalk Local's own client sends no key (the test calls the app with it).
+            env["SERVE_APP_ALLOW_UNAUTHENTICATED"] = "true"
         if eager:
             env["SERVE_APP_ENFORCE_EAGER"] = "true"
         self.proc = subprocess.Popen(
@@ -123,6 +127,8 @@ def test_serve_command_serves_only_its_port_and_stops_on_ctrl_c(cli_factory, tmp
     cli.wait_started()
     printed = cli.text(20000)
     assert f"http://0.0.0.0:{cli.port}" in printed
+    # Told so at start (allow_unauthenticated).
+    assert "WITHOUT AUTHENTICATION" in cli.text(10**9)
     assert "MariTalkLocal" in printed and "/v1/chat/completions" in printed
 
     answer = maritalk.MariTalkLocal(host="127.0.0.1", port=cli.port).generate(

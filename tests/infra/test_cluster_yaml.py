@@ -252,6 +252,8 @@ def test_cluster_serve_config_takes_the_license_from_the_environment(monkeypatch
     assert model.device == "gpu" and model.min_replicas < model.max_replicas
     # Port 9000 is left to Serve's HAProxy, which spreads requests over every node's replicas.
     assert config.http_port is None
+    # Named keys in the store on the head; /metrics behind a key.
+    assert config.metrics_auth and config.key_store_path and not config.allow_unauthenticated
 
 
 def test_cluster_serve_config_builds_gpu_replicas_with_the_license(monkeypatch):

@@ -24,7 +24,7 @@ from serve_app.affinity import pin_to_frontend
 from serve_app.autoscaling import METRIC
 from serve_app.config import AppConfig
 from serve_app.ingress import IngressApp, build_ingress
-from serve_app.listener import ReplicaListener
+from serve_app.listener import ReplicaListener, loopback_socket
 from serve_app.ray_internals import serve_http_host
 from serve_app.tenants import Keyring, check_exposure, exposed
 
@@ -164,7 +164,12 @@ class ColocatedIngress:
         self._local_name = local.name
         hosts = [await serve_http_host(),
                  config.http_host if config.http_port is not None else None]
-        keyring = await start_keyring(config, hosts)
+        # Sibling replicas on the shared port relay the sessions this one owns to its private
+        # loopback port (sessions.py); the key actor tells them where it is.
+        private = loopback_socket() if config.http_port is not None else None
+        peer = None if private is None else {
+            "url": f"http://127.0.0.1:{private.getsockname()[1]}"}
+        keyring = await start_keyring(config, hosts, peer)
         await _construct_and_start(super(), local, config.model_cache_dir, config.license,
                                    **llm_kwargs)
         queued = max(local.max_queued_requests, 0)
@@ -180,7 +185,7 @@ class ColocatedIngress:
             # Only now: the kernel hands connections to a socket as soon as it listens, and
             # this replica's engine is up only from here on.
             self._listener = ReplicaListener(self._app, config.http_host, config.http_port,
-                                             self._drain_s)
+                                             self._drain_s, private)
             await self._listener.start()
 
     async def __serve_build_asgi_app__(self) -> Starlette:

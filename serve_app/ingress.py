@@ -23,6 +23,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
+import httpx
 from prometheus_client import generate_latest
 from pydantic import ValidationError
 from starlette.applications import Starlette
@@ -61,6 +62,7 @@ from serve_app.request_ids import (
     request_id,
     to_stderr_too,
 )
+from serve_app.sessions import HOP, owner, relayed_headers, response_headers, session_of
 from serve_app.tenants import (
     Admission,
     FairQueue,
@@ -110,6 +112,7 @@ class IngressApp:
         license_status: Callable[[], Awaitable[dict[str, Any]]] | None = None,
         limits: Mapping[str, int] | None = None,
         keyring: Keyring | None = None,
+        peer_transport: httpx.AsyncBaseTransport | None = None,
         readiness_retry_s: float = 1.0,
     ) -> None:
         self._config = config
@@ -128,6 +131,12 @@ class IngressApp:
             exposed=not is_loopback(config.http_host),
             allow_unauthenticated=config.allow_unauthenticated)
         self._metrics = Metrics()
+        # Relays to the sibling replica that owns a session (``sessions.py``); tests pass a
+        # transport that stands in for the siblings.
+        self._peer_transport = peer_transport
+        self._peer_client: httpx.AsyncClient | None = None
+        self._relay_failures = FailureLog(logger, "Relaying a session to its replica")
+        self._closing: set[asyncio.Task[Any]] = set()
         self._created = int(time.time())
         self._lifespans = 0
         self._tasks: list[asyncio.Task[None]] = []
@@ -179,6 +188,9 @@ class IngressApp:
                     task.cancel()
                 if self._keyring.sync is not None:
                     await self._keyring.sync.stop()
+                if self._peer_client is not None:
+                    await self._peer_client.aclose()
+                    self._peer_client = None
 
     async def _watch_readiness(self) -> None:
         await asyncio.gather(*(self._await_ready(m) for m in self._models.values()))
@@ -238,6 +250,45 @@ class IngressApp:
         completion = int(usage.get("completion_tokens") or 0)
         self._keyring.finish(admission, model.config.name, prompt, completion)
         self._metrics.count_key(admission.name, model.config.name, prompt, completion)
+
+    def _session_owner(self, request: Request, body: dict[str, Any]) -> str | None:
+        """The sibling replica's URL when another replica of this node owns the request's
+        session; None to serve it here."""
+        peers = self._keyring.peers
+        if len(peers) < 2 or request.headers.get(HOP):
+            return None
+        session = session_of(request.headers, body)
+        found = owner(session, peers) if session is not None else None
+        if found is None or found[0] == self._keyring.replica_id:
+            return None
+        return found[1]
+
+    async def _relay(self, request: Request, raw: bytes, url: str) -> Response | None:
+        """The request, as it came, to the sibling that owns its session; its answer streamed
+        back as it comes. None when the sibling cannot be reached (then it is served here)."""
+        if self._peer_client is None:
+            self._peer_client = httpx.AsyncClient(
+                transport=self._peer_transport, timeout=httpx.Timeout(None, connect=2.0),
+                limits=httpx.Limits(max_connections=None, max_keepalive_connections=64))
+        target = url + request.url.path + (f"?{request.url.query}" if request.url.query else "")
+        sent = self._peer_client.build_request(
+            request.method, target, content=raw,
+            headers=relayed_headers(request.headers, request_id(request)))
+        try:
+            answer = await self._peer_client.send(sent, stream=True)
+        except httpx.HTTPError as exc:
+            self._relay_failures.failed(exc)
+            return None
+        self._relay_failures.recovered()
+
+        def close() -> None:
+            task = asyncio.get_running_loop().create_task(answer.aclose())
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
+
+        return _StreamResponse(answer.aiter_bytes(), on_close=close,
+                               status_code=answer.status_code,
+                               headers=response_headers(answer.headers))
 
     async def _read_body(self, request: Request) -> bytes:
         try:
@@ -369,6 +420,9 @@ class IngressApp:
 
     async def _openai(self, request: Request, endpoint: str) -> Response:
         raw, body, model, policy = await self._admit(request)
+        relayed = await self._relay_session(request, raw, body)
+        if relayed is not None:
+            return relayed
         stream = check_generation_body(
             body, max_n=self._config.max_n, max_model_len=model.config.max_model_len,
             endpoint=endpoint,
@@ -408,6 +462,13 @@ class IngressApp:
             if not job.handed_over:
                 job.close(None)
 
+    async def _relay_session(self, request: Request, raw: bytes,
+                             body: dict[str, Any]) -> Response | None:
+        """A session another replica of this node owns goes there; its limits, usage and
+        fair queue are that replica's business."""
+        url = self._session_owner(request, body)
+        return None if url is None else await self._relay(request, raw, url)
+
     async def _start_job(self, model: _Model, policy: KeyPolicy) -> _Job:
         """Admission, in order: the model's capacity (503), the key's limits (429), then the
         key's fair turn at the engine. A failure releases what was taken."""
@@ -434,6 +495,9 @@ class IngressApp:
 
     async def _maritalk(self, request: Request, kind: str) -> Response:
         raw, body, model, policy = await self._admit(request)
+        relayed = await self._relay_session(request, raw, body)
+        if relayed is not None:
+            return relayed
         try:
             # Refused here, before the Ray hop; the replica validates again for its values.
             _MARITALK_MODELS[kind].model_validate(body)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import csv
 import io
+import json
 import os
 
 import httpx
@@ -33,7 +34,8 @@ class UsageFakeLLM(LLMServer):
         self._fake.usage = (5, 7)
 
     async def openai(self, endpoint, body):
-        return await self._fake.openai(endpoint, body)
+        status, text = await self._fake.openai(endpoint, body)
+        return status, json.dumps({**json.loads(text), "pid": os.getpid()})  # who served it
 
     async def openai_stream(self, endpoint, body):
         for item in self._fake.openai_stream(endpoint, body)._items:
@@ -60,13 +62,14 @@ def stack(tmp_path_factory):
         os.environ.setdefault(key, value)
     data = tmp_path_factory.mktemp("keys")
     store = str(data / "api_keys.db")
-    port, serve_port = free_port(), free_port()
+    port = free_port()
     model = ModelConfig(name="m", device="cpu", min_replicas=2, max_replicas=2)
     config = AppConfig(models=(model,), http_port=port, key_store_path=store)
     ray.init(address="local", include_dashboard=False, num_cpus=4,
              runtime_env={"env_vars": dict(TELEMETRY_OFF_ENV)})
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": serve_port})
+        # The replicas listen on `port` themselves, as `python -m serve_app` runs them: no proxy.
+        serve.start(proxy_location="Disabled")
         serve.run(build_app_from_config(config, llm_cls=UsageFakeLLM), name="keys",
                   route_prefix="/", blocking=False)
         url = f"http://127.0.0.1:{port}"
@@ -176,3 +179,29 @@ def test_a_replica_refuses_to_serve_the_network_without_a_key(stack, tmp_path):
     assert ray.get(start.remote(config, ["127.0.0.1"]), timeout=120) == "started"
     allowed = config.model_copy(update={"allow_unauthenticated": True})
     assert ray.get(start.remote(allowed, ["0.0.0.0"]), timeout=120) == "started"
+
+
+def test_a_session_stays_on_one_replica_of_the_shared_port(stack, capsys):
+    """Two replicas on one SO_REUSEPORT port: the kernel spreads connections, the replicas
+    relay each session to the one that owns it (by X-Session-Id, or OpenAI's user field)."""
+    secret = keys(stack, "create", "--name", "sessions", capsys=capsys)
+    wait_for(lambda: chat(stack, secret).status_code == 200, timeout=30, interval=0.3,
+             what="the key")
+
+    def served_by(**kw):
+        headers = {"Authorization": f"Bearer {secret}", **kw.pop("headers", {})}
+        resp = httpx.post(f"{stack['url']}/v1/chat/completions", json={**CHAT, **kw},
+                          headers=headers, timeout=30)
+        assert resp.status_code == 200, resp.text
+        return resp.json()["pid"]
+
+    # Without a session the kernel's choice stands: both replicas answer.
+    wait_for(lambda: len({served_by() for _ in range(20)}) == 2, timeout=60, interval=0.5,
+             what="both replicas answering")
+    # Each replica learns its sibling's private port within a round.
+    wait_for(lambda: all(len({served_by(headers={"X-Session-Id": f"conv-{i}"})
+                              for _ in range(8)}) == 1 for i in range(4)),
+             timeout=60, interval=0.5, what="every session on one replica")
+    owners = {served_by(headers={"X-Session-Id": f"conv-{i}"}) for i in range(24)}
+    assert len(owners) == 2  # sessions are spread over the replicas
+    assert len({served_by(user="alice") for _ in range(8)}) == 1

@@ -267,6 +267,10 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(print_manifest(argv[1:]))
     if argv[:1] == ["keys"]:
         sys.exit(tenants.keys_command(argv[1:], store=Settings().key_store_path))
+    if argv[:1] == ["chat"]:
+        from serve_app.chat import main as chat
+
+        sys.exit(chat(argv[1:]))
     if argv[:1] == ["usage"]:
         sys.exit(tenants.usage_command(argv[1:], store=Settings().key_store_path))
     parser = argparse.ArgumentParser(prog="python -m serve_app", description=__doc__)

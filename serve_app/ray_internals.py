@@ -30,6 +30,16 @@ environment and the workers' niceness).
   the largest share of an idle stack's CPU; at 0.5 s it reacts to a dead replica or a scaling
   decision 0.4 s later (autoscaling delays are counted in seconds, not loops).
 
+Session affinity at a cluster's front door (``SESSION_AFFINITY_ENV``, set where the head's
+Ray starts: the clusters' start commands): Serve renders HAProxy's ``defaults`` section with the
+line ``balance {{ config.balance_algorithm }}`` from ``RAY_SERVE_HAPROXY_BALANCE_ALGORITHM``
+(``ray.serve._private.haproxy_templates``; Serve's default is ``leastconn``), unescaped. The
+value here is two lines, HAProxy's ``balance hdr(x-session-id)`` and ``hash-type consistent``:
+one session's requests go to one replica, and a replica coming or going moves only the sessions
+it held. HAProxy has no other way to say consistent hashing, and Serve no other switch that
+reaches the section. Requests without the header are balanced round robin (HAProxy's fallback
+for a missing header), not by least connections. ``missing()`` checks the template line.
+
 Serve's HTTP address, read back from Serve's controller (``serve_http_host``): the named actor
 ``SERVE_CONTROLLER_ACTOR`` in namespace ``serve`` (``ray.serve._private.constants``) and its
 ``get_http_config`` / ``get_proxy_location`` methods, which Serve's replicas call themselves to
@@ -56,6 +66,11 @@ RAY_SERVE_ENV = {
     "RAY_enable_worker_prestart": "0",
     "RAY_prestart_worker_first_driver": "0",
     "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5",
+}
+
+# Where the cluster's front door (the head's HAProxy) runs: see the module docstring.
+SESSION_AFFINITY_ENV = {
+    "RAY_SERVE_HAPROXY_BALANCE_ALGORITHM": "hdr(x-session-id)\n    hash-type consistent",
 }
 
 # Each Serve switch and the name under which Ray Serve keeps its effective value.
@@ -90,6 +105,10 @@ TEST_IMPORTS = (
      "NodeProviderAvailabilityTracker"),
     ("ray.autoscaler._private.util", "ConcurrentCounter"),
     ("ray.serve._private.utils", "import_attr"),
+    ("ray.serve._private.haproxy", "HAProxyApi"),
+    ("ray.serve._private.haproxy", "HAProxyConfig"),
+    ("ray.serve._private.haproxy", "BackendConfig"),
+    ("ray.serve._private.haproxy", "ServerConfig"),
 )
 
 
@@ -127,6 +146,10 @@ def missing() -> list[str]:
 
     out = [f"ray.serve._private.constants has no {name}" for name in SERVE_CONSTANTS.values()
            if not hasattr(constants, name)]
+    from ray.serve._private import haproxy_templates
+
+    if "    balance {{ config.balance_algorithm }}\n" not in haproxy_templates.HAPROXY_CONFIG_TEMPLATE:
+        out.append("Serve's HAProxy template no longer has the balance line of its defaults")
     if getattr(constants, "SERVE_CONTROLLER_NAME", None) != "SERVE_CONTROLLER_ACTOR":
         out.append("Serve's controller is no longer the actor SERVE_CONTROLLER_ACTOR")
     from ray.serve._private.controller import ServeController

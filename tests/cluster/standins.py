@@ -1,7 +1,7 @@
 """The LLM stand-in for GPU-typed replicas on fake GPU nodes (vLLM cannot start without a GPU).
 
 It registers and heartbeats with the license actor exactly as ``LLMServer`` does, and tells
-every response which node and instance served it, so tests see where the front door sent each
+every response which node, instance and replica served it, so tests see where the front door sent each
 request. Imported by Ray workers on every node (the cluster's PYTHONPATH holds this checkout).
 """
 
@@ -22,7 +22,10 @@ class NodeLLM(FakeLLMServer):
 
         super().__init__(config.name)
         self._reporter = None
+        from ray import serve
+
         self.node_id = ray.get_runtime_context().get_node_id()
+        self.replica = serve.get_replica_context().replica_id.unique_id
         self.instance_id = None
         if license is not None:
             from serve_app.licensing.gate import InstanceReporter
@@ -35,7 +38,8 @@ class NodeLLM(FakeLLMServer):
             self.instance_id = self._reporter.instance_id
 
     def _where(self) -> dict:
-        return {"node_id": self.node_id, "instance_id": self.instance_id}
+        return {"node_id": self.node_id, "instance_id": self.instance_id,
+                "replica": self.replica}
 
     async def openai(self, endpoint, body):
         return 200, json.dumps({"object": endpoint, **self._where()})

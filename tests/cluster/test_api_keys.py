@@ -1,6 +1,7 @@
-"""API keys on a multi-node cluster: the key actor on the head (where the store's file is), an
+"""Tenants on a multi-node cluster: the key actor on the head (where the store's file is), an
 ingress replica on a GPU worker node, a key created, rotated and revoked on the head reaching
-that replica within seconds, through the front door."""
+that replica within seconds, through the front door; and the front door keeping each session on
+one replica."""
 
 from __future__ import annotations
 
@@ -66,3 +67,35 @@ def test_a_key_change_on_the_head_reaches_a_replica_on_another_node(fake_cluster
         assert "revoked" in post(rotated).json()["error"]["message"]
     finally:
         serve.delete("keys")
+
+
+def test_the_front_door_keeps_a_session_on_one_replica(fake_cluster):
+    """Serve's HAProxy on the head, with the clusters' balance switch: one X-Session-Id, one
+    replica, whatever connection it comes on; different sessions spread over the replicas;
+    requests without one are spread too."""
+    from ray import serve
+
+    from serve_app.builder import build_app_from_config
+    from serve_app.config import AppConfig, ModelConfig
+    from tests.cluster.standins import NodeLLM
+
+    model = ModelConfig(name="m", device="cpu", min_replicas=2, max_replicas=2)
+    config = AppConfig(models=(model,), http_port=None)
+    serve.run(build_app_from_config(config, llm_cls=NodeLLM), name="sessions",
+              route_prefix="/sessions", blocking=False)
+    url = f"{fake_cluster.front_door}/sessions/v1/chat/completions"
+
+    def replica(session=None):
+        headers = {"X-Session-Id": session} if session else {}
+        resp = httpx.post(url, json=CHAT, headers=headers, timeout=30)  # a connection each
+        assert resp.status_code == 200, resp.text
+        return resp.json()["replica"]
+
+    try:
+        wait_for(lambda: len({replica() for _ in range(10)}) == 2, timeout=240, interval=1,
+                 what="both replicas behind the front door")
+        for i in range(6):
+            assert len({replica(f"conv-{i}") for _ in range(6)}) == 1, f"conv-{i}"
+        assert len({replica(f"conv-{i}") for i in range(12)}) == 2
+    finally:
+        serve.delete("sessions")

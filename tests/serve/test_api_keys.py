@@ -1,7 +1,8 @@
 """Named API keys against a running stack: Ray Serve in-process, the key actor on the head, the
-key store on disk, two colocated replicas on one port; the LLM is a stand-in that reports usage
-as vLLM does. Keys are changed with the operator's commands while the app serves, and every
-change is awaited as a condition (replicas hear within a round, about a second)."""
+key store on disk, two colocated replicas on one port, licensed by a real license server on
+loopback; the LLM is a stand-in that reports usage as vLLM does. Keys are changed with the
+operator's commands while the app serves, and every change is awaited as a condition (replicas
+hear within a round, about a second)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import pytest
 from serve_app.config import RAY_SERVE_ENV, TELEMETRY_OFF_ENV, AppConfig, ModelConfig
 from serve_app.llm_server import LLMServer
 from serve_app.tenants import keys_command, usage_command
-from tests.conftest import free_port, wait_for
+from tests.conftest import LicenseServerProcess, free_port, wait_for
 from tests.fakes import FakeLLMServer
 
 pytestmark = pytest.mark.serve
@@ -62,9 +63,13 @@ def stack(tmp_path_factory):
         os.environ.setdefault(key, value)
     data = tmp_path_factory.mktemp("keys")
     store = str(data / "api_keys.db")
+    server = LicenseServerProcess(data / "server").start()
+    _, key = server.issue(heartbeat_interval_s=1.0, grace_period_s=3600)
+    license = server.license_config(key, data / "ledger.db", report_interval_s=1.0,
+                                    actor_name=f"license_keys_{os.getpid()}")
     port = free_port()
     model = ModelConfig(name="m", device="cpu", min_replicas=2, max_replicas=2)
-    config = AppConfig(models=(model,), http_port=port, key_store_path=store)
+    config = AppConfig(models=(model,), http_port=port, key_store_path=store, license=license)
     ray.init(address="local", include_dashboard=False, num_cpus=4,
              runtime_env={"env_vars": dict(TELEMETRY_OFF_ENV)})
     try:
@@ -75,10 +80,11 @@ def stack(tmp_path_factory):
         url = f"http://127.0.0.1:{port}"
         wait_for(lambda: httpx.post(f"{url}/v1/chat/completions", json=CHAT).status_code == 200,
                  timeout=120, what="the app")
-        yield {"url": url, "store": store, "config": config}
+        yield {"url": url, "store": store, "config": config, "server": server}
     finally:
         serve.shutdown()
         ray.shutdown()
+        server.stop()
 
 
 def keys(stack, *argv, capsys) -> str:
@@ -205,3 +211,33 @@ def test_a_session_stays_on_one_replica_of_the_shared_port(stack, capsys):
     owners = {served_by(headers={"X-Session-Id": f"conv-{i}"}) for i in range(24)}
     assert len(owners) == 2  # sessions are spread over the replicas
     assert len({served_by(user="alice") for _ in range(8)}) == 1
+
+
+def test_key_names_and_usage_per_key_never_reach_the_license_server(stack, capsys):
+    """The usage reports stay content-free and key-free: a key named with a canary, used on
+    both replicas, is in the key store's usage and nowhere on the license server's wire."""
+    import ray
+
+    canary = f"canary-{os.urandom(8).hex()}"
+    secret = keys(stack, "create", "--name", canary, capsys=capsys)
+    public_id = secret[: len("sak_") + 12]
+    server = stack["server"]
+    wait_for(lambda: on_every_replica(stack, lambda: chat(stack, secret).status_code == 200),
+             timeout=30, interval=0.3, what="the canary key on every replica")
+    start = len(server.received)
+    for _ in range(6):
+        assert chat(stack, secret).status_code == 200
+    wait_for(lambda: sum(b"/v1/usage" in c for c in server.received[start:]) >= 2,
+             timeout=30, what="usage reports after the canary's requests")
+    license = stack["config"].license
+    actor = ray.get_actor(license.actor_name, namespace=license.namespace)
+    assert ray.get(actor.flush.remote(), timeout=30)["pending_seconds"] == 0
+
+    def in_store():
+        assert usage_command(["--format", "csv"], store=stack["store"]) == 0
+        return canary in capsys.readouterr().out
+
+    wait_for(in_store, timeout=30, what="the canary key's usage in the key store")
+    for chunk in server.received:
+        for secret_part in (canary.encode(), secret.encode(), public_id.encode()):
+            assert secret_part not in chunk

@@ -154,7 +154,8 @@ class ModelConfig(BaseModel):
         description="Requests an ingress replica runs at once on this model, shared fairly "
         "between API keys: a key with none running starts at once, otherwise the key with the "
         "fewest running goes next (deploy/api-keys.md). Fewer slots keep a flooding key's batch "
-        "from slowing the others, at the cost of its throughput. None: max_ongoing_requests.",
+        "from slowing the others, at the cost of its throughput. None: max_ongoing_requests "
+        "for a colocated replica's own engine, no bound for models behind a handle.",
     )
     served_model_name: tuple[str, ...] = Field(
         (),

@@ -97,7 +97,11 @@ class _Model:
         self.stream = handle.options(method_name="openai_stream", stream=True)
         self.maritalk = handle.options(method_name="maritalk")
         self.ready = False
-        self.fair = FairQueue(config.fair_slots or config.max_ongoing_requests)
+        # The engine in this process (the ingress admits for it: ``limit``) runs at most
+        # max_ongoing_requests at once; behind a handle, Serve spreads requests over however
+        # many replicas there are, and only an explicit fair_slots bounds this ingress's share.
+        local_default = config.max_ongoing_requests if limit is not None else None
+        self.fair = FairQueue(config.fair_slots or local_default)
 
 
 class IngressApp:

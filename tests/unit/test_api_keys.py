@@ -16,6 +16,7 @@ from starlette.testclient import TestClient
 from serve_app.config import AppConfig, ModelConfig, Settings
 from serve_app.ingress import build_ingress
 from serve_app.tenants import Keyring, KeyStore, KeyTable, Limiter, UsageMeter
+from tests.conftest import wait_for
 from tests.fakes import FakeLLMHandle, FakeLLMServer
 
 CHAT = {"model": "a", "messages": [{"role": "user", "content": "hi"}]}
@@ -235,3 +236,49 @@ def test_empty_keys_are_refused_in_the_configuration(keys):
 def test_empty_entries_of_the_environment_list_make_no_key(monkeypatch):
     monkeypatch.setenv("SERVE_APP_API_KEYS", " , ,")
     assert Settings().to_app_config().api_keys == ()
+
+
+def test_the_fair_queue_lets_another_key_in_while_a_busy_one_waits_its_turn(tmp_path):
+    stack = Stack(tmp_path)
+    model = ModelConfig(name="a", device="cpu", fair_slots=1)
+    stack.servers = {"a": FakeLLMServer("a")}
+    app = build_ingress(AppConfig(models=(model,)), {"a": FakeLLMHandle(stack.servers["a"])},
+                        keyring=stack.keyring)
+    stack.client = TestClient(app)
+    busy, other = stack.key("busy"), stack.key("other")
+    release = threading.Event()
+    started: list[str] = []
+    answer = stack.servers["a"].openai
+
+    async def slow(endpoint, body):
+        started.append(json.loads(body)["messages"][0]["content"])
+        while not release.is_set():
+            await asyncio.sleep(0.01)
+        return await answer(endpoint, body)
+
+    stack.servers["a"].openai = slow
+
+    def ask(headers, text):
+        return stack.client.post("/v1/chat/completions", headers=headers, json={
+            **CHAT, "messages": [{"role": "user", "content": text}]})
+
+    with stack.client, concurrent.futures.ThreadPoolExecutor(3) as pool:
+        first = pool.submit(ask, busy, "busy-1")
+        wait_for(lambda: started == ["busy-1"], timeout=30, interval=0.01, what="busy-1")
+        second = pool.submit(ask, busy, "busy-2")  # the one slot is taken: it waits
+        third = pool.submit(ask, other, "other-1")  # nothing of its own running: at once
+        wait_for(lambda: "other-1" in started, timeout=30, interval=0.01, what="other-1")
+        assert "busy-2" not in started
+        release.set()
+        assert [f.result(30).status_code for f in (first, second, third)] == [200] * 3
+    assert started[:2] == ["busy-1", "other-1"]
+
+
+def test_fair_slots_default_to_the_local_engine_and_leave_handles_unbounded():
+    from serve_app.ingress import IngressApp
+
+    local, behind = ModelConfig(name="a", max_ongoing_requests=8), ModelConfig(name="b")
+    app = IngressApp(AppConfig(models=(local, behind)),
+                     {n: FakeLLMHandle(FakeLLMServer(n)) for n in ("a", "b")},
+                     limits={"a": 10})
+    assert app._models["a"].fair.slots == 8 and app._models["b"].fair.slots is None

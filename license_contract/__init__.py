@@ -7,12 +7,27 @@
   time header and the error shape;
 - ``manifest``: the manifest of a model's files, and the vendor's signed word on which model
   they are;
-- ``body``: reading a request body against a byte limit, refused alike on both sides.
+- ``body``: reading a request body against a byte limit, refused alike on both sides;
+- ``airgap``: what an installation with no network path to the vendor carries by hand (an
+  activation request, usage bundles).
 
 Pure: no Ray, no vLLM, no network (``build_manifest`` reads the files it describes). Both
 products import these names from here; neither imports the other.
 """
 
+from license_contract.airgap import (
+    GENESIS,
+    ActivationRequest,
+    BundleError,
+    UsageBundle,
+    UsageEntry,
+    bundle_text,
+    entry_hash,
+    entry_text,
+    open_bundle,
+    open_request,
+    request_text,
+)
 from license_contract.body import BodyError, read_bounded
 from license_contract.keys import PREFIX, License, LicenseError, key_text, verify_key
 from license_contract.lease import LEASE_PREFIX, Lease, LeaseError, lease_text, verify_lease
@@ -57,6 +72,8 @@ from license_contract.usage import (
 )
 
 __all__ = [
+    "GENESIS", "ActivationRequest", "BundleError", "UsageBundle", "UsageEntry", "bundle_text",
+    "entry_hash", "entry_text", "open_bundle", "open_request", "request_text",
     "LEASE_PREFIX", "MANIFEST_NAME", "MAX_BODY_BYTES", "MAX_INTERVAL_S", "MAX_REPORT_INTERVALS",
     "MODEL_NAME", "OVERLAP_TOLERANCE_S", "PREFIX", "SERVER_TIME_HEADER", "SKEW_S", "STRICT",
     "ActivateRequest", "BodyError", "DownloadRequest", "HeartbeatRequest", "HeartbeatResponse",

@@ -2,15 +2,23 @@
 
 Client side (``Authorization: Bearer <license key>``): ``POST /v1/activate``,
 ``POST /v1/heartbeat``, ``POST /v1/usage`` (idempotent by ``report_id``), ``GET /v1/status``,
-``POST /v1/models/{name}/download`` (a model's manifest and presigned URLs, unmetered).
+``POST /v1/models/{name}/download`` (a model's manifest and presigned URLs, unmetered and
+recorded).
 Admin side (``Authorization: Bearer <admin token>``): ``POST /admin/licenses`` (issue),
-``GET /admin/licenses``, ``POST /admin/licenses/{id}/revoke``, ``GET /admin/usage`` (JSON or
-``?format=csv``; ``from``/``to`` days, ``limit`` with ``cursor`` or ``offset``).
+``GET /admin/licenses``, ``POST /admin/licenses/{id}/revoke``,
+``GET /admin/licenses/{id}/clusters``, ``GET /admin/usage`` (JSON or ``?format=csv``;
+``from``/``to`` days, ``limit`` with ``cursor`` or ``offset``), ``GET /admin/downloads``.
 ``GET /v1/public-key`` and ``GET /health`` are open.
 
+``build_app`` makes all of them (``listener="all"``), or the client side only, or the admin
+side only (with ``/health``), for a server whose admin API listens on its own address.
+
 Every response carries ``X-Server-Time``. Client routes are rate limited per address and per
-license, and failed authentications per address (429 with ``Retry-After``); bodies are refused
-above the policy's limit before they are read whole (413).
+license (429 with ``Retry-After``). Failed authentications are counted per address: past the
+limit, further failures get 429, while valid credentials from that address still pass (they
+are checked first). Bodies are refused above the policy's limit before they are read whole
+(413), and when they do not arrive whole within the policy's time (408). A client that goes
+away mid-body is logged in one line.
 """
 
 from __future__ import annotations
@@ -19,13 +27,13 @@ import csv
 import hmac
 import io
 import logging
-from typing import Any
+from typing import Any, Literal
 
 from sqlalchemy.exc import OperationalError
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp
@@ -33,6 +41,7 @@ from starlette.types import ASGIApp
 from license_contract import (
     MAX_BODY_BYTES,
     ActivateRequest,
+    DownloadRequest,
     HeartbeatRequest,
     License,
     LicenseError,
@@ -60,7 +69,8 @@ def _bearer(request: Request) -> str:
     return token.strip() if scheme.lower() == "bearer" else ""
 
 
-def build_app(service: LicenseService, admin_token: str) -> ASGIApp:
+def build_app(service: LicenseService, admin_token: str, *,
+              listener: Literal["all", "client", "admin"] = "all") -> ASGIApp:
     policy = service.policy
     by_address = RateLimiter(policy.address_rate_per_s, policy.address_burst, service.now,
                              policy.tracked_keys)
@@ -73,22 +83,21 @@ def build_app(service: LicenseService, admin_token: str) -> ASGIApp:
     def address(request: Request) -> str:
         return request.client.host if request.client else "unknown"
 
-    def not_blocked(request: Request) -> str:
-        addr = address(request)
+    def failed(addr: str) -> None:
+        """Count a failed authentication, or, past the limit, answer 429 instead of 401."""
         wait = failures.blocked(addr)
         if wait > 0:
             raise _Limited("too many failed authentications from this address", wait)
-        return addr
+        failures.failed(addr)
 
     def admin(request: Request) -> None:
-        addr = not_blocked(request)
         # Constant time: the comparison's duration says nothing about the token.
         if not hmac.compare_digest(_bearer(request).encode(), admin_token_bytes):
-            failures.failed(addr)
+            failed(address(request))
             raise HTTPException(401, "admin token required")
 
     def client(request: Request) -> tuple[License, str]:
-        addr = not_blocked(request)
+        addr = address(request)
         wait = by_address.take(addr)
         if wait > 0:
             raise _Limited("too many requests from this address", wait)
@@ -98,7 +107,7 @@ def build_app(service: LicenseService, admin_token: str) -> ASGIApp:
                 raise HTTPException(401, "send the license key as 'Authorization: Bearer <key>'")
             lic, status = service.check(key)
         except (HTTPException, LicenseError):
-            failures.failed(addr)
+            failed(addr)
             raise
         wait = by_license.take(lic.license_id)
         if wait > 0:
@@ -106,7 +115,7 @@ def build_app(service: LicenseService, admin_token: str) -> ASGIApp:
         return lic, status
 
     async def body(request: Request, model: type) -> Any:
-        return await read_model(request, model, MAX_BODY_BYTES)
+        return await read_model(request, model, MAX_BODY_BYTES, policy.body_timeout_s)
 
     async def health(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
@@ -117,7 +126,7 @@ def build_app(service: LicenseService, admin_token: str) -> ASGIApp:
     async def activate(request: Request) -> Response:
         lic, status = client(request)
         req = await body(request, ActivateRequest)
-        service.store.activate(lic.license_id, req.cluster_id)
+        service.activate(lic, status, req.cluster_id)
         return JSONResponse({"license_id": lic.license_id, "status": status})
 
     async def heartbeat(request: Request) -> Response:
@@ -137,9 +146,10 @@ def build_app(service: LicenseService, admin_token: str) -> ASGIApp:
 
     async def download(request: Request) -> Response:
         lic, status = client(request)
+        req = await body(request, DownloadRequest)
         # Reading the manifest is a bucket round trip: off the event loop.
         grant = await run_in_threadpool(service.download, lic, status,
-                                        request.path_params["name"])
+                                        request.path_params["name"], req.cluster_id)
         return JSONResponse(grant)
 
     async def issue(request: Request) -> Response:
@@ -151,8 +161,23 @@ def build_app(service: LicenseService, admin_token: str) -> ASGIApp:
         admin(request)
         rows = service.store.list_licenses()
         return JSONResponse({"licenses": [
-            {**{k: v for k, v in r.items() if k != "key"},
+            {**{k: v for k, v in r.items() if k not in ("key_sha256", "payload")},
+             "models": list(service.stored_license(r).models),
              "clusters": service.store.clusters_of(r["license_id"])} for r in rows]})
+
+    async def clusters(request: Request) -> Response:
+        admin(request)
+        return JSONResponse(service.clusters(request.path_params["license_id"]))
+
+    async def download_log(request: Request) -> Response:
+        admin(request)
+        q = request.query_params
+        try:
+            limit = int(q.get("limit", "100"))
+            before = int(q["before"]) if "before" in q else None
+        except ValueError:
+            raise Refusal("limit/before: whole numbers") from None
+        return JSONResponse(service.downloads(q.get("license_id"), limit=limit, before=before))
 
     async def revoke(request: Request) -> Response:
         admin(request)
@@ -192,7 +217,9 @@ def build_app(service: LicenseService, admin_token: str) -> ASGIApp:
 
     async def on_refusal(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, Refusal)
-        return error(exc.status, str(exc), exc.code)
+        # A body still arriving cannot be skipped: the connection ends with the answer.
+        return error(exc.status, str(exc), exc.code,
+                     headers={"Connection": "close"} if exc.status == 408 else None)
 
     async def on_limited(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, _Limited)
@@ -204,27 +231,40 @@ def build_app(service: LicenseService, admin_token: str) -> ASGIApp:
         return error(503, "the license server's database is unavailable; retry later",
                      "database_unavailable", headers={"Retry-After": "30"})
 
+    async def on_disconnect(request: Request, exc: Exception) -> Response:
+        # Nothing went wrong here: one line, no traceback. The answer reaches no one.
+        logger.info("client %s went away before its request to %s was read whole",
+                    address(request), request.url.path)
+        return error(400, "the client went away mid-request", "client_disconnected")
+
     async def on_crash(request: Request, exc: Exception) -> Response:
         logger.exception("license server: unhandled error on %s", request.url.path)
         return error(500, "internal error", "internal_error")
 
+    client_routes = [
+        Route("/v1/public-key", public_key),
+        Route("/v1/activate", activate, methods=["POST"]),
+        Route("/v1/heartbeat", heartbeat, methods=["POST"]),
+        Route("/v1/usage", usage_report, methods=["POST"]),
+        Route("/v1/status", status),
+        Route("/v1/models/{name}/download", download, methods=["POST"]),
+    ]
+    admin_routes = [
+        Route("/admin/licenses", issue, methods=["POST"]),
+        Route("/admin/licenses", list_licenses, methods=["GET"]),
+        Route("/admin/licenses/{license_id}/revoke", revoke, methods=["POST"]),
+        Route("/admin/licenses/{license_id}/clusters", clusters, methods=["GET"]),
+        Route("/admin/usage", usage),
+        Route("/admin/downloads", download_log, methods=["GET"]),
+    ]
     app = Starlette(
-        routes=[
-            Route("/health", health),
-            Route("/v1/public-key", public_key),
-            Route("/v1/activate", activate, methods=["POST"]),
-            Route("/v1/heartbeat", heartbeat, methods=["POST"]),
-            Route("/v1/usage", usage_report, methods=["POST"]),
-            Route("/v1/status", status),
-            Route("/v1/models/{name}/download", download, methods=["POST"]),
-            Route("/admin/licenses", issue, methods=["POST"]),
-            Route("/admin/licenses", list_licenses, methods=["GET"]),
-            Route("/admin/licenses/{license_id}/revoke", revoke, methods=["POST"]),
-            Route("/admin/usage", usage),
-        ],
+        routes=[Route("/health", health),
+                *(client_routes if listener in ("all", "client") else []),
+                *(admin_routes if listener in ("all", "admin") else [])],
         exception_handlers={HTTPException: on_http, LicenseError: on_license,
                             Refusal: on_refusal, _Limited: on_limited,
-                            OperationalError: on_database, Exception: on_crash},
+                            OperationalError: on_database, ClientDisconnect: on_disconnect,
+                            Exception: on_crash},
     )
     return ServerTime(app, service.now)
 

@@ -1,7 +1,8 @@
-"""Billing arithmetic, pure: days, interval checks, overlaps, heartbeat observation, concurrency.
+"""Billing arithmetic, pure: days and hours, interval checks, overlaps, what heartbeats witness,
+how far reports cover it, concurrency.
 
-Time is Unix seconds in the server's clock; a day is a UTC day. Nothing here reads a clock or a
-database: the store passes in what it read and what ``now`` is.
+Time is Unix seconds in the server's clock; a day is a UTC day, an hour a UTC hour. Nothing here
+reads a clock or a database: the store passes in what it read and what ``now`` is.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 DAY = 86400.0
+HOUR = 3600.0
 # Days the server can name: gmtime works far beyond, but nothing billable lies outside.
 FIRST_DAY, LAST_DAY = 0, 2_000_000  # 1970-01-01 .. year 7445
 
@@ -162,33 +164,136 @@ def find_overlap(new: list[Interval], billed: Iterable[Interval], tolerance: flo
     return None
 
 
-def observe(prev_at: float | None, prev_instances: int, now: float, instances: int,
-            max_gap: float) -> dict[str, float]:
-    """Instance-seconds per day that two consecutive heartbeats of a cluster witness: the mean
-    of their counts over the time between them. Heartbeats further apart than ``max_gap`` (or
-    out of order) witness nothing: the server did not see that stretch."""
-    if prev_at is None or not 0 < now - prev_at <= max_gap:
-        return {}
-    weight = (prev_instances + instances) / 2
-    days = split_by_day([Interval("", prev_at, now, gpus=weight)])
-    return {day: v["gpu_seconds"] for day, v in days.items()}
+def hour_index(t: float) -> int:
+    return int(t // HOUR)
+
+
+def split_hours(start: float, end: float) -> dict[int, float]:
+    """Seconds of [start, end) per hour index, within the days the server can name."""
+    start, end = max(start, FIRST_DAY * DAY), min(end, (LAST_DAY + 1) * DAY)
+    out: dict[int, float] = {}
+    if not (math.isfinite(start) and math.isfinite(end)):
+        return out
+    while start < end:
+        h = hour_index(start)
+        stop = min(end, (h + 1) * HOUR)
+        out[h] = out.get(h, 0.0) + stop - start
+        start = stop
+    return out
+
+
+@dataclass(frozen=True)
+class Beat:
+    """One heartbeat of a cluster as the server keeps it: when, and what it said it runs."""
+
+    at: float
+    instances: int
+    gpus: float
+    stopping: bool = False
+
+
+@dataclass(frozen=True)
+class Witness:
+    """What a heartbeat and the cluster's previous one witness together.
+
+    ``hours``: hour index -> [instance-seconds, GPU-seconds]. ``running_from``: since when
+    instances were seen running up to this heartbeat (None: none were). ``gap_s``: the time
+    since the previous heartbeat (None: there is no previous one to measure from)."""
+
+    hours: dict[int, list[float]]
+    running_from: float | None
+    gap_s: float | None
+    slow: bool
+
+
+def witness(prev: Beat | None, beat: Beat, slow_after_s: float) -> Witness:
+    """The time between two consecutive heartbeats counts at the lower of their two counts
+    (instances and GPUs alike), however long it is: heartbeating less often leaves no time
+    unobserved, it only gets the gap flagged (``slow``, longer than ``slow_after_s``). Out of
+    order, nothing is witnessed; nor after a heartbeat that said the cluster stops, when the
+    next comes later than a slow gap (the cluster was down). One sooner counts as any other:
+    saying "stop" and going on is no way out of being observed."""
+    running_now = beat.at if beat.instances > 0 else None
+    gap = beat.at - prev.at if prev is not None else 0.0
+    if prev is None or not gap > 0 or (prev.stopping and gap > slow_after_s):
+        return Witness({}, running_now, None, False)
+    instances, gpus = min(prev.instances, beat.instances), min(prev.gpus, beat.gpus)
+    hours: dict[int, list[float]] = {}
+    if instances > 0 or gpus > 0:
+        hours = {h: [s * instances, s * gpus] for h, s in split_hours(prev.at, beat.at).items()}
+    return Witness(hours, prev.at if instances > 0 else running_now, gap, gap > slow_after_s)
+
+
+@dataclass(frozen=True)
+class Coverage:
+    """How far a cluster's reports cover the running time its heartbeats saw.
+
+    ``seen_until``: the last time heartbeats saw instances running. ``covered_until``: how far
+    reported intervals reach. ``unreported_since``: the start of running time seen and not yet
+    covered (None: everything seen is covered)."""
+
+    unreported_since: float | None = None
+    covered_until: float | None = None
+    seen_until: float | None = None
+
+
+def seen_running(cov: Coverage, running_from: float | None, at: float,
+                 tolerance: float) -> Coverage:
+    """``cov`` after a heartbeat at ``at`` that saw instances running since ``running_from``."""
+    if running_from is None:
+        return cov
+    seen = at if cov.seen_until is None else max(cov.seen_until, at)
+    since = cov.unreported_since
+    if since is None and (cov.covered_until is None or cov.covered_until < at - tolerance):
+        since = running_from if cov.covered_until is None else max(running_from, cov.covered_until)
+    return Coverage(since, cov.covered_until, seen)
+
+
+def reach(frontier: float, spans: Iterable[tuple[float, float]], tolerance: float) -> float:
+    """How far ``spans`` (in order of start) cover time without a hole from ``frontier``: each
+    span that starts by the reach so far (give or take ``tolerance``) extends it."""
+    got = frontier
+    for start, end in spans:
+        if start > got + tolerance:
+            break
+        got = max(got, end)
+    return got
+
+
+def reported_to(cov: Coverage, reached: float, tolerance: float) -> Coverage:
+    """``cov`` after reports reached ``reached`` (see ``reach``): what they covered is no longer
+    unreported; running time seen beyond it still is."""
+    covered = reached if cov.covered_until is None else max(cov.covered_until, reached)
+    since = cov.unreported_since
+    if since is not None and reached > since:
+        seen = since if cov.seen_until is None else cov.seen_until
+        since = None if covered >= seen - tolerance else covered
+    return Coverage(since, covered, cov.seen_until)
 
 
 class ConcurrencyByDay:
-    """Most intervals running at once, per day, fed intervals in order of start. Memory is the
-    number running at once; touching intervals (end == next start) are not concurrent."""
+    """Most intervals running at once, and most GPUs they held at once, per day, fed intervals
+    in order of start. Memory is the number running at once; touching intervals (end == next
+    start) are not concurrent."""
 
     def __init__(self, tolerance: float = 0.0) -> None:
         self._tolerance = tolerance
-        self._ends: list[float] = []
+        self._ends: list[tuple[float, float]] = []
+        self._gpus = 0.0
         self.peak: dict[str, int] = {}
+        self.peak_gpus: dict[str, float] = {}
 
-    def add(self, start: float, end: float) -> None:
-        if not (math.isfinite(start) and math.isfinite(end)) or end <= start:
+    def add(self, start: float, end: float, gpus: float = 0.0) -> None:
+        if not (math.isfinite(start) and math.isfinite(end) and math.isfinite(gpus)) \
+                or end <= start:
             return
-        while self._ends and self._ends[0] <= start + self._tolerance:
-            heapq.heappop(self._ends)
-        heapq.heappush(self._ends, end)
+        while self._ends and self._ends[0][0] <= start + self._tolerance:
+            self._gpus -= heapq.heappop(self._ends)[1]
+        if not self._ends:
+            self._gpus = 0.0  # no float residue carried from one busy stretch to the next
+        heapq.heappush(self._ends, (end, gpus))
+        self._gpus += gpus
         if FIRST_DAY <= day_index(start) <= LAST_DAY:
             day = day_name(day_index(start))
             self.peak[day] = max(self.peak.get(day, 0), len(self._ends))
+            self.peak_gpus[day] = max(self.peak_gpus.get(day, 0.0), self._gpus)

@@ -1,5 +1,6 @@
 """The vendor's published models: folders in a bucket, handed to entitled licenses as
-short-lived presigned GET URLs, so that customers need no bucket credentials.
+short-lived presigned GET URLs, so that customers need no bucket credentials, with the model's
+identity signed by the vendor's key (which model these files are: the license must cover it).
 
 Layout under ``ModelBucket.url`` (``s3://bucket/prefix``)::
 
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from license_contract import (
@@ -27,10 +29,12 @@ from license_contract import (
     MODEL_NAME,
     Manifest,
     ManifestError,
+    ModelIdentity,
     build_manifest,
     parse_manifest,
 )
 from license_server.billing import Refusal
+from license_server.signing import sign_identity, signer_of
 
 logger = logging.getLogger("license_server")
 
@@ -113,8 +117,10 @@ class ModelCatalog:
             raise
         return parse_manifest(data, f"s3://{self.bucket}/{self.key(name, MANIFEST_NAME)}")
 
-    def grant(self, name: str, now: float) -> dict[str, Any]:
-        """The manifest of ``name`` and a presigned GET URL per file, valid ``url_expiry_s``.
+    def grant(self, name: str, now: float, signing_key: Ed25519PrivateKey) -> dict[str, Any]:
+        """The manifest of ``name``, a presigned GET URL per file, valid ``url_expiry_s``, and
+        the model's identity (its name and manifest) signed with ``signing_key``: the replica
+        checks every file against it and registers under the name it gives.
 
         Raises Refusal: 404 when the model is not published, 503 when the bucket fails."""
         from botocore.exceptions import BotoCoreError, ClientError
@@ -132,8 +138,11 @@ class ModelCatalog:
         urls = {f.name: self.client.generate_presigned_url(
             "get_object", Params={"Bucket": self.bucket, "Key": self.key(name, f.name)},
             ExpiresIn=expiry) for f in manifest.files}
-        return {"model": name, "expires_at": now + expiry,
-                "manifest": json.loads(manifest.to_json()), "urls": urls}
+        files = json.loads(manifest.to_json())
+        identity = sign_identity(ModelIdentity(model=name, manifest=files,
+                                               signer=signer_of(signing_key)), signing_key)
+        return {"model": name, "expires_at": now + expiry, "manifest": files, "urls": urls,
+                "identity": identity}
 
     def publish(self, name: str, folder: str | Path,
                 log: Callable[[str], None] = lambda line: None) -> Manifest:

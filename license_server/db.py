@@ -4,6 +4,7 @@ PostgreSQL (by URL). Every write is one transaction; usage reports are idempoten
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -13,31 +14,44 @@ import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 
 from license_server.billing import (
+    Beat,
+    Coverage,
     Interval,
     Refusal,
     check_intervals,
     day_index,
     day_name,
     find_overlap,
-    observe,
+    reach,
+    reported_to,
+    seen_running,
     split_by_day,
+    witness,
 )
 
 __all__ = ["Interval", "LicenseStore", "ReportRules", "metadata", "split_by_day"]
 
 metadata = sa.MetaData()
 
+# A license's key is the bearer credential of its clusters: only its SHA-256 is kept, beside the
+# fields it signs (``payload``, the license's canonical JSON), so a copy of this database lets
+# no one report or download as a customer.
 licenses = sa.Table(
     "licenses", metadata,
     sa.Column("license_id", sa.String(64), primary_key=True),
     sa.Column("customer", sa.String(256), nullable=False),
-    sa.Column("key", sa.Text, nullable=False),
+    sa.Column("key_sha256", sa.String(64), nullable=False),
+    sa.Column("payload", sa.Text, nullable=False),
     sa.Column("issued_at", sa.Float, nullable=False),
     sa.Column("expires_at", sa.Float, nullable=False),
     sa.Column("max_instances", sa.Integer),
+    sa.Column("max_gpus", sa.Float),
     sa.Column("revoked_at", sa.Float),
 )
 
+# One row per cluster of a license: what its last heartbeat said, the last lease it was given,
+# how far its reports cover what its heartbeats saw (``billing.Coverage``), and what its actor
+# holds back as refused (quarantined) reports.
 clusters = sa.Table(
     "clusters", metadata,
     sa.Column("license_id", sa.String(64), sa.ForeignKey("licenses.license_id"), primary_key=True),
@@ -45,6 +59,18 @@ clusters = sa.Table(
     sa.Column("activated_at", sa.Float, nullable=False),
     sa.Column("last_heartbeat_at", sa.Float),
     sa.Column("instances", sa.Integer, nullable=False, default=0),
+    sa.Column("gpus", sa.Float, nullable=False, default=0.0),
+    sa.Column("stopped", sa.Boolean, nullable=False, default=False),
+    sa.Column("version", sa.String(64)),
+    sa.Column("development", sa.Boolean),
+    sa.Column("lease_id", sa.String(64)),
+    sa.Column("lease_expires_at", sa.Float),
+    sa.Column("unreported_since", sa.Float),
+    sa.Column("covered_until", sa.Float),
+    sa.Column("seen_until", sa.Float),
+    sa.Column("last_report_at", sa.Float),
+    sa.Column("quarantined_reports", sa.Integer, nullable=False, default=0),
+    sa.Column("quarantined_seconds", sa.Float, nullable=False, default=0.0),
 )
 
 reports = sa.Table(
@@ -61,41 +87,67 @@ intervals = sa.Table(
     sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
     sa.Column("report_id", sa.String(64), sa.ForeignKey("usage_reports.report_id"), nullable=False),
     sa.Column("license_id", sa.String(64), nullable=False, index=True),
+    sa.Column("cluster_id", sa.String(128), nullable=False),
     sa.Column("instance_id", sa.String(128), nullable=False),
     sa.Column("start", sa.Float, nullable=False),
     sa.Column("end", sa.Float, nullable=False),
     sa.Column("gpus", sa.Float, nullable=False),
 )
 
-# Heartbeat-observed instance time per license and day, and the most instances heartbeats
-# reported at once: what the server saw itself, to hold the customer's reports against.
+# What the server saw itself, to hold the customer's reports against. Per license and hour:
+# the instance- and GPU-seconds heartbeats witnessed (hours, so that a day is judged as it
+# goes). Per license and day: the most instances and GPUs heartbeats reported at once, and
+# the clusters refused for the cap. Per cluster and day: its heartbeats and their slow gaps.
+observed_hours = sa.Table(
+    "heartbeat_hours", metadata,
+    sa.Column("license_id", sa.String(64), sa.ForeignKey("licenses.license_id"), primary_key=True),
+    sa.Column("hour", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("observed_seconds", sa.Float, nullable=False),
+    sa.Column("observed_gpu_seconds", sa.Float, nullable=False),
+)
+
 observations = sa.Table(
     "heartbeat_days", metadata,
     sa.Column("license_id", sa.String(64), sa.ForeignKey("licenses.license_id"), primary_key=True),
     sa.Column("day", sa.String(10), primary_key=True),
-    sa.Column("observed_seconds", sa.Float, nullable=False),
     sa.Column("max_instances", sa.Integer, nullable=False),
+    sa.Column("max_gpus", sa.Float, nullable=False),
     sa.Column("heartbeats", sa.Integer, nullable=False),
+    sa.Column("refused_clusters", sa.Integer, nullable=False),
 )
 
-# Per cluster: since when heartbeats said instances run with no report following, and what
-# the actor holds back as refused (quarantined) reports.
-watch = sa.Table(
-    "cluster_watch", metadata,
+cluster_days = sa.Table(
+    "cluster_days", metadata,
     sa.Column("license_id", sa.String(64), sa.ForeignKey("licenses.license_id"), primary_key=True),
     sa.Column("cluster_id", sa.String(128), primary_key=True),
-    sa.Column("unreported_since", sa.Float),
-    sa.Column("last_report_at", sa.Float),
-    sa.Column("quarantined_reports", sa.Integer, nullable=False, default=0),
-    sa.Column("quarantined_seconds", sa.Float, nullable=False, default=0.0),
+    sa.Column("day", sa.String(10), primary_key=True),
+    sa.Column("heartbeats", sa.Integer, nullable=False),
+    sa.Column("slow_gaps", sa.Integer, nullable=False),
+    sa.Column("longest_gap_s", sa.Float, nullable=False),
+    sa.Column("slow_after_s", sa.Float, nullable=False),
 )
 
-# The overlap check reads by (license, instance, start), usage pages by (license, start), and a
-# replay by report id. Bound to the table, they are made with it by create_all.
+# Every model download granted: who (license, and cluster when the replica said), what, when.
+downloads = sa.Table(
+    "downloads", metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("license_id", sa.String(64), sa.ForeignKey("licenses.license_id"), nullable=False),
+    sa.Column("cluster_id", sa.String(128)),
+    sa.Column("model", sa.String(256), nullable=False),
+    sa.Column("granted_at", sa.Float, nullable=False),
+)
+
+# The overlap check reads by (license, instance, start), usage pages by (license, start), the
+# coverage of a cluster by (license, cluster, start), a replay by report id, and the download
+# log by time. Bound to the table, they are made with it by create_all.
 sa.Index("usage_intervals_instance", intervals.c.license_id, intervals.c.instance_id,
          intervals.c.start)
 sa.Index("usage_intervals_start", intervals.c.license_id, intervals.c.start)
+sa.Index("usage_intervals_cluster", intervals.c.license_id, intervals.c.cluster_id,
+         intervals.c.start)
 sa.Index("usage_intervals_report", intervals.c.report_id)
+sa.Index("downloads_granted", downloads.c.granted_at)
+sa.Index("downloads_license", downloads.c.license_id, downloads.c.granted_at)
 
 
 @dataclass(frozen=True)
@@ -107,6 +159,18 @@ class ReportRules:
     skew_s: float
     max_interval_s: float
     overlap_tolerance_s: float
+    cover_tolerance_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class HeartbeatRules:
+    """What a heartbeat is recorded with: the margins of the license's interval, the lease it
+    is answered with (None: none), and the cluster cap (None: not applied)."""
+
+    slow_after_s: float
+    cover_tolerance_s: float
+    lease: tuple[str, float] | None = None
+    max_clusters: int | None = None
 
 
 class LicenseStore:
@@ -139,18 +203,21 @@ class LicenseStore:
     @staticmethod
     def _lock(conn: Any, license_id: str) -> None:
         """Serialize one license's writes (PostgreSQL; SQLite writers are serial anyway), so
-        two reports cannot both pass the overlap check."""
+        two reports cannot both pass the overlap check, nor two clusters both take the last
+        place under the cluster cap."""
         conn.execute(sa.select(licenses.c.license_id).where(licenses.c.license_id == license_id)
                      .with_for_update())
 
     # -- licenses --------------------------------------------------------------------------
 
-    def add_license(self, *, license_id: str, customer: str, key: str, issued_at: float,
-                    expires_at: float, max_instances: int | None) -> None:
+    def add_license(self, *, license_id: str, customer: str, key_sha256: str, payload: str,
+                    issued_at: float, expires_at: float, max_instances: int | None,
+                    max_gpus: float | None = None) -> None:
         with self._begin() as conn:
             conn.execute(licenses.insert().values(
-                license_id=license_id, customer=customer, key=key, issued_at=issued_at,
-                expires_at=expires_at, max_instances=max_instances))
+                license_id=license_id, customer=customer, key_sha256=key_sha256,
+                payload=payload, issued_at=issued_at, expires_at=expires_at,
+                max_instances=max_instances, max_gpus=max_gpus))
 
     def get_license(self, license_id: str) -> dict[str, Any] | None:
         with self._begin() as conn:
@@ -191,79 +258,149 @@ class LicenseStore:
         if row is None:
             conn.execute(clusters.insert().values(
                 license_id=license_id, cluster_id=cluster_id, activated_at=now,
-                last_heartbeat_at=None, instances=0))
-            conn.execute(watch.insert().values(
-                license_id=license_id, cluster_id=cluster_id, quarantined_reports=0,
-                quarantined_seconds=0.0))
+                last_heartbeat_at=None, instances=0, gpus=0.0, stopped=False,
+                quarantined_reports=0, quarantined_seconds=0.0))
             row = self._cluster(conn, license_id, cluster_id)
         return row
 
-    def activate(self, license_id: str, cluster_id: str) -> None:
-        with self._begin() as conn:
-            self._lock(conn, license_id)
-            self._ensure_cluster(conn, license_id, cluster_id, self._now())
+    @staticmethod
+    def _admits(conn: Any, license_id: str, row: Any, now: float, max_clusters: int) -> bool:
+        """Whether cluster ``row`` (None: a new one) may hold a lease: it holds one already, or
+        fewer than ``max_clusters`` others do."""
+        if row is not None and row.lease_expires_at is not None and row.lease_expires_at > now:
+            return True
+        holding = conn.execute(sa.select(sa.func.count()).select_from(clusters).where(
+            clusters.c.license_id == license_id, clusters.c.lease_expires_at > now)).scalar_one()
+        return int(holding) < max_clusters
 
-    def heartbeat(self, license_id: str, cluster_id: str, instances: int, *,
-                  max_gap_s: float = 180.0, quarantined_reports: int | None = None,
-                  quarantined_seconds: float | None = None) -> None:
-        """Record a heartbeat, and what it and the cluster's previous one witnessed."""
+    def _refuse_cluster(self, conn: Any, license_id: str, now: float) -> None:
+        self._observe_day(conn, license_id, day_name(day_index(now)), refused=1)
+
+    @staticmethod
+    def _too_many(cluster_id: str, max_clusters: int) -> Refusal:
+        return Refusal(f"cluster {cluster_id}: this license already has {max_clusters} clusters "
+                       "holding a lease, its limit; stop one (its lease must run out) or ask the "
+                       "vendor for more", "too_many_clusters", 403)
+
+    def activate(self, license_id: str, cluster_id: str, max_clusters: int | None = None) -> None:
         now = self._now()
         with self._begin() as conn:
             self._lock(conn, license_id)
-            prev = self._ensure_cluster(conn, license_id, cluster_id, now)
-            conn.execute(clusters.update().where(
-                clusters.c.license_id == license_id, clusters.c.cluster_id == cluster_id,
-            ).values(last_heartbeat_at=now, instances=instances))
-            seen = observe(prev.last_heartbeat_at, prev.instances, now, instances, max_gap_s)
-            running = int(conn.execute(
-                sa.select(sa.func.coalesce(sa.func.sum(clusters.c.instances), 0))
-                .where(clusters.c.license_id == license_id,
-                       clusters.c.last_heartbeat_at >= now - max_gap_s)).scalar_one())
-            beat_day = day_name(day_index(now))
-            for day in sorted(set(seen) | {beat_day}):
-                self._observe_day(conn, license_id, day, seen.get(day, 0.0),
-                                  running if day == beat_day else 0, int(day == beat_day))
-            values: dict[str, Any] = {}
-            if quarantined_reports is not None:
-                values["quarantined_reports"] = quarantined_reports
-            if quarantined_seconds is not None:
-                values["quarantined_seconds"] = quarantined_seconds
-            if instances > 0:
-                values["unreported_since"] = sa.func.coalesce(watch.c.unreported_since, now)
-            if values:
-                conn.execute(watch.update().where(
-                    watch.c.license_id == license_id, watch.c.cluster_id == cluster_id,
-                ).values(**values))
+            row = self._cluster(conn, license_id, cluster_id)
+            admitted = max_clusters is None or self._admits(conn, license_id, row, now,
+                                                            max_clusters)
+            if admitted:
+                self._ensure_cluster(conn, license_id, cluster_id, now)
+            else:  # counted (cluster_churn's evidence), committed, then refused
+                self._refuse_cluster(conn, license_id, now)
+        if not admitted:
+            assert max_clusters is not None
+            raise self._too_many(cluster_id, max_clusters)
+
+    def heartbeat(self, license_id: str, cluster_id: str, beat: Beat, rules: HeartbeatRules, *,
+                  version: str | None = None, development: bool | None = None,
+                  quarantined_reports: int | None = None,
+                  quarantined_seconds: float | None = None) -> None:
+        """Record a heartbeat (its time is the store's clock, not ``beat.at``), what it and the
+        cluster's previous one witnessed, and the lease it is answered with. Raises Refusal
+        (403 too_many_clusters) for a cluster one over the cap."""
+        now = self._now()
+        beat = Beat(now, beat.instances, beat.gpus, beat.stopping)
+        with self._begin() as conn:
+            self._lock(conn, license_id)
+            row = self._cluster(conn, license_id, cluster_id)
+            admitted = (rules.lease is None or rules.max_clusters is None
+                        or self._admits(conn, license_id, row, now, rules.max_clusters))
+            if admitted:
+                self._record_heartbeat(conn, license_id, cluster_id, beat, rules, row, {
+                    "version": version, "development": development,
+                    "quarantined_reports": quarantined_reports,
+                    "quarantined_seconds": quarantined_seconds})
+            else:
+                self._refuse_cluster(conn, license_id, now)
+        if not admitted:
+            assert rules.max_clusters is not None
+            raise self._too_many(cluster_id, rules.max_clusters)
+
+    def _record_heartbeat(self, conn: Any, license_id: str, cluster_id: str, beat: Beat,
+                          rules: HeartbeatRules, row: Any, said: dict[str, Any]) -> None:
+        now = beat.at
+        if row is None:
+            row = self._ensure_cluster(conn, license_id, cluster_id, now)
+        prev = None if row.last_heartbeat_at is None else Beat(
+            row.last_heartbeat_at, row.instances, row.gpus, row.stopped)
+        seen = witness(prev, beat, rules.slow_after_s)
+        cov = seen_running(Coverage(row.unreported_since, row.covered_until, row.seen_until),
+                           seen.running_from, now, rules.cover_tolerance_s)
+        values: dict[str, Any] = {
+            "last_heartbeat_at": now, "instances": beat.instances, "gpus": beat.gpus,
+            "stopped": beat.stopping, "unreported_since": cov.unreported_since,
+            "seen_until": cov.seen_until}
+        values.update({k: v for k, v in said.items() if v is not None})
+        if rules.lease is not None:
+            values["lease_id"], values["lease_expires_at"] = rules.lease
+        conn.execute(clusters.update().where(
+            clusters.c.license_id == license_id, clusters.c.cluster_id == cluster_id,
+        ).values(**values))
+        for hour, (secs, gpu_secs) in sorted(seen.hours.items()):
+            self._observe_hour(conn, license_id, hour, secs, gpu_secs)
+        # Running at once: the clusters heard from lately that have not stopped.
+        fresh = (clusters.c.license_id == license_id,
+                 clusters.c.last_heartbeat_at >= now - rules.slow_after_s,
+                 clusters.c.stopped.is_(False))
+        running, gpus = conn.execute(sa.select(
+            sa.func.coalesce(sa.func.sum(clusters.c.instances), 0),
+            sa.func.coalesce(sa.func.sum(clusters.c.gpus), 0.0)).where(*fresh)).one()
+        day = day_name(day_index(now))
+        self._observe_day(conn, license_id, day, instances=int(running), gpus=float(gpus),
+                          beats=1)
+        slow = seen.slow and seen.gap_s is not None
+        self._observe_cluster_day(conn, license_id, cluster_id, day, int(slow),
+                                  seen.gap_s if slow else 0.0, rules.slow_after_s)
 
     @staticmethod
-    def _observe_day(conn: Any, license_id: str, day: str, seconds: float, running: int,
-                     beats: int) -> None:
-        key = (observations.c.license_id == license_id, observations.c.day == day)
-        row = conn.execute(observations.select().where(*key)).first()
+    def _upsert(conn: Any, table: sa.Table, key: dict[str, Any], add: dict[str, Any],
+                top: dict[str, Any], fixed: dict[str, Any] | None = None) -> None:
+        """Add ``add`` to, and raise to at least ``top``, the row at ``key``, made if absent."""
+        where = [table.c[k] == v for k, v in key.items()]
+        row = conn.execute(table.select().where(*where)).first()
         if row is None:
-            conn.execute(observations.insert().values(
-                license_id=license_id, day=day, observed_seconds=seconds,
-                max_instances=running, heartbeats=beats))
-        else:
-            conn.execute(observations.update().where(*key).values(
-                observed_seconds=row.observed_seconds + seconds,
-                max_instances=max(row.max_instances, running), heartbeats=row.heartbeats + beats))
+            conn.execute(table.insert().values(**key, **add, **top, **(fixed or {})))
+            return
+        conn.execute(table.update().where(*where).values(
+            **{k: getattr(row, k) + v for k, v in add.items()},
+            **{k: max(getattr(row, k), v) for k, v in top.items()}, **(fixed or {})))
+
+    def _observe_hour(self, conn: Any, license_id: str, hour: int, seconds: float,
+                      gpu_seconds: float) -> None:
+        self._upsert(conn, observed_hours, {"license_id": license_id, "hour": hour},
+                     {"observed_seconds": seconds, "observed_gpu_seconds": gpu_seconds}, {})
+
+    def _observe_day(self, conn: Any, license_id: str, day: str, instances: int = 0,
+                     gpus: float = 0.0, beats: int = 0, refused: int = 0) -> None:
+        self._upsert(conn, observations, {"license_id": license_id, "day": day},
+                     {"heartbeats": beats, "refused_clusters": refused},
+                     {"max_instances": instances, "max_gpus": gpus})
+
+    def _observe_cluster_day(self, conn: Any, license_id: str, cluster_id: str, day: str,
+                             slow: int, gap_s: float, slow_after_s: float) -> None:
+        self._upsert(conn, cluster_days,
+                     {"license_id": license_id, "cluster_id": cluster_id, "day": day},
+                     {"heartbeats": 1, "slow_gaps": slow}, {"longest_gap_s": gap_s},
+                     {"slow_after_s": slow_after_s})
 
     def active_instances(self, license_id: str, fresh_s: float) -> int:
         cutoff = self._now() - fresh_s
         with self._begin() as conn:
             total = conn.execute(sa.select(sa.func.coalesce(sa.func.sum(clusters.c.instances), 0))
                                  .where(clusters.c.license_id == license_id,
-                                        clusters.c.last_heartbeat_at >= cutoff)).scalar_one()
+                                        clusters.c.last_heartbeat_at >= cutoff,
+                                        clusters.c.stopped.is_(False))).scalar_one()
         return int(total)
 
     def clusters_of(self, license_id: str) -> list[dict[str, Any]]:
-        query = (sa.select(clusters, watch.c.unreported_since, watch.c.last_report_at,
-                           watch.c.quarantined_reports, watch.c.quarantined_seconds)
-                 .select_from(clusters.outerjoin(watch, sa.and_(
-                     watch.c.license_id == clusters.c.license_id,
-                     watch.c.cluster_id == clusters.c.cluster_id)))
-                 .where(clusters.c.license_id == license_id).order_by(clusters.c.cluster_id))
+        query = (clusters.select().where(clusters.c.license_id == license_id)
+                 .order_by(clusters.c.cluster_id))
         with self._begin() as conn:
             return [dict(r._mapping) for r in conn.execute(query).all()]
 
@@ -301,13 +438,44 @@ class LicenseStore:
                 received_at=now, instance_seconds=sum(i.end - i.start for i in items)))
             if items:
                 conn.execute(intervals.insert(), [
-                    {"report_id": report_id, "license_id": license_id,
+                    {"report_id": report_id, "license_id": license_id, "cluster_id": cluster_id,
                      "instance_id": i.instance_id, "start": i.start, "end": i.end,
                      "gpus": i.gpus} for i in items])
-            conn.execute(watch.update().where(
-                watch.c.license_id == license_id, watch.c.cluster_id == cluster_id,
-            ).values(unreported_since=None, last_report_at=now))
+            values: dict[str, Any] = {"last_report_at": now}
+            if items:  # an empty report covers nothing
+                cov = self._covered(conn, license_id, cluster, items, rules)
+                values.update(unreported_since=cov.unreported_since,
+                              covered_until=cov.covered_until)
+            conn.execute(clusters.update().where(
+                clusters.c.license_id == license_id, clusters.c.cluster_id == cluster_id,
+            ).values(**values))
         return True
+
+    @staticmethod
+    def _covered(conn: Any, license_id: str, cluster: Any, items: list[Interval],
+                 rules: ReportRules | None) -> Coverage:
+        """The cluster's coverage once ``items`` are stored: with running time unreported, how
+        far all its stored intervals reach from there without a hole (reports may arrive out of
+        order); else how far these reach."""
+        tolerance = rules.cover_tolerance_s if rules is not None else 0.0
+        longest = rules.max_interval_s if rules is not None else math.inf
+        cov = Coverage(cluster.unreported_since, cluster.covered_until, cluster.seen_until)
+        since = cov.unreported_since
+        if since is None:
+            return reported_to(cov, max(i.end for i in items), tolerance)
+        query = (sa.select(intervals.c.start, intervals.c.end)
+                 .where(intervals.c.license_id == license_id,
+                        intervals.c.cluster_id == cluster.cluster_id,
+                        intervals.c.end > since - tolerance)
+                 .order_by(intervals.c.start))
+        if math.isfinite(longest):  # intervals are at most this long: keeps the scan short
+            query = query.where(intervals.c.start > since - tolerance - longest)
+        result = conn.execute(query.execution_options(yield_per=2000))
+        try:
+            got = reach(since, ((r.start, r.end) for r in result), tolerance)
+        finally:
+            result.close()
+        return reported_to(cov, got, tolerance)
 
     @staticmethod
     def _check_replay(conn: Any, known: Any, license_id: str, items: list[Interval]) -> None:
@@ -366,9 +534,43 @@ class LicenseStore:
         with self._begin() as conn:
             return [dict(r._mapping) for r in conn.execute(query).all()]
 
+    def observed_hours(self, license_id: str, first: int, last: int) -> list[dict[str, Any]]:
+        """Heartbeat-witnessed seconds of hours ``first..last`` (hour indexes)."""
+        query = observed_hours.select().where(
+            observed_hours.c.license_id == license_id, observed_hours.c.hour >= first,
+            observed_hours.c.hour <= last).order_by(observed_hours.c.hour)
+        with self._begin() as conn:
+            return [dict(r._mapping) for r in conn.execute(query).all()]
+
+    def cluster_days(self, license_id: str, first: str, last: str) -> list[dict[str, Any]]:
+        query = cluster_days.select().where(
+            cluster_days.c.license_id == license_id, cluster_days.c.day >= first,
+            cluster_days.c.day <= last).order_by(cluster_days.c.day, cluster_days.c.cluster_id)
+        with self._begin() as conn:
+            return [dict(r._mapping) for r in conn.execute(query).all()]
+
     def total_instance_seconds(self, license_id: str) -> float:
         with self._begin() as conn:
             total = conn.execute(sa.select(sa.func.coalesce(sa.func.sum(reports.c.instance_seconds),
                                                             0.0))
                                  .where(reports.c.license_id == license_id)).scalar_one()
         return float(total)
+
+    # -- downloads -----------------------------------------------------------------------------
+
+    def record_download(self, license_id: str, cluster_id: str | None, model: str) -> None:
+        with self._begin() as conn:
+            conn.execute(downloads.insert().values(
+                license_id=license_id, cluster_id=cluster_id, model=model,
+                granted_at=self._now()))
+
+    def downloads(self, license_id: str | None = None, *, before: int | None = None,
+                  limit: int = 100) -> list[dict[str, Any]]:
+        """Download grants, newest first; ``before`` continues after a page's last ``id``."""
+        query = downloads.select().order_by(downloads.c.id.desc()).limit(limit)
+        if license_id is not None:
+            query = query.where(downloads.c.license_id == license_id)
+        if before is not None:
+            query = query.where(downloads.c.id < before)
+        with self._begin() as conn:
+            return [dict(r._mapping) for r in conn.execute(query).all()]

@@ -18,6 +18,10 @@ from collections.abc import Callable
 
 from pydantic import BaseModel, ConfigDict, Field
 
+# The admin token is the key to every license: long enough that guessing is hopeless (the
+# generated one is 43 characters).
+MIN_ADMIN_TOKEN_CHARS = 32
+
 
 class ServerPolicy(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
@@ -37,18 +41,44 @@ class ServerPolicy(BaseModel):
     accept_development: bool = Field(
         False, description="Take heartbeats from builds that do not pin this server's key "
         "(development licenses): true only for a local development server.")
+    max_clusters: int = Field(
+        16, ge=1, description="Clusters of one license that may hold an unexpired lease at once "
+        "(a lease lets its cluster serve until it expires, heard from or not); the activation or "
+        "heartbeat of one more is refused with 403 too_many_clusters.")
+    max_new_clusters_per_day: int = Field(
+        10, ge=1, description="New cluster ids of one license in a UTC day (refused ones "
+        "included) above which the day is flagged cluster_churn.")
 
     # -- cross-checks ----------------------------------------------------------------------------
-    observe_max_gap_s: float = Field(
-        180.0, gt=0, description="Heartbeats further apart than this (and 3 heartbeat intervals) "
-        "leave the time between them unobserved.")
+    heartbeat_slow_intervals: float = Field(
+        3.0, ge=1, description="A gap between two heartbeats of a cluster longer than this many "
+        "of the license's heartbeat intervals (and the floor) is flagged heartbeats_slow.")
+    heartbeat_slow_floor_s: float = Field(
+        180.0, gt=0, description="Gaps up to this long are never slow, nor a cluster silent.")
+    silent_intervals: float = Field(
+        5.0, ge=1, description="A cluster of an active license not heard from for this many "
+        "heartbeat intervals (and the floor), whose last heartbeat did not say it stops, raises "
+        "cluster_silent.")
     crosscheck_ratio: float = Field(
-        0.10, gt=0, description="Reported vs heartbeat-observed instance time: flag beyond this.")
+        0.10, gt=0, description="Reported vs heartbeat-observed instance (GPU) time per day: "
+        "flag beyond this.")
     crosscheck_slack_s: float = Field(
-        300.0, ge=0, description="Differences below this many instance-seconds are never flagged.")
+        300.0, ge=0, description="Differences below this many instance-seconds (GPU-seconds) "
+        "are never flagged.")
+    window_days: int = Field(
+        30, ge=1, le=366, description="The longer window of the shortfall check, in days.")
+    window_ratio: float = Field(
+        0.02, gt=0, description="Reported short of observed over the window by more than this: "
+        "flag reported_short_window.")
     report_window_s: float = Field(
-        3600.0, gt=0, description="Heartbeats with instances and no report for this long: flag; "
-        "a day's reported vs observed check waits this long after the day ends.")
+        3600.0, gt=0, description="Running time heartbeats saw and no report covered for this "
+        "long: flag reports_missing; an hour is held against reports once this long has passed "
+        "since it ended.")
+
+    # -- slow clients --------------------------------------------------------------------------
+    body_timeout_s: float = Field(
+        30.0, gt=0, description="A request body not received whole within this many seconds is "
+        "refused (408): a client cannot hold a request open by sending slowly.")
 
     # -- admin queries -----------------------------------------------------------------------------
     page_limit: int = Field(1000, ge=1, description="Default rows per GET /admin/usage page.")

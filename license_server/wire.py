@@ -5,6 +5,7 @@ from it). The client routes' schemas are the contract's (``license_contract.usag
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import Callable
 from typing import Any
@@ -49,13 +50,22 @@ class IssueRequest(BaseModel):
         return names
 
 
-async def read_model(request: Request, model: type[BaseModel], limit: int) -> Any:
+async def read_model(request: Request, model: type[BaseModel], limit: int,
+                     timeout_s: float | None = None) -> Any:
     """Parse the body as ``model``, refusing it as soon as it is known to exceed ``limit``
-    bytes (413) or its Content-Length is not a number (400): ``license_contract.read_bounded``."""
+    bytes (413) or its Content-Length is not a number (400): ``license_contract.read_bounded``;
+    and when it has not arrived whole within ``timeout_s`` (408: a client cannot hold a
+    request open by sending slowly). A client that goes away mid-body raises starlette's
+    ``ClientDisconnect``."""
     try:
-        raw = await read_bounded(request.headers.get("content-length"), request.stream(), limit)
+        raw = await asyncio.wait_for(
+            read_bounded(request.headers.get("content-length"), request.stream(), limit),
+            timeout_s)
     except BodyError as exc:
         raise Refusal(exc.message, exc.code, exc.status) from None
+    except asyncio.TimeoutError:
+        raise Refusal(f"the request body did not arrive within {timeout_s:g} s",
+                      "body_timeout", 408) from None
     try:
         return model.model_validate_json(raw or b"{}")
     except ValidationError as exc:

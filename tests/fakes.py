@@ -11,18 +11,22 @@ scripted outputs. ``FakeLicenseActor`` answers ``register``/``heartbeat``/``dere
 
 ``LicenseWire`` stands between the license actor and the license server app, with the server's
 clock and the wire contract.
+
+``VirtualTimeLoop`` is asyncio's loop with its clock injected: timers fire in order, at once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
+import selectors
 from collections import defaultdict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 
@@ -54,17 +58,18 @@ def issue_key(vendor: Any, **fields: Any) -> tuple[License, str]:
     return lic, sign_license(lic, vendor)
 
 
+T = TypeVar("T")
+
+
 class FakeStream:
     def __init__(
         self,
         items: list[Any],
         *,
-        delay: float = 0.0,
         fail_after: int | None = None,
         error: Exception | None = None,
     ) -> None:
         self._items = list(items)
-        self._delay = delay
         self._fail_after = fail_after
         self._error = error or RuntimeError("replica blew up")
         self._sent = 0
@@ -78,8 +83,6 @@ class FakeStream:
             raise self._error
         if not self._items:
             raise StopAsyncIteration
-        if self._delay and self._sent:
-            await asyncio.sleep(self._delay)
         self._sent += 1
         return self._items.pop(0)
 
@@ -94,7 +97,6 @@ class FakeLLMServer:
         self.name = name
         self.calls: list[tuple[str, tuple[Any, ...]]] = []
         self.streams: list[FakeStream] = []
-        self.stream_delay = 0.0
         self.raise_on_call: Exception | None = None
         self.ready_calls = 0
         # (prompt, completion) tokens: with it, answers carry vLLM's `usage` (streams: a final
@@ -124,7 +126,7 @@ class FakeLLMServer:
         if self.usage is not None and options.get("include_usage"):
             items.append(f"data: {json.dumps({'choices': [], 'usage': self._usage()})}\n\n")
         items.append("data: [DONE]\n\n")
-        stream = FakeStream(items, delay=self.stream_delay)
+        stream = FakeStream(items)
         self.streams.append(stream)
         return stream
 
@@ -177,6 +179,72 @@ class FakeLLMHandle:
 
 async def collect(stream: AsyncIterator[Any]) -> list[Any]:
     return [item async for item in stream]
+
+
+# -- time ----------------------------------------------------------------------------------------
+
+
+class _JumpingSelector(selectors.DefaultSelector):
+    """Polls for I/O without waiting; where the loop would wait for its next timer, moves the
+    loop's clock to it instead."""
+
+    def __init__(self, loop: VirtualTimeLoop) -> None:
+        super().__init__()
+        self._loop = loop
+
+    def select(self, timeout: float | None = None) -> list[Any]:
+        ready = super().select(0)
+        if ready or timeout == 0:
+            return ready
+        if timeout is None:  # no timer at all: only I/O (a thread's result) can wake the loop
+            return super().select(None)
+        self._loop.advance(timeout)
+        return []
+
+
+class VirtualTimeLoop(asyncio.SelectorEventLoop):
+    """An asyncio loop whose clock stands still while anything is ready to run and, once
+    everything waits for a timer, jumps to it. ``asyncio.sleep``, ``wait_for`` and
+    ``loop.time()`` then follow the program's own order of events: an interleaving does not
+    depend on how busy the machine is, and sleeps take no real time. For code that waits on
+    timers and in-memory events only (no sockets)."""
+
+    def __init__(self) -> None:
+        self._now = 0.0
+        super().__init__(selector=_JumpingSelector(self))
+
+    def time(self) -> float:
+        return self._now
+
+    def advance(self, seconds: float) -> None:
+        self._now += seconds
+
+
+@contextlib.contextmanager
+def virtual_time() -> Iterator[VirtualTimeLoop]:
+    """A ``VirtualTimeLoop`` as this thread's event loop, closed as ``asyncio.run`` closes
+    its own (what is still pending is cancelled first)."""
+    loop = VirtualTimeLoop()
+    asyncio.set_event_loop(loop)
+    try:
+        yield loop
+    finally:
+        try:
+            pending = asyncio.all_tasks(loop)
+            for task in pending:
+                task.cancel()
+            loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.run_until_complete(loop.shutdown_default_executor())
+        finally:
+            asyncio.set_event_loop(None)
+            loop.close()
+
+
+def run_in_virtual_time(main: Coroutine[Any, Any, T]) -> T:
+    """``asyncio.run(main)`` on a ``VirtualTimeLoop``."""
+    with virtual_time() as loop:
+        return loop.run_until_complete(main)
 
 
 # -- the license server's wire -------------------------------------------------------------------

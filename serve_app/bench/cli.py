@@ -127,8 +127,23 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--contenders", default="vllm,serve_app",
                    help="with --compare: any of vllm, vllm_no_reserve, serve_app, "
                    "serve_app_licensed, serve_app_per_token, serve_app_worker_process, "
-                   "serve_app_router, ray_serve_llm, ray_serve_llm_haproxy "
-                   "(bench_compare.contender_command says what each is)")
+                   "serve_app_router, serve_app_front_door, serve_app_baseline, ray_serve_llm, "
+                   "ray_serve_llm_haproxy (serve_app.bench.compare.contender_command says what "
+                   "each is)")
+    p.add_argument("--baseline-tree", metavar="PATH",
+                   help="with --compare: the checkout serve_app_baseline runs from")
+    p.add_argument("--roofline", action="store_true",
+                   help="read bandwidth, bytes per decode step, c=1 decode and higher "
+                   "concurrency against their bounds, in one run (bench.roofline)")
+    p.add_argument("--variants", action="append", default=[],
+                   help="with --roofline: this app again with more environment, "
+                   "LABEL:KEY=VALUE,KEY=VALUE (repeatable), e.g. the settings before a change")
+    p.add_argument("--dtype", default="auto",
+                   help="with --roofline: the app's dtype setting (a variant's SERVE_APP_DTYPE "
+                   "wins); bytes per step follow the dtype the engine runs")
+    p.add_argument("--probe-dtype",
+                   help="with --roofline: dtype of the FLOP-rate probe (default: float32 on CPU, "
+                   "bfloat16 on a GPU)")
     return p
 
 
@@ -148,6 +163,11 @@ def main(argv: list[str] | None = None) -> None:
     if missing:
         raise SystemExit(f"The benchmark needs {', '.join(missing)}: "
                          "pip install 'serve-app[bench]'")
+    if args.roofline:
+        from serve_app.bench.roofline import roofline
+
+        roofline(args)
+        return
     if args.compare:
         from serve_app.bench.compare import compare
 

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +24,12 @@ import httpx
 import psutil
 
 from serve_app.bench.loadgen import build_prompts, run_bench, summary
-from serve_app.config import DEFAULT_CACHE_DIR, DEFAULT_MODEL_SOURCE, TELEMETRY_OFF_ENV
+from serve_app.config import (
+    DEFAULT_CACHE_DIR,
+    DEFAULT_MODEL_SOURCE,
+    TELEMETRY_OFF_ENV,
+    ModelConfig,
+)
 from serve_app.weights import resolve_model
 
 NAME = "bench-model"
@@ -88,7 +95,7 @@ def model_path_for(source: str, cache_dir: str) -> str:
 
 CONTENDERS = ("vllm", "vllm_no_reserve", "serve_app", "serve_app_licensed",
               "serve_app_per_token", "serve_app_worker_process", "serve_app_router",
-              "serve_app_front_door",
+              "serve_app_front_door", "serve_app_baseline",
               "ray_serve_llm", "ray_serve_llm_haproxy")
 
 
@@ -105,20 +112,24 @@ def contender_command(name: str, model_path: str, port: int, out: str = ".",
     ``serve_app_licensed`` is the same with ``--dev-license`` (a local license server, the
     license actor, heartbeats and usage reports), for the licensing on/off comparison;
     ``serve_app_router`` is the router layout (``colocate_ingress=false``);
+    ``serve_app_baseline`` is ``serve_app`` run from another checkout (``--baseline-tree``, e.g. a
+    ``git worktree`` of the commit before a change), to tell a regression from noise;
     ``serve_app_front_door`` is a cluster's front door on one node: the same replicas reached
     through Serve's HAProxy (``SERVE_APP_REPLICA_HTTP=false``, as the cluster Serve configs set),
     which relays every message to the replica's direct-ingress server; ``ray_serve_llm`` is
     Ray Serve's own LLM app in throughput-optimized mode, ``ray_serve_llm_haproxy`` the same
     behind HAProxy. All run vLLM compiled (its default and ours) or, with ``eager``, all eager."""
     if name in ("vllm", "vllm_no_reserve"):
+        # The dtype this app's `auto` runs on this device, so both sides run the same numbers.
+        dtype = ModelConfig().resolved_dtype
         cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_path,
-               "--served-model-name", NAME, "--dtype", "float32", "--max-model-len", "2048",
+               "--served-model-name", NAME, "--dtype", dtype, "--max-model-len", "2048",
                "--host", "127.0.0.1", "--port", str(port)] + (["--enforce-eager"] if eager else [])
         return cmd, {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0"} if name == "vllm_no_reserve" else {}
     ours = [sys.executable, "-m", "serve_app", "--port", str(port), "--model", model_path]
     if eager:
         ours += ["--enforce-eager"]
-    if name == "serve_app":
+    if name in ("serve_app", "serve_app_baseline"):
         return ours, {}
     if name == "serve_app_licensed":
         return ours + ["--dev-license"], {
@@ -202,18 +213,26 @@ def _stop_tree(proc: subprocess.Popen[Any]) -> None:
             pass
 
 
-def measure(name: str, model_path: str, args: argparse.Namespace, tokenizer: Any,
-            port: int) -> dict[str, Any]:
+@contextlib.contextmanager
+def started(name: str, model_path: str, args: argparse.Namespace, port: int,
+            extra: dict[str, str] | None = None) -> Iterator[tuple[str, ProcessTree]]:
+    """Contender ``name`` serving on ``port``, answered and settled: ``(url, its process tree)``.
+    ``extra`` is more environment for it, over the contender's own."""
     command, extra_env = contender_command(name, model_path, port, args.out, args.enforce_eager)
     env = {**os.environ, **TELEMETRY_OFF_ENV, "VLLM_CPU_KVCACHE_SPACE": "1",
-           "SERVE_APP_MODEL_NAME": NAME, **extra_env}
-    log = open(os.path.join(args.out, f"{name}.log"), "w")  # noqa: SIM115 (closed below)
+           "SERVE_APP_MODEL_NAME": NAME, **extra_env, **(extra or {})}
+    label = getattr(args, "label", None) or name
+    log = open(os.path.join(args.out, f"{label}.log"), "w")  # noqa: SIM115 (closed below)
     # Same session as this load generator, as a server started from a shell would be towards
     # its clients. A session of its own puts the server in its own scheduler autogroup (Linux's
     # default), which shares the CPU between groups, not threads: measured here, every
     # contender's streams then came in bursts at c=16, 5x slower, at random.
+    # Python puts the working directory first on the import path: the baseline's own tree.
+    cwd = getattr(args, "baseline_tree", None) if name == "serve_app_baseline" else None
+    if name == "serve_app_baseline" and not cwd:
+        raise ValueError("serve_app_baseline needs --baseline-tree PATH (another checkout)")
     proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
-                            stdin=subprocess.DEVNULL)
+                            stdin=subprocess.DEVNULL, cwd=cwd)
     url = f"http://127.0.0.1:{port}"
     memory = ProcessTree(proc.pid)
     try:
@@ -234,6 +253,15 @@ def measure(name: str, model_path: str, args: argparse.Namespace, tokenizer: Any
         # finish their start-up work in the first seconds after the app answers.
         time.sleep(args.settle_s)
         memory.sample()
+        yield url, memory
+    finally:
+        _stop_tree(proc)
+        log.close()
+
+
+def measure(name: str, model_path: str, args: argparse.Namespace, tokenizer: Any,
+            port: int) -> dict[str, Any]:
+    with started(name, model_path, args, port) as (url, memory):
         runs: dict[str, Any] = {}
         cpu: dict[str, dict[str, float]] = {}
         per_run = sum(args.concurrency) * args.n_repeats
@@ -259,9 +287,6 @@ def measure(name: str, model_path: str, args: argparse.Namespace, tokenizer: Any
                          "generated_tokens": sum(r.generated_tokens for r in results)}
             memory.sample()  # KV cache and buffers are at their high-water mark after a run
         return {"runs": runs, "memory": memory.peak, "cpu": cpu}
-    finally:
-        _stop_tree(proc)
-        log.close()
 
 
 def compare(args: argparse.Namespace) -> None:

@@ -15,9 +15,15 @@ from serve_app.weights.embedded import (
 from serve_app.weights.fetch import WeightsError
 from serve_app.weights.licensed import LICENSED_PREFIX
 from serve_app.weights.s3 import S3_PREFIX, S3Options
-from serve_app.weights.sources import resolve_model, weight_bytes
+from serve_app.weights.sources import (
+    claimed_identity,
+    confirmed_identity,
+    resolve_model,
+    weight_bytes,
+)
 
 __all__ = [
     "BUILTIN_PREFIX", "EMBEDDED_MODEL_WHEEL", "LICENSED_PREFIX", "S3_PREFIX", "SMOLLM2",
-    "S3Options", "WeightsError", "ensure_smollm2", "resolve_model", "weight_bytes",
+    "S3Options", "WeightsError", "claimed_identity", "confirmed_identity", "ensure_smollm2",
+    "resolve_model", "weight_bytes",
 ]

@@ -24,6 +24,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from serve_app.weights.cache import CacheFolder
 from serve_app.weights.fetch import MiB, Progress, RangeWriter, Tuning
 from serve_app.weights.s3 import S3Options, S3Source, make_s3_client
 
@@ -32,12 +33,14 @@ def transfer_manager(client: Any, bucket: str, key: str, size: int, out: Path,
                      tuning: Tuning) -> None:
     """What the app does for a fresh file: S3Source.download into a .partial."""
     quiet = Tuning(progress_every_s=1e9)
-    writer = RangeWriter(out, size, Progress(size, "bench", quiet, time.monotonic),
-                         tuning.record_every)
-    try:
-        S3Source(client, bucket, "", tuning).download(key, size, writer)
-    finally:
-        writer.close()
+    with CacheFolder.open(out.parent) as folder:
+        writer = RangeWriter.create(folder, out.name, size,
+                                    Progress(size, "bench", quiet, time.monotonic),
+                                    tuning.record_every)
+        try:
+            S3Source(client, bucket, "", tuning).download(key, size, writer)
+        finally:
+            writer.close()
 
 
 def download_file(client: Any, bucket: str, key: str, size: int, out: Path,

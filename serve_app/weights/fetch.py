@@ -17,15 +17,16 @@ Layout of ``folder`` while and after fetching::
     .complete               the manifest whose files were all verified
     ../.<folder>.lock       held while fetching: one download per node, however many replicas
 
-A file whose sha256 differs from the manifest is removed and fetched once more; a second
-mismatch fails with the file's name. ``fetch_or_verified_copy`` is how the bucket and licensed
-sources call it: when the manifest cannot be had because the source is unreachable, the copy
-verified before is served.
+Every file is reached through ``cache.CacheFolder``: opened relative to the folder, with
+``O_NOFOLLOW``, so that a link planted at any of these names, or a linked subfolder, is refused
+instead of written through. A file whose sha256 differs from the manifest is removed and fetched
+once more; a second mismatch fails with the file's name. ``fetch_or_verified_copy`` is how the
+bucket and licensed sources call it: when the manifest cannot be had because the source is
+unreachable, the copy verified before is served.
 """
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
 import threading
@@ -34,16 +35,11 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, TypeVar
+from typing import Protocol, TextIO, TypeVar
 
-from license_contract import (
-    Manifest,
-    ManifestEntry,
-    ManifestError,
-    parse_manifest,
-    sha256_file,
-)
+from license_contract import Manifest, ManifestEntry, ManifestError, parse_manifest
 from serve_app.errors import ConfigError
+from serve_app.weights.cache import CacheFolder
 
 logger = logging.getLogger(__name__)
 
@@ -99,14 +95,26 @@ class RangeWriter:
     ``record_every`` bytes and when the writer closes, after its bytes were written.
     """
 
-    def __init__(self, partial: Path, size: int, progress: Progress, record_every: int) -> None:
-        self._fd = os.open(partial, os.O_RDWR | os.O_CREAT, 0o644)
-        os.ftruncate(self._fd, size)
-        self._record = open(_ranges_path(partial), "a")  # noqa: SIM115 - closed in close()
+    def __init__(self, fd: int, record: TextIO, progress: Progress, record_every: int) -> None:
+        self._fd, self._record = fd, record
         self._runs: dict[int, int] = {}  # where a run of writes ends -> recorded up to
         self._lock = threading.Lock()
         self._progress = progress
         self._record_every = record_every
+
+    @classmethod
+    def create(cls, folder: CacheFolder, partial: str, size: int, progress: Progress,
+               record_every: int) -> RangeWriter:
+        """A writer into ``partial`` (``size`` bytes) of ``folder``, and its ranges record."""
+        fd = folder.open_file(partial, os.O_RDWR | os.O_CREAT)
+        try:
+            os.ftruncate(fd, size)
+            record = folder.open_file(_ranges_name(partial),
+                                      os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+        except BaseException:
+            os.close(fd)
+            raise
+        return cls(fd, os.fdopen(record, "a"), progress, record_every)
 
     def write(self, offset: int, data: bytes) -> None:
         os.pwrite(self._fd, data, offset)
@@ -134,41 +142,47 @@ class RangeWriter:
 
 
 def fetch_model(manifest: Manifest, source: Source, folder: Path, *,
-                tuning: Tuning = Tuning(), now: Callable[[], float] = time.monotonic) -> Path:
+                within: Path | None = None, tuning: Tuning = Tuning(),
+                now: Callable[[], float] = time.monotonic) -> Path:
     """Make ``folder`` hold exactly the manifest's files, verified; return it.
 
-    Safe when several processes of one node call it at once: one fetches, the others wait on
-    the lock and find the folder complete.
+    ``within`` is where the cache lives (default: the folder's parent): it is resolved once,
+    and nothing from there down is reached through a link (``cache.CacheFolder``). Safe when
+    several processes of one node call it at once: one fetches, the others wait on the lock
+    and find the folder complete.
     """
-    if _is_complete(folder, manifest):
-        return folder
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder.parent / f".{folder.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if _is_complete(folder, manifest):  # another replica finished while we waited
+    with CacheFolder.open(folder, within=within) as cache:
+        if _is_complete(cache, manifest):
             return folder
-        (folder / _STAMP).unlink(missing_ok=True)
-        _remove_unlisted(folder, manifest)
-        logger.info("Fetching %d files (%.1f MiB) from %s into %s", len(manifest.files),
-                    manifest.total_bytes / MiB, source.describe(""), folder)
-        progress = Progress(manifest.total_bytes, source.describe(""), tuning, now)
-        for entry in manifest.files:
-            _ensure_file(entry, source, folder, tuning, progress)
-        progress.finish()
-        (folder / _STAMP).write_text(manifest.to_json())
+        with cache.locked():
+            if _is_complete(cache, manifest):  # another replica finished while we waited
+                return folder
+            cache.unlink(_STAMP)
+            _remove_unlisted(cache, manifest)
+            logger.info("Fetching %d files (%.1f MiB) from %s into %s", len(manifest.files),
+                        manifest.total_bytes / MiB, source.describe(""), folder)
+            progress = Progress(manifest.total_bytes, source.describe(""), tuning, now)
+            for entry in manifest.files:
+                _ensure_file(entry, source, cache, tuning, progress)
+            progress.finish()
+            cache.write_text(_STAMP, manifest.to_json())
     return folder
 
 
-def _verified_copy(folder: Path) -> Manifest | None:
-    """The manifest of the complete, verified copy in ``folder``, if there is one."""
-    try:
-        manifest = parse_manifest((folder / _STAMP).read_text(), str(folder / _STAMP))
-    except (FileNotFoundError, ManifestError):
+def verified_manifest(cache: CacheFolder) -> Manifest | None:
+    """The manifest of the complete, verified copy in ``cache``, if there is one."""
+    text = cache.read_text(_STAMP)
+    if text is None:
         return None
-    return manifest if _is_complete(folder, manifest) else None
+    try:
+        manifest = parse_manifest(text, str(cache.path / _STAMP))
+    except ManifestError:
+        return None
+    return manifest if _is_complete(cache, manifest) else None
 
 
-def fetch_or_verified_copy(folder: Path, reach: Callable[[], T], fetch: Callable[[T], Path]) -> Path:
+def fetch_or_verified_copy(folder: Path, reach: Callable[[], T], fetch: Callable[[T], Path], *,
+                           within: Path | None = None) -> Path:
     """``fetch(reach())``; or, when ``reach`` (reading the manifest, asking for a grant) cannot
     reach the source and ``folder`` holds a copy verified before, that copy, with a warning: a
     replica restarting while the source is down still serves. Only reaching falls back: any
@@ -177,81 +191,79 @@ def fetch_or_verified_copy(folder: Path, reach: Callable[[], T], fetch: Callable
     try:
         found = reach()
     except WeightsError as exc:
-        if exc.code != UNREACHABLE or _verified_copy(folder) is None:
+        if exc.code != UNREACHABLE:
+            raise
+        try:
+            with CacheFolder.open(folder, within=within, create=False) as cache:
+                verified = verified_manifest(cache)
+        except FileNotFoundError:
+            verified = None
+        if verified is None:
             raise
         logger.warning("%s Serving the copy verified earlier in %s.", exc.message, folder)
         return folder
     return fetch(found)
 
 
-def _is_complete(folder: Path, manifest: Manifest) -> bool:
+def _is_complete(cache: CacheFolder, manifest: Manifest) -> bool:
     # Checksums were verified when the stamp was written; sizes catch a file removed since.
-    try:
-        if (folder / _STAMP).read_text() != manifest.to_json():
-            return False
-    except FileNotFoundError:
+    if cache.read_text(_STAMP) != manifest.to_json():
         return False
-    return all(_size(folder / f.name) == f.size for f in manifest.files)
+    return all(cache.size(f.name) == f.size for f in manifest.files)
 
 
-def _size(path: Path) -> int | None:
-    try:
-        return path.stat().st_size
-    except FileNotFoundError:
-        return None
-
-
-def _remove_unlisted(folder: Path, manifest: Manifest) -> None:
+def _remove_unlisted(cache: CacheFolder, manifest: Manifest) -> None:
     # A shard left from an earlier version of the model would be loaded with the new ones.
+    # Listing the folder also refuses any link planted in it, before anything is written.
     keep = {f.name for f in manifest.files}
     keep |= {f"{n}.partial" for n in keep} | {f"{n}.partial.ranges" for n in keep}
-    for path in folder.rglob("*"):
-        name = path.relative_to(folder).as_posix()
-        if path.is_file() and not name.startswith(".") and name not in keep:
-            logger.info("Removing %s: not in the model's manifest", path)
-            path.unlink()
+    for name in list(cache.names()):
+        if not name.startswith(".") and name not in keep:
+            logger.info("Removing %s: not in the model's manifest", cache.path / name)
+            cache.unlink(name)
 
 
-def _ensure_file(entry: ManifestEntry, source: Source, folder: Path, tuning: Tuning,
+def _ensure_file(entry: ManifestEntry, source: Source, cache: CacheFolder, tuning: Tuning,
                  progress: Progress) -> None:
-    final = folder / entry.name
-    if _size(final) == entry.size and sha256_file(final) == entry.sha256:
+    name = entry.name
+    if cache.size(name) == entry.size and cache.sha256(name) == entry.sha256:
         progress.add(entry.size)
         return
-    final.unlink(missing_ok=True)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    partial = final.with_name(final.name + ".partial")
+    cache.unlink(name)
+    partial = f"{name}.partial"
     for attempt in (1, 2):
-        _fetch_partial(entry, source, partial, tuning, progress)
-        actual = sha256_file(partial)
+        _fetch_partial(entry, source, cache, partial, tuning, progress)
+        actual = cache.sha256(partial)
         if actual == entry.sha256:
-            os.replace(partial, final)
-            _ranges_path(partial).unlink(missing_ok=True)
+            cache.replace(partial, name)
+            cache.unlink(_ranges_name(partial))
             return
-        got = _size(partial)
-        _remove_partial(partial)
+        got = cache.size(partial)
+        _remove_partial(cache, partial)
         progress.add(-entry.size)
         logger.warning("%s: sha256 %s, the manifest says %s (%d bytes, expected %d); removed%s",
-                       source.describe(entry.name), actual, entry.sha256, got, entry.size,
+                       source.describe(name), actual, entry.sha256, got, entry.size,
                        ", fetching it once more" if attempt == 1 else "")
     raise WeightsError(
-        f"Checksum mismatch for {entry.name}: {source.describe(entry.name)} does not match its "
+        f"Checksum mismatch for {name}: {source.describe(name)} does not match its "
         "manifest, twice (the bad copies were removed). Republish the file and its manifest.json "
         "(python -m serve_app manifest FOLDER) or fix the manifest."
     )
 
 
-def _fetch_partial(entry: ManifestEntry, source: Source, partial: Path, tuning: Tuning,
-                   progress: Progress) -> None:
-    if not partial.exists():
-        _ranges_path(partial).unlink(missing_ok=True)
-    done = read_ranges(_ranges_path(partial), entry.size)
+def _fetch_partial(entry: ManifestEntry, source: Source, cache: CacheFolder, partial: str,
+                   tuning: Tuning, progress: Progress) -> None:
+    ranges = _ranges_name(partial)
+    cache.lstat(ranges)  # a link there is refused, not removed
+    if cache.size(partial) is None:
+        cache.unlink(ranges)
+    done = parse_ranges(cache.read_text(ranges) or "", entry.size)
     missing = missing_ranges(done, entry.size)
     have = entry.size - sum(end - start for start, end in missing)
     progress.add(have)
     if have:
         logger.info("Resuming %s: %d of %d bytes already here", entry.name, have, entry.size)
-    writer = RangeWriter(partial, entry.size, progress, tuning.record_every)
+    writer = RangeWriter.create(cache, partial, entry.size, progress, tuning.record_every)
     try:
         if missing == [(0, entry.size)] and hasattr(source, "download"):
             source.download(entry.name, entry.size, writer)
@@ -286,24 +298,26 @@ def _fetch_range(source: Source, name: str, start: int, end: int, out: RangeWrit
                        code=UNREACHABLE)
 
 
-def _ranges_path(partial: Path) -> Path:
-    return partial.with_name(partial.name + ".ranges")
+def _ranges_name(partial: str) -> str:
+    return f"{partial}.ranges"
 
 
-def _remove_partial(partial: Path) -> None:
-    partial.unlink(missing_ok=True)
-    _ranges_path(partial).unlink(missing_ok=True)
+def _remove_partial(cache: CacheFolder, partial: str) -> None:
+    cache.unlink(partial)
+    cache.unlink(_ranges_name(partial))
 
 
 def read_ranges(path: Path, size: int) -> list[tuple[int, int]]:
-    """The merged ``[start, end)`` ranges recorded in ``path``; malformed lines are ignored
+    """The merged ranges recorded in the file ``path`` (see ``parse_ranges``)."""
+    with CacheFolder.open(path.parent, create=False) as cache:
+        return parse_ranges(cache.read_text(path.name) or "", size)
+
+
+def parse_ranges(text: str, size: int) -> list[tuple[int, int]]:
+    """The merged ``[start, end)`` ranges of a ranges record; malformed lines are ignored
     (a process killed mid-line leaves one)."""
     ranges = []
-    try:
-        lines = path.read_text().splitlines()
-    except FileNotFoundError:
-        return []
-    for line in lines:
+    for line in text.splitlines():
         fields = line.split()
         if len(fields) == 2 and all(f.isdigit() for f in fields):
             start, end = int(fields[0]), min(int(fields[1]), size)

@@ -1,11 +1,15 @@
 """The vendor's weights under license: the model source ``licensed:<model-name>``.
 
 The replica presents its license key to the license server named in the key
-(``POST /v1/models/<name>/download``) and gets back the model's manifest and a presigned GET URL
-per file on the vendor's bucket, valid for minutes. The files come through plain ranged GETs
-(httpx; no bucket credentials, no boto3 on the customer's side) into ``fetch_model``: parallel
-parts, resume, verify, one download per node. A URL that expired meanwhile (the bucket answers
-403, or 400/401 on some stores) is replaced by asking the server again; the range is retried.
+(``POST /v1/models/<name>/download``) and gets back the model's manifest, a presigned GET URL
+per file on the vendor's bucket, valid for minutes, and the model's identity: its name and
+manifest, signed by the key that signed the license (``license_contract.ModelIdentity``). The
+identity is checked before any file is fetched (its signer, its name, its manifest against the
+grant's) and kept in the cache folder (``identity.IDENTITY_STAMP``): the replica registers under
+the model it names. The files come through plain ranged GETs (httpx; no bucket credentials, no
+boto3 on the customer's side) into ``fetch_model``: parallel parts, resume, verify against the
+signed manifest, one download per node. A URL that expired meanwhile (the bucket answers 403, or
+400/401 on some stores) is replaced by asking the server again; the range is retried.
 
 An invalid, expired or revoked license, or a model it does not cover, is refused by the server
 (401/403/404) and fails the replica with the server's reason. When the server cannot be reached,
@@ -30,6 +34,7 @@ from license_contract import (
     Manifest,
     ManifestError,
     parse_manifest,
+    verify_identity,
     verify_key,
 )
 from serve_app.errors import ConfigError
@@ -41,6 +46,7 @@ from serve_app.weights.fetch import (
     fetch_model,
     fetch_or_verified_copy,
 )
+from serve_app.weights.identity import read_identity, store_identity
 
 if TYPE_CHECKING:
     from serve_app.licensing import LicenseConfig
@@ -49,6 +55,7 @@ logger = logging.getLogger(__name__)
 
 LICENSED_PREFIX = "licensed:"
 REFUSED = "model_download_refused"  # the code of a WeightsError for the server's refusal
+UNTRUSTED = "model_identity_untrusted"  # a grant whose signed identity does not check
 # What stores answer a presigned URL past its expiry: S3 403, GCS 400, some others 401.
 _EXPIRED_STATUSES = (400, 401, 403)
 _BLOCK = MiB
@@ -56,14 +63,19 @@ _BLOCK = MiB
 
 @dataclass(frozen=True)
 class Grant:
-    """What the license server handed out: the manifest and a URL per file."""
+    """What the license server handed out: the manifest, a URL per file, and the model's
+    identity as the server signed it (``identity``, checked: it names this manifest)."""
 
     manifest: Manifest
     urls: dict[str, str]
+    identity: str
 
 
-def request_grant(http: httpx.Client, server_url: str, key: str, name: str) -> Grant:
-    """Ask the license server for model ``name``; raise WeightsError with its reason."""
+def request_grant(http: httpx.Client, server_url: str, key: str, name: str,
+                  signer: str) -> Grant:
+    """Ask the license server for model ``name``; raise WeightsError with its reason. The
+    grant's identity must be signed by ``signer`` (the license's) and name ``name`` and the
+    grant's manifest."""
     url = f"{server_url.rstrip('/')}/v1/models/{name}/download"
     try:
         response = http.post(url, headers={"Authorization": f"Bearer {key}"})
@@ -81,10 +93,24 @@ def request_grant(http: httpx.Client, server_url: str, key: str, name: str) -> G
         doc = response.json()
         manifest = parse_manifest(json.dumps(doc["manifest"]), f"{url} manifest")
         urls = {f.name: str(doc["urls"][f.name]) for f in manifest.files}
+        text = doc["identity"]
+        if not isinstance(text, str):
+            raise TypeError("identity is not a string")
     except (ValueError, KeyError, TypeError, ManifestError) as exc:
         raise WeightsError(f"The license server's answer for model {name!r} is not a download "
                            f"grant ({exc}); is {server_url} the vendor's license server?") from None
-    return Grant(manifest, urls)
+    try:
+        identity, signed = verify_identity(text, signers=frozenset({signer}))
+    except ManifestError as exc:
+        raise WeightsError(f"The license server's grant for model {name!r} carries no identity "
+                           f"signed by the license's signer ({exc}); is {server_url} the "
+                           "vendor's license server?", code=UNTRUSTED) from None
+    if identity.model != name or signed != manifest:
+        what = (f"model {identity.model!r}" if identity.model != name
+                else "other files than the grant's manifest")
+        raise WeightsError(f"The license server's grant for model {name!r} is signed as {what}: "
+                           "not fetching it.", code=UNTRUSTED)
+    return Grant(manifest, urls, text)
 
 
 def _error_detail(response: httpx.Response) -> str:
@@ -170,18 +196,30 @@ def fetch_licensed_model(name: str, cache_dir: str | Path, license: LicenseConfi
         lic = verify_key(key, check_expiry=False)
     except LicenseError as exc:
         raise ConfigError(f"{LICENSED_PREFIX}{name}: {exc}", code=exc.code) from None
-    folder = Path(cache_dir) / "licensed" / name
+    cache = Path(cache_dir)
+    folder = cache / "licensed" / name
     own = http is None
     http = http or httpx.Client(timeout=httpx.Timeout(60.0, connect=10.0),
                                 limits=httpx.Limits(max_connections=tuning.concurrency + 2))
     try:
         def ask() -> Grant:
-            return request_grant(http, lic.server_url, key, name)
+            return request_grant(http, lic.server_url, key, name, lic.signer)
 
-        return fetch_or_verified_copy(
-            folder, ask,
-            lambda grant: fetch_model(grant.manifest, LicensedSource(name, grant, ask, http),
-                                      folder, tuning=tuning))
+        def fetch(grant: Grant) -> Path:
+            fetch_model(grant.manifest, LicensedSource(name, grant, ask, http), folder,
+                        within=cache, tuning=tuning)
+            store_identity(folder, grant.identity, within=cache)
+            return folder
+
+        fetch_or_verified_copy(folder, ask, fetch, within=cache)
     finally:
         if own:
             http.close()
+    # Fetched now or verified before (the server unreachable): either way the folder's files
+    # must be the ones its kept identity names, signed by the license's signer.
+    identity = read_identity(folder, frozenset({lic.signer}), within=cache)
+    if identity is None or identity.model != name:
+        raise WeightsError(f"{folder} keeps no identity of model {name!r} signed by the license "
+                           "server; it is fetched again once the server can be reached.",
+                           code=UNTRUSTED)
+    return folder

@@ -236,4 +236,6 @@ def fetch_s3_model(url: str, cache_dir: str | Path, options: S3Options = S3Optio
     source = S3Source(client or make_s3_client(options, tuning), bucket, prefix, tuning)
     return fetch_or_verified_copy(
         folder, source.read_manifest,
-        lambda manifest: fetch_model(manifest, source, folder, tuning=tuning))
+        lambda manifest: fetch_model(manifest, source, folder, within=Path(cache_dir),
+                                     tuning=tuning),
+        within=Path(cache_dir))

@@ -11,6 +11,10 @@ Sources:
 - a local folder holding ``config.json`` (any Hugging Face checkpoint).
 
 Nothing here downloads from a hub.
+
+The license covers a model by its identity, not by the name it is served under:
+``claimed_identity`` is what a replica registers under before anything is fetched, and
+``confirmed_identity`` what the fetched folder proves (see ``identity``).
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ from typing import TYPE_CHECKING
 
 from serve_app.errors import ConfigError
 from serve_app.weights.embedded import BUILTIN_MODELS, BUILTIN_PREFIX, SMOLLM2, ensure_smollm2
+from serve_app.weights.fetch import WeightsError
+from serve_app.weights.identity import license_signer, local_identity, read_identity
 from serve_app.weights.licensed import LICENSED_PREFIX, fetch_licensed_model
 from serve_app.weights.s3 import S3_PREFIX, S3Options, fetch_s3_model
 
@@ -55,6 +61,37 @@ def resolve_model(source: str, cache_dir: str | os.PathLike[str], *,
             "Face folder with a config.json."
         )
     return path.resolve()
+
+
+def claimed_identity(source: str, served_name: str, license: LicenseConfig | None) -> str:
+    """The model a replica of ``source`` registers under with the license, before anything is
+    fetched: for ``licensed:<model>``, ``<model>`` (a license that does not cover it is refused
+    before any byte of the weights moves); for a local folder that keeps a signed identity, the
+    model it names; otherwise ``served_name``."""
+    if source.startswith(LICENSED_PREFIX):
+        return source[len(LICENSED_PREFIX):]
+    local = _local_folder(source)
+    return served_name if local is None else local_identity(local, served_name, license)
+
+
+def confirmed_identity(source: str, folder: Path, served_name: str,
+                       license: LicenseConfig | None) -> str:
+    """The model ``folder`` (``resolve_model(source)``) holds: for ``licensed:``, the one the
+    license server signed, as ``fetch_licensed_model`` kept and checked it."""
+    if not source.startswith(LICENSED_PREFIX):
+        return claimed_identity(source, served_name, license)
+    signer, _ = license_signer(license)
+    identity = read_identity(folder, frozenset({signer} if signer else ()))
+    if identity is None:
+        raise WeightsError(f"{folder} keeps no model identity signed by the license server.")
+    return identity.model
+
+
+def _local_folder(source: str) -> Path | None:
+    if source.startswith((BUILTIN_PREFIX, S3_PREFIX)):
+        return None
+    path = Path(source).expanduser()
+    return path.resolve() if (path / "config.json").is_file() else None
 
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")

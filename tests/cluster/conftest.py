@@ -274,6 +274,25 @@ class LicensedApp:
     def running(self) -> int:
         return sum(1 for r in self.replicas() if r["state"] == "RUNNING")
 
+    def settle(self) -> None:
+        """Wait for the state the fixture deployed, whatever ran before: this app alone on
+        Serve, one running replica on one GPU node and no CPU worker node, counted once by
+        the license actor. Each test starts from here, so none depends on which ran first."""
+        from ray import serve
+
+        cluster = self.cluster
+        wait_for(lambda: set(serve.status().applications) == {"serve_app"}, timeout=120,
+                 interval=1, what="the other tests' applications to be gone")
+
+        def settled() -> bool:
+            return (self.replicas() == [{"state": "RUNNING"}]
+                    and len(cluster.nodes_of_type("gpu_l4")) == 1
+                    and not cluster.nodes_of_type("cpu")
+                    and self.status()["instances_now"] == 1)
+
+        wait_for(settled, timeout=300, interval=1,
+                 what="one replica on one GPU node, counted once, and no CPU node")
+
     def totals(self) -> tuple[float, float]:
         """(ledger, server) instance-seconds after delivering everything now."""
         import ray

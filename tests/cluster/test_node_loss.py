@@ -1,62 +1,46 @@
 """A worker node vanishes (its raylet SIGKILLed, as when a VM dies): the license actor stops
-counting its replica within two heartbeats, the replica's usage ends at its last heartbeat,
-nothing it accrued is lost or counted twice between the ledger and the license server, and
-the cluster serves again from a replacement node."""
+counting its replica (after two silent heartbeat intervals: test_license_actor times that with
+an injected clock), the replica's usage ends at its last heartbeat, nothing it accrued is lost
+or counted twice between the ledger and the license server, and the cluster serves again from
+a replacement node."""
 
 from __future__ import annotations
 
-import sqlite3
 import time
 
 import pytest
 
 from tests.cluster.conftest import HEARTBEAT_S
-from tests.conftest import wait_for
+from tests.conftest import ledger_instances, wait_for
 
 pytestmark = pytest.mark.cluster
 
 
-def instance_row(ledger_path: str, instance_id: str) -> dict:
-    """The ledger's record of one instance: state, times and accrued seconds (read-only)."""
-    db = sqlite3.connect(f"file:{ledger_path}?mode=ro", uri=True)
-    try:
-        stopped, registered, last_seen = db.execute(
-            "SELECT stopped, registered_at, last_seen FROM instances WHERE instance_id = ?",
-            (instance_id,)).fetchone()
-        (seconds,) = db.execute('SELECT COALESCE(SUM("end" - start), 0) FROM intervals '
-                                "WHERE instance_id = ?", (instance_id,)).fetchone()
-    finally:
-        db.close()
-    return {"stopped": stopped, "registered_at": registered, "last_seen": last_seen,
-            "seconds": seconds}
-
-
 def test_a_lost_node_loses_no_usage_and_over_counts_none(licensed_app):
     cluster = licensed_app.cluster
-    wait_for(lambda: licensed_app.running() >= 1, timeout=180, interval=1,
-             what="a running replica")
+    licensed_app.settle()
     victim = licensed_app.chat()
     node, instance = victim["node_id"], victim["instance_id"]
     assert node in cluster.nodes_of_type("gpu_l4")
     path = licensed_app.license.ledger_path
-    wait_for(lambda: instance_row(path, instance)["seconds"] > 0, timeout=30,
+    wait_for(lambda: ledger_instances(path)[instance]["seconds"] > 0, timeout=30,
              what="the replica's first heartbeat")
 
-    killed_at = time.time()
     pids = cluster.kill_node(node)
     assert len(pids) > 1  # the raylet and at least the replica's worker
 
     def gone() -> float | None:
         licensed_app.status()  # the count as the status route and the server see it
-        return time.time() if instance_row(path, instance)["stopped"] else None
+        return time.time() if ledger_instances(path)[instance]["stopped"] else None
 
-    gone_at = wait_for(gone, timeout=4 * HEARTBEAT_S + 10, interval=0.2,
+    gone_at = wait_for(gone, timeout=4 * HEARTBEAT_S + 60, interval=0.2,
                        what="the lost node's replica to leave the count")
-    # Expired two heartbeat intervals after its last heartbeat (which came before the kill);
-    # the slack is this busy box's latency of one status call.
-    assert gone_at - killed_at <= 2 * HEARTBEAT_S + 1.5
-    row = instance_row(path, instance)
-    assert row["last_seen"] <= killed_at + 0.5
+    row = ledger_instances(path)[instance]
+    # Its usage ends at its last heartbeat, not when the actor noticed the silence: the actor
+    # stops counting a replica two heartbeat intervals after its last heartbeat, so usage
+    # billed up to the moment it stopped would end later than this. (The actor's clock reads
+    # this machine's, to within its drift.)
+    assert row["last_seen"] <= gone_at - 2 * HEARTBEAT_S + 0.05
     # Every second between its registration and its last heartbeat is in the ledger, once.
     assert row["seconds"] == pytest.approx(row["last_seen"] - row["registered_at"], abs=1e-3)
 
@@ -67,4 +51,4 @@ def test_a_lost_node_loses_no_usage_and_over_counts_none(licensed_app):
     ledger, server = licensed_app.totals()
     assert server == pytest.approx(ledger, abs=1e-3)
     # Many heartbeats later, the dead replica has accrued nothing more.
-    assert instance_row(path, instance)["seconds"] == row["seconds"]
+    assert ledger_instances(path)[instance] == row

@@ -17,6 +17,7 @@ pytestmark = pytest.mark.cluster
 def test_the_license_actor_runs_on_the_head(licensed_app):
     import ray
 
+    licensed_app.settle()
     cluster = licensed_app.cluster
     assert len(cluster.nodes()) >= 2  # the head and at least the GPU node the replica needed
     assert head_node_options() == {"resources": {HEAD_RESOURCE: 0.001}}
@@ -26,6 +27,7 @@ def test_the_license_actor_runs_on_the_head(licensed_app):
 
 
 def test_gpu_pinned_replicas_run_on_gpu_worker_nodes(licensed_app):
+    licensed_app.settle()
     cluster = licensed_app.cluster
     gpu_nodes = set(cluster.nodes_of_type("gpu_l4"))
     assert gpu_nodes, "the autoscaler started no GPU node for the replica"
@@ -42,6 +44,7 @@ def test_a_replica_over_the_license_cap_does_not_start_and_says_why(licensed_app
     from serve_app.config import AppConfig, ModelConfig
     from tests.cluster.standins import NodeLLM
 
+    licensed_app.settle()
     live = licensed_app.status()["instances_now"]
     extra = CAP - live + 1
     # CPU stand-ins (no GPU needed): the cap counts every replica of every model.

@@ -15,8 +15,7 @@ pytestmark = pytest.mark.cluster
 def test_load_scales_replicas_and_nodes_up_and_idleness_scales_them_down(licensed_app):
     cluster = licensed_app.cluster
     gpu_nodes = lambda: set(cluster.nodes_of_type("gpu_l4"))  # noqa: E731
-    wait_for(lambda: licensed_app.running() == 1 and len(gpu_nodes()) == 1, timeout=180,
-             interval=1, what="one replica on one GPU node before the load")
+    licensed_app.settle()  # one replica on one GPU node before the load
     first = gpu_nodes()
 
     # Six streams against a target of two per replica: Serve wants three, the app's max is two.

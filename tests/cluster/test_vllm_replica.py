@@ -17,6 +17,7 @@ def test_a_real_vllm_replica_serves_from_a_cpu_worker_node(licensed_app):
     from serve_app.builder import build_app_from_config
     from serve_app.config import AppConfig, ModelConfig
 
+    licensed_app.settle()
     cluster = licensed_app.cluster
     counted = licensed_app.status()["instances_now"]
     model = ModelConfig(device="cpu", enforce_eager=True, max_model_len=2048)

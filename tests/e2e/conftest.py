@@ -1,8 +1,12 @@
-"""The whole stack in-process: a local Ray, Serve's proxy on a free port, real vLLM on CPU with
-SmolLM2. Started once per module (two modules would fight over one Ray).
+"""The whole stack in-process: a local Ray, real vLLM on CPU with SmolLM2, a real license server.
+Started once per module (two modules would fight over one Ray).
 
-SmolLM2 comes as the vendor's licensed weights: published into a bucket on moto's S3 server
-(loopback), presigned by the license server for the stack's license, downloaded by the replica."""
+``stack`` is the default layout as `python -m serve_app` runs it: the replica serves HTTP on
+its own port, no Serve proxy. SmolLM2 comes as the vendor's licensed weights: published into a
+bucket on moto's S3 server (loopback), presigned by the license server for the stack's
+license (which names that model only), downloaded by the replica. ``router_stack`` is the router layout
+(colocate_ingress=false): Serve's proxy in front of a CPU-only router replica, the engine
+behind a handle."""
 
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ from serve_app.config import (
     TELEMETRY_OFF_ENV,
     AppConfig,
     ModelConfig,
+    Settings,
 )
 from serve_app.ray_internals import check_loopback
 from tests.conftest import LicenseServerProcess, free_port, wait_for
@@ -41,6 +46,18 @@ E2E_MODEL = ModelConfig(source=f"licensed:{MODEL}", max_ongoing_requests=4,
                         max_queued_requests=4, enforce_eager=True,
                         enable_auto_tool_choice=True, tool_call_parser="hermes",
                         served_model_name=(ALIAS,))
+
+
+def e2e_config(key: str, data: Path, port: int) -> AppConfig:
+    """``stack``'s config, E2E_MODEL read as `python -m serve_app` reads SERVE_APP_* settings:
+    the model's name comes from its licensed: source, as customers get it. A fresh cache: the
+    replica downloads the licensed model in every run."""
+    return Settings(model=f"licensed:{MODEL}", license_key=key,
+                    ledger_path=str(data / "ledger.db"), report_interval_s="2.0",
+                    model_cache_dir=str(data / "models"), port=str(port),
+                    max_ongoing_requests="4", max_queued_requests="4", enforce_eager="true",
+                    enable_auto_tool_choice="true", tool_call_parser="hermes",
+                    served_model_name=ALIAS).to_app_config()
 
 
 class Session:
@@ -119,10 +136,12 @@ def licensed_smollm2(data_dir: Path) -> Iterator[LicenseServerProcess]:
 
 
 class Stack:
-    def __init__(self, url: str, config: AppConfig, license_server: LicenseServerProcess) -> None:
+    def __init__(self, url: str, config: AppConfig, license_server: LicenseServerProcess,
+                 data: Path | None = None) -> None:
         self.url = url
         self.config = config
         self.license_server = license_server
+        self.data = data
 
     def flush_usage(self) -> dict:
         """Make the license actor seal and deliver everything now."""
@@ -165,6 +184,61 @@ class Stack:
         return int(match.group(1))
 
 
+@contextlib.contextmanager
+def haproxy_ports_of_our_own() -> Iterator[None]:
+    """Serve's HAProxy and fallback proxy listen on fixed side ports (stats, metrics) that
+    other Ray instances on this machine may hold: free ones for the Ray this test starts (its
+    processes inherit the environment; Serve in this process read its constants already)."""
+    mp = pytest.MonkeyPatch()
+    try:
+        for var in ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT",
+                    "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT", "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT"):
+            mp.setenv(var, str(free_port()))
+        yield
+    finally:
+        mp.undo()
+
+
+@pytest.fixture(scope="module")
+def router_stack(tmp_path_factory):
+    """colocate_ingress=false as `python -m serve_app` starts it: Serve's proxy (HAProxy, as
+    RAY_SERVE_ENV ships) on a free port, the router replica, SmolLM2 (the embedded copy: the
+    licensed download is the other stack's) behind a handle, licensed by a real server."""
+    import ray
+    from ray import serve
+
+    from serve_app.builder import build_app_from_config
+
+    data = tmp_path_factory.mktemp("router")
+    vendor = contextlib.ExitStack()
+    license_server = LicenseServerProcess(data / "license_server").start()
+    vendor.callback(license_server.stop)
+    _, key = license_server.issue(heartbeat_interval_s=2.0)
+    license = license_server.license_config(key, data / "ledger.db", report_interval_s=2.0)
+    port = free_port()
+    for name, value in RAY_SERVE_ENV.items():
+        os.environ.setdefault(name, value)
+    vendor.enter_context(haproxy_ports_of_our_own())
+    ray.init(include_dashboard=False, runtime_env={"env_vars": dict(TELEMETRY_OFF_ENV)})
+    try:
+        check_loopback()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        model = E2E_MODEL.model_copy(update={"source": f"builtin:{MODEL}"})
+        config = AppConfig(models=(model,), license=license, colocate_ingress=False)
+        serve.run(build_app_from_config(config), name="serve_app", route_prefix="/",
+                  blocking=False)
+        url = f"http://127.0.0.1:{port}"
+        wait_for(lambda: httpx.get(f"{url}/health", timeout=5).status_code == 200,
+                 timeout=600, what="the router layout to become healthy")
+        yield Stack(url, config, license_server)
+    finally:
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+            vendor.close()
+
+
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     import ray
@@ -175,8 +249,8 @@ def stack(tmp_path_factory):
     data = tmp_path_factory.mktemp("e2e")
     vendor = contextlib.ExitStack()
     license_server = vendor.enter_context(licensed_smollm2(data / "license_server"))
-    _, key = license_server.issue(heartbeat_interval_s=2.0)
-    license = license_server.license_config(key, data / "ledger.db", report_interval_s=2.0)
+    # A license for the one model the stack serves, as the vendor sells it.
+    _, license_key = license_server.issue(heartbeat_interval_s=2.0, models=(MODEL,))
     port = free_port()
     for key, value in RAY_SERVE_ENV.items():  # test what `make serve` ships
         os.environ.setdefault(key, value)
@@ -185,9 +259,8 @@ def stack(tmp_path_factory):
         check_loopback()
         # As `python -m serve_app` runs it: the replica listens on the port, no Serve proxy.
         serve.start(proxy_location="Disabled")
-        # A fresh cache: the replica downloads the licensed model in every run.
-        config = AppConfig(models=(E2E_MODEL,), license=license, http_port=port,
-                           model_cache_dir=str(data / "models"))
+        config = e2e_config(license_key, data, port)
+        assert config.models[0] == E2E_MODEL  # the router layout's model, read from settings
         serve.run(build_app_from_config(config), name="serve_app", route_prefix="/",
                   blocking=False)
         url = f"http://127.0.0.1:{port}"
@@ -195,7 +268,7 @@ def stack(tmp_path_factory):
                  timeout=600, what="the app to become healthy")
         # The weights came from the vendor's bucket, through the license server's grant.
         assert (data / "models" / "licensed" / MODEL / ".complete").is_file()
-        yield Stack(url, config, license_server)
+        yield Stack(url, config, license_server, data)
     finally:
         try:
             serve.shutdown()

@@ -11,7 +11,6 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 import uuid
 
 import httpx
@@ -216,8 +215,6 @@ def test_a_replaced_replica_takes_its_engine_along_and_a_loaded_stack_stops_on_g
     started = threading.Event()
     _load(cli.url, 8, started)
     assert started.wait(timeout=120), cli.text()
-    stopped = time.monotonic()
     os.killpg(cli.proc.pid, signal.SIGTERM)
-    cli.proc.wait(timeout=120)
-    assert time.monotonic() - stopped < 120
+    cli.proc.wait(timeout=120)  # raises if the stack does not stop
     cli.assert_all_gone()

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import json
-import uuid
+from types import SimpleNamespace
 
 import httpx
 import maritalk
@@ -14,6 +15,7 @@ from pydantic import SecretStr
 
 from tests.conftest import wait_for
 from tests.e2e.conftest import ALIAS, MODEL
+from tests.e2e.privacy import assert_no_canary_reaches_the_license_server
 from tests.strategies import ROUTES, fuzz_routes, valid_body
 
 pytestmark = pytest.mark.e2e
@@ -368,29 +370,74 @@ def test_license_status_route(stack):
     assert status["license_id"].startswith("lic_")
 
 
-def test_privacy_canary_never_reaches_the_license_server(stack, client):
-    """Prompts and outputs stay on the customer's machines: only usage time is reported."""
-    canary = f"CANARY-{uuid.uuid4().hex}"
-    start = len(stack.license_server.received)
-    client.chat.completions.create(model=MODEL, max_tokens=5, messages=[
-        {"role": "user", "content": f"Repeat after me: {canary}"}])
-    list(client.completions.create(model=MODEL, prompt=f"{canary} {canary}", max_tokens=5,
-                                   stream=True))
-    httpx.post(f"{stack.url}/generate", json={"prompt": canary, "max_tokens": 5}, timeout=60)
-    httpx.post(f"{stack.url}/v1/completions", content=canary.encode(), timeout=60)  # a bad one
-    # A usage report sent after the canary requests reached the server (the capture works).
-    wait_for(lambda: any(b"/v1/usage" in c for c in stack.license_server.received[start:]),
-             timeout=30, what="a usage report after the canary requests")
+def test_licensed_model_is_served_under_its_name_and_billed_under_its_license(stack, client):
+    """The vendor's flow: a license naming only the model, licensed:<model> served as <model>,
+    its weights the ones the vendor signed, its usage billed under that license."""
+    from license_contract import verify_identity, verify_key
+
+    server = stack.license_server
+    lic = verify_key(stack.config.license.key.get_secret_value())
+    assert lic.models == (MODEL,)
+    (model,) = stack.config.models
+    assert (model.source, model.name) == (f"licensed:{MODEL}", MODEL)
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    kept = (stack.data / "models" / "licensed" / MODEL / ".identity").read_text()
+    identity, files = verify_identity(kept, signers=frozenset({server.service.public_key}))
+    assert identity.model == MODEL and {f.name for f in files.files} >= {"config.json"}
+    answer = client.chat.completions.create(model=ALIAS, max_tokens=8, temperature=0,
+                                            messages=[{"role": "user", "content": QUESTION}])
+    assert "Paris" in answer.choices[0].message.content and answer.model == MODEL
+    assert httpx.get(f"{stack.url}/license", timeout=10).json()["license_id"] == lic.license_id
     totals = stack.flush_usage()
     assert totals["pending_seconds"] == 0 and totals["instance_seconds"] > 0
-    wire = stack.license_server.received
-    for chunk in wire:
-        assert canary.encode() not in chunk
-        assert b"Repeat after me" not in chunk
-    # The server billed exactly what the ledger holds.
-    license_id = httpx.get(f"{stack.url}/license").json()["license_id"]
-    server_total = stack.license_server.service.store.total_instance_seconds(license_id)
-    assert server_total == pytest.approx(totals["instance_seconds"])
+    billed = server.service.store.total_instance_seconds(lic.license_id)
+    assert billed == pytest.approx(totals["instance_seconds"])
+
+
+class InProcessActor:
+    """A real ``LicenseActor`` in this process, called as an ``InstanceReporter`` calls the Ray
+    actor (awaitable ``.remote``s)."""
+
+    def __init__(self, actor) -> None:
+        self.register = SimpleNamespace(remote=actor.register)
+        self.heartbeat = SimpleNamespace(remote=actor.heartbeat)
+        self.deregister = SimpleNamespace(remote=lambda instance_id: None)  # none registered
+
+
+def test_licensed_weights_under_a_license_for_another_model_are_refused_before_download(
+        stack, tmp_path):
+    """The replica's start path in this process, against the stack's license server and
+    bucket, under a license that covers another model: refused at registration before the
+    server is asked; and a replica that skipped that check is refused by the server, with its
+    reason, before any URL is handed out. Not a byte of the weights reaches the cache."""
+    from serve_app.licensing import LicenseActor
+    from serve_app.llm_server import LLMServer
+    from serve_app.weights import WeightsError, resolve_model
+
+    server = stack.license_server
+    _, key = server.issue(models=("sabia-2-small",))
+    other = server.license_config(key, tmp_path / "ledger.db")
+    cache = tmp_path / "models"
+
+    def downloads() -> int:
+        return sum(1 for chunk in server.received if chunk.startswith(b"/v1/models/"))
+
+    asked = downloads()
+    actor = InProcessActor(LicenseActor(other, autostart=False))
+    replica = LLMServer(stack.config.models[0], str(cache), other, license_actor=lambda _: actor,
+                        engine_factory=lambda *_: pytest.fail("the engine must not start"))
+    with pytest.raises(RuntimeError, match=f"does not cover model '{MODEL}'"):
+        asyncio.run(replica.start())
+    assert downloads() == asked
+    with pytest.raises(WeightsError, match=f"refused model '{MODEL}'.*403: model_not_licensed"):
+        resolve_model(f"licensed:{MODEL}", cache, license=other)
+    assert downloads() == asked + 1
+    assert not [p for p in cache.rglob("*") if p.is_file()]
+
+
+def test_privacy_canary_never_reaches_the_license_server(stack):
+    """Prompts and outputs stay on the customer's machines: only usage time is reported."""
+    assert_no_canary_reaches_the_license_server(stack)
 
 
 @pytest.mark.parametrize("api", ["openai", "maritalk"])

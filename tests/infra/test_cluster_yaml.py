@@ -143,10 +143,8 @@ def test_command_env_reads_only_what_precedes_ray_start():
 
 
 def test_the_head_declares_the_license_actors_resource(rendered):
-    try:
-        from serve_app.licensing.placement import HEAD_RESOURCE
-    except ImportError:  # before the license actor's placement by this resource is merged
-        HEAD_RESOURCE = "serve_app_head"
+    from serve_app.licensing.placement import HEAD_RESOURCE
+
     assert HEAD_RESOURCE == cluster_yaml.HEAD_RESOURCE
     assert cluster_yaml.head_resources(rendered)[HEAD_RESOURCE] == 1
     workers = [t for name, t in rendered["available_node_types"].items()

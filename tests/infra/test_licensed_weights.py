@@ -9,7 +9,9 @@ test moves.
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import json
 import os
 import threading
 import time
@@ -21,18 +23,20 @@ import httpx
 import pytest
 from starlette.testclient import TestClient
 
-from license_contract import build_manifest
+from license_contract import ModelIdentity, build_manifest, parse_manifest, verify_identity
 from license_server.app import IssueRequest, build_app
 from license_server.catalog import ModelBucket
 from license_server.cli import main
-from license_server.signing import new_private_key, sign_license, signer_of
+from license_server.signing import new_private_key, sign_identity, sign_license, signer_of
 from serve_app.errors import ConfigError
+from serve_app.licensing import LicenseConfig
+from serve_app.weights.cache import CacheError
 from serve_app.weights.fetch import UNREACHABLE, MiB, WeightsError
-from serve_app.weights.licensed import REFUSED, fetch_licensed_model
+from serve_app.weights.licensed import REFUSED, UNTRUSTED, fetch_licensed_model
 from serve_app.weights.s3 import make_s3_client
-from serve_app.weights.sources import resolve_model
+from serve_app.weights.sources import claimed_identity, confirmed_identity, resolve_model
 from tests.conftest import LicenseServerProcess
-from tests.fakes import issue_key
+from tests.fakes import VENDOR_KEY, issue_key
 from tests.infra.weights_fakes import (  # noqa: F401 - fixtures
     FAKE_KEYS,
     SMALL,
@@ -173,9 +177,7 @@ def issue_expired(server) -> str:
     now = time.time()
     lic, key = issue_key(server.service.signing_key, customer="Late", issued_at=now - 10,
                          expires_at=now - 1, server_url=server.url)
-    server.service.store.add_license(license_id=lic.license_id, customer=lic.customer, key=key,
-                                     issued_at=lic.issued_at, expires_at=lic.expires_at,
-                                     max_instances=None)
+    server.service.record_issued(lic, key)
     return key
 
 
@@ -184,6 +186,7 @@ def issue_expired(server) -> str:
 
 def test_an_entitled_license_gets_the_manifest_and_presigned_urls_and_is_not_metered(vendor):
     lic, key = vendor.issue(models=(NAME,))
+    asked_at = time.time()
     response = post(vendor, NAME, key)
     assert response.status_code == 200, response.text
     assert "x-server-time" in response.headers
@@ -192,7 +195,15 @@ def test_an_entitled_license_gets_the_manifest_and_presigned_urls_and_is_not_met
         {"name": n, "size": len(d), "sha256": hashlib.sha256(d).hexdigest()}
         for n, d in FILES.items()]}
     assert set(grant["urls"]) == set(FILES)
-    assert abs(grant["expires_at"] - (time.time() + 600)) < 60
+    # The vendor's word on which model these files are, signed with the key of its licenses.
+    identity, signed = verify_identity(grant["identity"], signers={lic.signer})
+    assert (identity.model, identity.manifest, identity.signer) == (NAME, grant["manifest"],
+                                                                    vendor.service.public_key)
+    assert signed == parse_manifest(json.dumps(grant["manifest"]))
+    # url_expiry_s after the server granted it: between the request and the server's answer
+    # (whose header is rounded to the millisecond).
+    answered_at = float(response.headers["x-server-time"]) + 0.0005
+    assert asked_at + 600 <= grant["expires_at"] <= answered_at + 600
     for name, url in grant["urls"].items():
         query = parse_qs(urlsplit(url).query)
         assert url.startswith(f"{vendor.bucket.endpoint_url}/{vendor.catalog.bucket}/models/"
@@ -292,11 +303,16 @@ def test_a_full_download_through_presigned_urls_with_no_bucket_credentials(vendo
     folder = fetch_licensed_model(NAME, tmp_path / "cache", license, tuning=SMALL)
     assert folder == tmp_path / "cache" / "licensed" / NAME
     assert {p.name: p.read_bytes() for p in folder.iterdir() if not p.name.startswith(".")} == FILES
+    # The signed identity is kept beside the files: the model's identity is what it names.
+    kept, signed = verify_identity((folder / ".identity").read_text(),
+                                   signers={vendor.service.public_key})
+    assert kept.model == NAME and (folder / ".complete").read_text() == signed.to_json()
+    assert confirmed_identity(f"licensed:{NAME}", folder, "served-as", license) == NAME
     parts = [(t, r) for t, r, s in gateway.gets if "model.safetensors" in t]
     assert sorted(r for _, r in parts) == sorted(
         f"bytes={s}-{min(s + MiB, len(WEIGHTS)) - 1}" for s in range(0, len(WEIGHTS), MiB))
     # httpx sent the presigned URL exactly as signed (a re-encoded query breaks the signature).
-    signed = vendor.catalog.grant(NAME, 0)["urls"]["model.safetensors"]
+    signed = vendor.catalog.grant(NAME, 0, vendor.service.signing_key)["urls"]["model.safetensors"]
     assert all(t.split("?")[0] == urlsplit(signed).path for t, _ in parts)
     assert all("X-Amz-Signature=" in t and "%2F" in t for t, _ in parts)
 
@@ -347,7 +363,7 @@ def test_a_model_republished_mid_download_is_not_mixed_with_the_old_one(vendor, 
     assert (folder / "model.safetensors").read_bytes() == WEIGHTS[::-1]
 
 
-def test_a_refusal_reaches_the_replica_with_the_servers_reason(vendor, tmp_path):
+def test_a_refusal_reaches_the_replica_with_the_servers_reason(vendor, gateway, tmp_path):
     lic, key = vendor.issue(models=(NAME,))
     vendor.service.store.revoke(lic.license_id)
     license = vendor.license_config(key, tmp_path / "ledger.db")
@@ -357,8 +373,11 @@ def test_a_refusal_reaches_the_replica_with_the_servers_reason(vendor, tmp_path)
     assert not (tmp_path / "cache" / "licensed" / NAME / "model.safetensors").exists()
 
     other = license_config(vendor, tmp_path, models=("other-llm",))
-    with pytest.raises(WeightsError, match="model_not_licensed"):
+    with pytest.raises(WeightsError, match="403: model_not_licensed"):
         resolve_model(f"licensed:{NAME}", tmp_path / "cache", license=other)
+    # Refused before any URL was handed out: no byte of the weights could move.
+    assert presigned_gets(gateway) == []
+    assert not [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]
 
 
 def test_a_licensed_source_needs_a_license_and_a_model_name(tmp_path):
@@ -379,4 +398,164 @@ def test_an_unreachable_server_serves_the_copy_verified_before(vendor, tmp_path)
     folder = fetch_licensed_model(NAME, cache, license, tuning=SMALL)
     vendor.stop()
     assert fetch_licensed_model(NAME, cache, license, tuning=SMALL) == folder
+    # The copy is served only with the identity it was fetched with, still checked.
+    stamp = folder / ".identity"
+    kept = stamp.read_text()
+    other_key = new_private_key()
+    stamp.write_text(sign_identity(ModelIdentity(
+        model=NAME, manifest=json.loads((folder / ".complete").read_text()),
+        signer=signer_of(other_key)), other_key))
+    with pytest.raises(WeightsError, match="not a model identity this app can trust"):
+        fetch_licensed_model(NAME, cache, license, tuning=SMALL)
+    manifest = json.loads((folder / ".complete").read_text())
+    manifest["files"] = manifest["files"][:1]  # the vendor's word on other files
+    stamp.write_text(sign_identity(ModelIdentity(model=NAME, manifest=manifest,
+                                                 signer=signer_of(VENDOR_KEY)), VENDOR_KEY))
+    with pytest.raises(WeightsError, match="verified files are not the ones the vendor signed"):
+        fetch_licensed_model(NAME, cache, license, tuning=SMALL)
+    stamp.unlink()
+    with pytest.raises(WeightsError, match="keeps no identity"):
+        fetch_licensed_model(NAME, cache, license, tuning=SMALL)
+    stamp.write_text(kept)
+    assert fetch_licensed_model(NAME, cache, license, tuning=SMALL) == folder
     vendor.start()  # the fixture stops it
+
+
+# -- the signed identity: checked before any byte moves ---------------------------------------
+
+
+class RewrittenGrant(httpx.BaseTransport):
+    """The network, except that the license server's grants pass through ``rewrite``: what a
+    server that is not the vendor's, or a grant altered on the way, would hand out."""
+
+    def __init__(self, rewrite) -> None:
+        self._network = httpx.HTTPTransport()
+        self._rewrite = rewrite
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        response = self._network.handle_request(request)
+        if not request.url.path.endswith("/download") or response.status_code != 200:
+            return response
+        response.read()
+        return httpx.Response(200, json=self._rewrite(json.loads(response.content)))
+
+
+def resigned(grant, key, **fields):
+    identity = ModelIdentity(**{"model": NAME, "manifest": grant["manifest"],
+                                "signer": signer_of(key), **fields})
+    return {**grant, "identity": sign_identity(identity, key)}
+
+
+def other_files(grant):
+    files = [{**f, "sha256": "0" * 64} if f["name"] == "model.safetensors" else f
+             for f in grant["manifest"]["files"]]
+    return {**grant, "manifest": {**grant["manifest"], "files": files}}
+
+
+def altered(grant):
+    prefix, payload, signature = grant["identity"].split(".")
+    doc = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    doc["model"] = "bigger-llm"
+    forged = base64.urlsafe_b64encode(json.dumps(doc, sort_keys=True, separators=(",", ":"))
+                                      .encode()).rstrip(b"=").decode()
+    return {**grant, "identity": f"{prefix}.{forged}.{signature}"}
+
+
+@pytest.mark.parametrize("case, rewrite, error", [
+    ("another signer", lambda g: resigned(g, new_private_key()), "does not trust"),
+    ("altered", altered, "does not match its contents"),
+    ("another model", lambda g: resigned(g, VENDOR_KEY, model="other-llm"),
+     "signed as model 'other-llm'"),
+    ("other files", other_files, "signed as other files than the grant's manifest"),
+    ("no identity", lambda g: {k: v for k, v in g.items() if k != "identity"},
+     "not a download grant"),
+])
+def test_a_grant_whose_signed_identity_does_not_check_fetches_nothing(vendor, gateway, tmp_path,
+                                                                      case, rewrite, error):
+    license = license_config(vendor, tmp_path, models=(NAME,))
+    with httpx.Client(transport=RewrittenGrant(rewrite)) as http, \
+            pytest.raises(WeightsError, match=error) as e:
+        fetch_licensed_model(NAME, tmp_path / "cache", license, http=http, tuning=SMALL)
+    assert e.value.code == (UNTRUSTED if case != "no identity" else "weights_error")
+    assert presigned_gets(gateway) == []
+    assert not [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]
+
+
+def test_a_link_planted_as_the_licensed_models_folder_is_refused(vendor, gateway, tmp_path):
+    license = license_config(vendor, tmp_path, models=(NAME,))
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (tmp_path / "cache" / "licensed").mkdir(parents=True)
+    (tmp_path / "cache" / "licensed" / NAME).symlink_to(outside)
+    with pytest.raises(CacheError, match="symbolic link"):
+        fetch_licensed_model(NAME, tmp_path / "cache", license, tuning=SMALL)
+    assert list(outside.iterdir()) == [] and presigned_gets(gateway) == []
+
+
+# -- which model a replica registers under ----------------------------------------------------
+
+
+def a_license(tmp_path, signer=VENDOR_KEY, **fields) -> LicenseConfig:
+    """A license signed by ``signer``: the session's pinned vendor key, or a development one."""
+    _, key = issue_key(signer, **fields)
+    return LicenseConfig(key=key, ledger_path=str(tmp_path / "ledger.db"))
+
+
+def copied_cache_folder(tmp_path, signer=VENDOR_KEY, model=NAME):
+    """A folder a licensed download left, copied elsewhere: the files and the signed identity."""
+    folder = tmp_path / "copied"
+    folder.mkdir()
+    for name, data in FILES.items():
+        (folder / name).write_bytes(data)
+    manifest = build_manifest(folder)
+    (folder / ".complete").write_text(manifest.to_json())
+    (folder / ".identity").write_text(sign_identity(ModelIdentity(
+        model=model, manifest=json.loads(manifest.to_json()), signer=signer_of(signer)), signer))
+    return folder
+
+
+def test_a_licensed_source_is_the_model_it_names_before_anything_is_fetched(tmp_path):
+    # Decided with no network and without reading the license: the actor judges the name.
+    assert claimed_identity(f"licensed:{NAME}", "what-clients-call-it", None) == NAME
+
+
+def test_builtin_bucket_and_plain_local_sources_are_their_served_name(tmp_path):
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    (plain / "config.json").write_bytes(CONFIG)
+    license = a_license(tmp_path)
+    for source in ("builtin:smollm2-135m-instruct", "s3://bucket/prefix", str(plain)):
+        assert claimed_identity(source, "chat", license) == "chat"
+        assert confirmed_identity(source, plain, "chat", license) == "chat"
+
+
+def test_a_copied_cache_folder_is_the_model_its_signed_identity_names(tmp_path):
+    folder = copied_cache_folder(tmp_path)
+    for license in (a_license(tmp_path, models=(NAME,)), a_license(tmp_path, models=("other",))):
+        # Whatever it is served as, and whatever the license covers: the actor judges NAME.
+        assert claimed_identity(str(folder), "my-own-model", license) == NAME
+        assert confirmed_identity(str(folder), folder, "my-own-model", license) == NAME
+
+
+@pytest.mark.parametrize("license", ["development", "none"])
+def test_the_vendors_model_is_not_served_without_the_vendors_license(tmp_path, license):
+    folder = copied_cache_folder(tmp_path)
+    config = a_license(tmp_path, signer=new_private_key()) if license == "development" else None
+    with pytest.raises(ConfigError, match=f"vendor's model '{NAME}'.*license the vendor issued") \
+            as e:
+        claimed_identity(str(folder), "my-own-model", config)
+    assert e.value.code == "model_not_licensed"
+
+
+def test_a_development_servers_model_is_served_under_its_development_license(tmp_path):
+    dev = new_private_key()
+    folder = copied_cache_folder(tmp_path, signer=dev, model="dev-model")
+    assert claimed_identity(str(folder), "x", a_license(tmp_path, signer=dev)) == "dev-model"
+
+
+def test_an_identity_this_build_cannot_check_is_refused_not_ignored(tmp_path):
+    folder = copied_cache_folder(tmp_path, signer=new_private_key())
+    with pytest.raises(WeightsError, match="not a model identity this app can trust"):
+        claimed_identity(str(folder), "x", a_license(tmp_path))
+    (folder / ".identity").unlink()  # a deliberate act: the folder is then any local model
+    assert claimed_identity(str(folder), "x", a_license(tmp_path)) == "x"

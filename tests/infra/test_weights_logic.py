@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import threading
 from collections.abc import Iterator
 
@@ -20,6 +21,7 @@ from license_contract import (
 )
 from serve_app.cli import print_manifest
 from serve_app.config import ModelConfig, Settings
+from serve_app.weights.cache import CacheError
 from serve_app.weights.fetch import (
     UNREACHABLE,
     Progress,
@@ -31,6 +33,7 @@ from serve_app.weights.fetch import (
     read_ranges,
     split_range,
 )
+from serve_app.weights.s3 import make_s3_client
 
 TUNING = Tuning(part_bytes=1000, concurrency=3, attempts=2, record_every=100,
                 progress_every_s=0.0)
@@ -227,4 +230,82 @@ def test_the_bucket_settings_come_from_the_environment_and_stay_secret(monkeypat
         "https://storage.googleapis.com", "auto", "very-secret")
     assert "very-secret" not in repr(model) and "very-secret" not in repr(options)
     assert "GOOG1EXAMPLE" not in repr(options)
-    assert ModelConfig().s3_options().endpoint_url is None
+    # Left unset, the endpoint is boto3's to find (AWS_ENDPOINT_URL, else AWS S3).
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    assert make_s3_client(ModelConfig().s3_options()).meta.endpoint_url == "http://127.0.0.1:9"
+
+
+# -- the cache is not a write primitive: links planted in it are refused, never followed -------
+
+PRECIOUS = b"not the app's to write"
+
+
+@pytest.mark.parametrize("planted", [
+    "sub/model.bin", "sub/model.bin.partial", "sub/model.bin.partial.ranges", ".complete",
+    "sub", "../.m.lock",
+])
+def test_a_link_planted_in_the_cache_is_refused_and_not_written_through(tmp_path, planted):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    target = outside / "file"
+    target.write_bytes(PRECIOUS)
+    folder = tmp_path / "cache" / "m"
+    (folder / "sub").mkdir(parents=True)
+    link = folder / planted
+    if planted == "sub":
+        link.rmdir()
+    link.symlink_to(outside if planted == "sub" else target)
+    source = MemorySource(FILES)
+    with pytest.raises(CacheError, match="symbolic link"):
+        fetch_model(manifest_of(FILES), source, folder, tuning=TUNING)
+    assert target.read_bytes() == PRECIOUS and sorted(outside.iterdir()) == [target]
+    assert link.is_symlink()  # refused, not quietly removed: the operator sees what was there
+    assert source.requests == []  # refused before anything was fetched
+
+
+def test_a_model_folder_that_is_a_link_is_refused(tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (tmp_path / "cache" / "s3").mkdir(parents=True)
+    (tmp_path / "cache" / "s3" / "m").symlink_to(outside)
+    with pytest.raises(CacheError, match="symbolic link"):
+        fetch_model(manifest_of(FILES), MemorySource(FILES), tmp_path / "cache" / "s3" / "m",
+                    within=tmp_path / "cache", tuning=TUNING)
+    assert list(outside.iterdir()) == []
+    # The configured cache itself may be a link (to a larger disk): it is resolved once.
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    (tmp_path / "linked-cache").symlink_to(disk)
+    folder = fetch_model(manifest_of(FILES), MemorySource(FILES),
+                         tmp_path / "linked-cache" / "s3" / "m", within=tmp_path / "linked-cache",
+                         tuning=TUNING)
+    assert (disk / "s3" / "m" / "sub" / "model.bin").read_bytes() == FILES["sub/model.bin"]
+    assert folder == tmp_path / "linked-cache" / "s3" / "m"
+
+
+@pytest.mark.parametrize("name", ["../escape.bin", "/tmp/escape.bin", "sub/../../escape.bin"])
+def test_a_manifest_name_escaping_the_folder_is_refused(tmp_path, name):
+    # The manifest parser refuses these names; the cache refuses them too, whoever built the
+    # manifest.
+    files = {"config.json": b"{}", name: b"x" * 10}
+    source = MemorySource(files)
+    with pytest.raises(CacheError, match="not a file name inside"):
+        fetch_model(manifest_of(files), source, tmp_path / "cache" / "m", tuning=TUNING)
+    assert sorted(p.name for p in tmp_path.rglob("*escape*")) == []
+    assert not any(n == name for n, _, _ in source.requests)
+
+
+def test_a_file_is_replaced_not_written_through_and_unlisted_files_go(tmp_path):
+    """What the cache does with what it finds: a stale file is removed, a mismatching one
+    fetched again into a fresh .partial; neither through its old inode (a hard link to a file
+    outside keeps its bytes)."""
+    outside = tmp_path / "outside.bin"
+    outside.write_bytes(PRECIOUS)
+    folder = tmp_path / "cache" / "m"
+    (folder / "sub").mkdir(parents=True)
+    os.link(outside, folder / "sub" / "model.bin")
+    (folder / "stale.bin").write_bytes(b"old shard")
+    folder = fetch_model(manifest_of(FILES), MemorySource(FILES), folder, tuning=TUNING)
+    assert (folder / "sub" / "model.bin").read_bytes() == FILES["sub/model.bin"]
+    assert outside.read_bytes() == PRECIOUS
+    assert not (folder / "stale.bin").exists()

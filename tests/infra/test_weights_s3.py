@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from license_contract import Manifest, ManifestEntry
+from serve_app.weights.cache import CacheError
 from serve_app.weights.fetch import MiB, Tuning, WeightsError, read_ranges
 from serve_app.weights.s3 import S3Options, fetch_s3_model, make_s3_client
 from serve_app.weights.sources import resolve_model
@@ -144,6 +145,30 @@ def test_a_corrupt_partial_is_removed_and_fetched_again(proxy, bucket, tmp_path,
     with caplog.at_level(logging.WARNING, logger="serve_app.weights"):
         assert_model(fetch(proxy.url, bucket, tmp_path))
     assert "fetching it once more" in caplog.text
+
+
+@pytest.mark.parametrize("planted", ["model.safetensors.partial", "the folder"])
+def test_a_link_planted_in_the_bucket_sources_cache_is_refused(proxy, bucket, tmp_path, planted):
+    fetch(proxy.url, bucket, tmp_path)  # learn the folder name, then plant a link in it
+    (model,) = tmp_path.glob("s3/*/model.safetensors")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "file").write_bytes(b"precious")
+    model.unlink()
+    if planted == "the folder":
+        folder = model.parent
+        for f in folder.iterdir():
+            f.unlink()
+        folder.rmdir()
+        folder.symlink_to(outside)
+    else:
+        model.with_name(planted).symlink_to(outside / "file")
+    before = len(proxy.gets("model/model.safetensors"))
+    with pytest.raises(CacheError, match="symbolic link"):
+        fetch(proxy.url, bucket, tmp_path)
+    assert sorted(p.name for p in outside.iterdir()) == ["file"]
+    assert (outside / "file").read_bytes() == b"precious"
+    assert len(proxy.gets("model/model.safetensors")) == before
 
 
 REPLICA = """

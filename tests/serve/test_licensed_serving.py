@@ -13,7 +13,7 @@ import pytest
 
 from serve_app.config import RAY_SERVE_ENV, TELEMETRY_OFF_ENV, AppConfig, ModelConfig
 from serve_app.llm_server import LLMServer
-from tests.conftest import LicenseServerProcess, free_port, wait_for
+from tests.conftest import LicenseServerProcess, free_port, ledger_instances, wait_for
 from tests.fakes import FakeLLMServer
 
 pytestmark = pytest.mark.serve
@@ -136,20 +136,29 @@ def test_the_replica_serves_its_own_port_and_serves_through_serve_too(cluster):
 def test_killing_the_actor_loses_and_doubles_nothing(cluster):
     import ray
 
-    before, _ = totals(cluster)
-    t0 = time.monotonic()
+    path = cluster["config"].license.ledger_path
+
+    def counted() -> list[str] | None:
+        live = [i for i, row in ledger_instances(path).items() if row["stopped"] == 0]
+        return live if len(live) == 1 else None
+
+    (instance,) = wait_for(counted, timeout=60, what="exactly one counted replica")
+    before = ledger_instances(path)[instance]
     ray.kill(cluster["actor"], no_restart=False)
     wait_for(lambda: ray.get(cluster["actor"].status.remote(), timeout=5)["instances_now"] == 1,
              timeout=60, what="the restarted actor")
+    restarted = time.time()
     assert httpx.post(f"{cluster['url']}/v1/chat/completions", json=CHAT).status_code == 200
     # The replica's next heartbeat to the new actor bills the outage.
-    wait_for(lambda: totals(cluster)[0] - before >= time.monotonic() - t0 - 2 * INTERVAL,
-             timeout=30, interval=0.2, what="the outage to be billed")
+    wait_for(lambda: ledger_instances(path)[instance]["last_seen"] > restarted, timeout=30,
+             interval=0.2, what="a heartbeat to the restarted actor")
     after, server = totals(cluster)
-    elapsed = time.monotonic() - t0
     assert server == pytest.approx(after)
-    # The replica ran throughout: the outage is billed once, on the next heartbeat.
-    assert after - before == pytest.approx(elapsed, abs=2 * INTERVAL + 0.5)
+    row = ledger_instances(path)[instance]
+    assert row["registered_at"] == before["registered_at"]  # the same instance, carried on
+    # Every second from its registration to its last heartbeat is billed, the outage
+    # included, and none twice.
+    assert row["seconds"] == pytest.approx(row["last_seen"] - row["registered_at"], abs=1e-3)
 
 
 def test_killing_a_replica_stops_its_count_and_the_new_one_counts(cluster):

@@ -89,14 +89,16 @@ def test_prompts_have_the_size_and_random_prefixes():
     assert len(set(same)) == 1
 
 
-def test_stream_timing_counts_tokens_whose_text_is_empty():
+def test_stream_timing_counts_tokens_whose_text_is_empty(monkeypatch):
     """A first token with no text yet (a special token, half a character) is still the first
     token: TTFT must not wait for the first visible text."""
     import asyncio
+    from types import SimpleNamespace
 
     import httpx
 
-    from serve_app.bench.loadgen import openai_request
+    from serve_app.bench import loadgen
+    from tests.fakes import virtual_time
 
     events = [{"choices": [{"text": ""}]}, {"choices": [{"text": ""}]},
               {"choices": [{"text": "hi"}]},
@@ -104,8 +106,8 @@ def test_stream_timing_counts_tokens_whose_text_is_empty():
 
     async def body():
         for event in events:
+            await asyncio.sleep(0.05)  # the server's time per event
             yield f"data: {json.dumps(event)}\n\n".encode()
-            await asyncio.sleep(0.05)
         yield b"data: [DONE]\n\n"
 
     def handler(request):
@@ -114,12 +116,15 @@ def test_stream_timing_counts_tokens_whose_text_is_empty():
 
     async def run():
         async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
-            return await openai_request(client, "http://x", "m", "p", 3, True)
+            return await loadgen.openai_request(client, "http://x", "m", "p", 3, True)
 
-    prompt, generated, ttft, decode, wall = asyncio.run(run())
+    with virtual_time() as loop:
+        # The load generator times requests with time.perf_counter: here, the loop's clock.
+        monkeypatch.setattr(loadgen, "time", SimpleNamespace(perf_counter=loop.time))
+        prompt, generated, ttft, decode, wall = loop.run_until_complete(run())
     assert (prompt, generated) == (5, 3)
-    assert ttft < 0.04  # the first (empty-text) event, not the third
-    assert 0.08 < decode < wall
+    assert ttft == pytest.approx(0.05)  # the first (empty-text) event, not the third
+    assert decode == pytest.approx(0.10) and wall == pytest.approx(0.20)
 
 
 def test_compare_contenders_differ_only_where_they_should():

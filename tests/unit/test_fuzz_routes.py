@@ -12,6 +12,7 @@ from serve_app.config import AppConfig, ModelConfig
 from serve_app.deployments import LocalHandle
 from serve_app.ingress import build_ingress
 from serve_app.llm_server import LLMServer
+from tests.conftest import require_vllm
 from tests.fakes import FakeEngineFactory, write_tiny_model
 from tests.strategies import ROUTES, assert_error_shape, encode, fuzz_routes, valid_body
 
@@ -26,7 +27,7 @@ pytestmark = pytest.mark.filterwarnings(
 
 @pytest.fixture(scope="module")
 def app_client(tmp_path_factory):
-    pytest.importorskip("vllm")
+    require_vllm()
     tiny = write_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
     model = ModelConfig(name=MODEL, source=str(tiny), max_model_len=2048)
     server = LLMServer(model, str(tmp_path_factory.mktemp("cache")),

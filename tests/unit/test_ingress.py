@@ -11,6 +11,7 @@ from starlette.testclient import TestClient
 
 from serve_app.config import AppConfig, ModelConfig
 from serve_app.ingress import build_ingress
+from tests.conftest import wait_until
 from tests.fakes import FakeLLMHandle, FakeLLMServer
 
 CHAT = {"model": "a", "messages": [{"role": "user", "content": "hi"}]}
@@ -334,19 +335,22 @@ def _check_gate(c, gate, servers):
 
 
 class _AsyncGenServer(FakeLLMServer):
-    """Streams from a real async generator, as LLMServer does, and records its closing."""
+    """Streams from a real async generator, as LLMServer does, and records its closing. With
+    ``hold`` (a threading.Event), a stream waits after its first event until it is set."""
 
     def __init__(self, name: str = "a") -> None:
         super().__init__(name)
         self.closed = 0
+        self.hold = None
 
     async def openai_stream(self, endpoint, body):
         import asyncio
 
         try:
             yield 200, 'data: {"n": 0}\n\n'
+            if self.hold is not None:
+                assert await asyncio.to_thread(self.hold.wait, 60)
             for i in range(1, 4):
-                await asyncio.sleep(self.stream_delay)
                 yield f'data: {{"n": {i}}}\n\n'
             yield "data: [DONE]\n\n"
         finally:
@@ -360,7 +364,7 @@ def test_local_model_streams_through_local_handle_and_is_admitted_up_to_its_limi
     from serve_app.deployments import LocalHandle
 
     server = _AsyncGenServer("a")
-    server.stream_delay = 0.3
+    server.hold = threading.Event()
     config = AppConfig(models=(ModelConfig(name="a", device="cpu"),))
     app = build_ingress(config, {"a": LocalHandle(server)}, limits={"a": 1})
     with TestClient(app) as c:
@@ -381,7 +385,8 @@ def test_local_model_streams_through_local_handle_and_is_admitted_up_to_its_limi
                                   "overloaded")
         assert "capacity" in err["message"]
         assert c.post("/generate", json={"prompt": "x"}).status_code == 503
-        t.join(10)
+        server.hold.set()
+        t.join(60)
         assert results["first"] == 'data: {"n": 0}'
         assert results["rest"][-1] == "data: [DONE]" and len(results["rest"]) == 4
         # The slot came back: the next request is served, its unary call ran locally.
@@ -404,8 +409,7 @@ def test_local_stream_cancel_closes_the_generator():
         assert await stream.__anext__() == (200, 'data: {"n": 0}\n\n')
         stream.cancel()
         stream.cancel()  # idempotent
-        await asyncio.sleep(0.05)
-        assert server.closed == 1
+        await wait_until(lambda: server.closed == 1, timeout=30, what="the generator's closing")
         finished = LocalHandle(server).options(method_name="openai_stream", stream=True).remote(
             "chat", b"{}")
         assert len([x async for x in finished]) == 5

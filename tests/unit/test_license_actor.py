@@ -14,7 +14,7 @@ from license_server.db import LicenseStore
 from serve_app.licensing import LicenseConfig
 from serve_app.licensing.actor import LicenseActor
 from serve_app.licensing.gate import LicenseGate
-from tests.fakes import VENDOR_KEY, Clocks, LicenseWire
+from tests.fakes import VENDOR_KEY, Clocks, LicenseWire, run_in_virtual_time
 
 
 @pytest.fixture
@@ -207,10 +207,9 @@ def test_gate_refuses_until_first_state_and_keeps_last_on_errors():
         assert gate.refusal() is None  # the error kept the last (allowed) decision
         while len(calls) < 3:
             await asyncio.sleep(0.005)
-        await asyncio.sleep(0.001)
         task.cancel()
 
-    asyncio.run(main())
+    run_in_virtual_time(main())  # the gate's refreshes and this loop's checks, in order
     assert gate.refusal()["code"] == "license_revoked"
 
 

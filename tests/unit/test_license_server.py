@@ -16,9 +16,11 @@ from license_server.app import LicenseService, build_app
 from license_server.cli import LicenseServerSettings, build_service, main
 from license_server.db import Interval, LicenseStore, split_by_day
 from license_server.signing import new_private_key
+from tests.conftest import missing
 from tests.fakes import BEAT, VENDOR_KEY
 
 DAY = 86400.0
+ADMIN_TOKEN = "admin-token-of-the-unit-tests-0123456789"
 T0 = 1_800_000_000.0 - (1_800_000_000.0 % DAY)  # a UTC midnight
 
 
@@ -41,10 +43,21 @@ def database_url(param: str, tmp_path) -> str:
     if param == "sqlite":
         return f"sqlite:///{tmp_path / 'licenses.db'}"
     if param == "missing":
-        assert not os.environ.get("CI"), \
-            "TEST_POSTGRES_URL is not set; .ci/run starts PostgreSQL and sets it"
-        pytest.skip("TEST_POSTGRES_URL is not set (see .ci/run to start PostgreSQL)")
+        missing("PostgreSQL (TEST_POSTGRES_URL)", ".ci/run starts it and sets TEST_POSTGRES_URL")
     return param
+
+
+def reset_database(engine) -> None:
+    """Empty tables of this version's schema, whatever an earlier run left (tables it no
+    longer has included: they may hold foreign keys to this one's)."""
+    import sqlalchemy as sa
+
+    from license_server.db import metadata
+
+    found = sa.MetaData()
+    found.reflect(engine)
+    found.drop_all(engine)
+    metadata.create_all(engine)
 
 
 @pytest.fixture(params=database_urls())
@@ -53,10 +66,7 @@ def store(request, tmp_path):
     clock = Clock(T0 + 3600)
     s = LicenseStore(url, now=clock).start()
     if url.startswith("postgresql"):  # a shared server: start each test from empty tables
-        from license_server.db import metadata
-
-        metadata.drop_all(s.engine)
-        metadata.create_all(s.engine)
+        reset_database(s.engine)
     s.clock = clock
     yield s
     s.engine.dispose()
@@ -65,12 +75,12 @@ def store(request, tmp_path):
 @pytest.fixture
 def server(store):
     service = LicenseService(store, VENDOR_KEY, "http://license.test", now=store.clock)
-    client = TestClient(build_app(service, admin_token="admin-secret"))
+    client = TestClient(build_app(service, admin_token=ADMIN_TOKEN))
     client.service = service
     return client
 
 
-ADMIN = {"Authorization": "Bearer admin-secret"}
+ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
 
 def issue(server, **kw):
@@ -175,6 +185,47 @@ def test_split_by_day():
     assert sum(v["gpu_seconds"] for v in days.values()) == 2 * (DAY + 20)
 
 
+def test_the_database_keeps_the_keys_hash_and_fields_never_the_key(server):
+    import hashlib
+
+    import sqlalchemy as sa
+
+    from license_contract import License
+    from license_server.signing import sign_license
+
+    issued = issue(server, max_instances=4, max_gpus=8)
+    key, lid = issued["key"], issued["license"]["license_id"]
+    with server.service.store.engine.connect() as conn:
+        rows = [dict(r._mapping) for r in conn.execute(sa.text("SELECT * FROM licenses"))]
+    (row,) = rows
+    assert key not in repr(rows) and key.split(".")[2] not in repr(rows)
+    assert row["key_sha256"] == hashlib.sha256(key.encode()).hexdigest()
+    assert License.model_validate_json(row["payload"]) == verify_key(key, now=T0 + 3600)
+    assert server.get("/v1/status", headers=as_client(key)).json()["status"] == "active"
+    # A second document under the same id, even one this server's key signed, is not the key
+    # it issued.
+    other = sign_license(verify_key(key, now=T0 + 3600).model_copy(update={"max_instances": 99}),
+                         VENDOR_KEY)
+    resp = server.get("/v1/status", headers=as_client(other))
+    assert (resp.status_code, resp.json()["error"]["code"]) == (401, "license_unknown")
+    # Usage pages read the stored fields.
+    server.post("/v1/heartbeat", json={**BEAT, "cluster_id": "c", "instances": 5, "gpus": 9},
+                headers=as_client(key))
+    (day,) = server.get(f"/admin/usage?license_id={lid}", headers=ADMIN).json()["usage"]
+    assert {"over_cap_heartbeat", "over_cap_gpus_heartbeat"} <= {f["code"] for f in day["flags"]}
+
+
+def test_admin_tokens_shorter_than_32_characters_are_refused_at_start(tmp_path):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="at least 32 characters"):
+        LicenseServerSettings(data_dir=str(tmp_path), admin_token="short-token")
+    (tmp_path / "ls").mkdir()
+    (tmp_path / "ls" / "admin_token").write_text("x" * 31)
+    with pytest.raises(ValueError, match="shorter than 32 characters"):
+        build_service(LicenseServerSettings(data_dir=str(tmp_path / "ls")))
+
+
 def test_cli_creates_a_private_signing_key_and_issues(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("LICENSE_SERVER_DATA_DIR", str(tmp_path / "ls"))
     main(["issue", "--customer", "ACME", "--days", "1", "--models", "*", "--max-instances", "2",
@@ -182,9 +233,12 @@ def test_cli_creates_a_private_signing_key_and_issues(tmp_path, monkeypatch, cap
     import json
 
     out = json.loads(capsys.readouterr().out)
-    key_file = tmp_path / "ls" / "vendor_signing_key.pem"
-    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
-    assert stat.S_IMODE((tmp_path / "ls" / "admin_token").stat().st_mode) == 0o600
+    data = tmp_path / "ls"
+    # Owner only: the folder, and every file in it (SQLite's -wal and -shm included).
+    assert stat.S_IMODE(data.stat().st_mode) == 0o700
+    files = {f.name: stat.S_IMODE(f.stat().st_mode) for f in data.iterdir()}
+    assert {"vendor_signing_key.pem", "admin_token", "licenses.db"} <= set(files)
+    assert set(files.values()) == {0o600}, files
     lic = verify_key(out["key"], signers={out["public_key"]})
     assert lic.max_instances == 2
     main(["list"])

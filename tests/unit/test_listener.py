@@ -6,24 +6,27 @@ from __future__ import annotations
 import asyncio
 
 import httpx
+import psutil
 import pytest
 from starlette.applications import Starlette
 from starlette.responses import PlainTextResponse, StreamingResponse
 from starlette.routing import Route
 
 from serve_app.listener import ReplicaListener, reuseport_socket
-from tests.conftest import free_port
+from tests.conftest import free_port, wait_until
 
 
-def app(tag: str) -> Starlette:
+def app(tag: str, release: asyncio.Event | None = None) -> Starlette:
     async def who(request):
         return PlainTextResponse(tag)
 
     async def slow(request):
+        """A stream held open after its first line until ``release`` is set."""
         async def body():
-            for i in range(10):
+            yield "0\n"
+            await release.wait()
+            for i in range(1, 10):
                 yield f"{i}\n"
-                await asyncio.sleep(0.1)
         return StreamingResponse(body())
 
     return Starlette(routes=[Route("/", who), Route("/slow", slow)])
@@ -68,22 +71,31 @@ def test_a_port_held_without_reuseport_names_the_fix():
         holder.close()
 
 
+def listening(port: int) -> int:
+    """Sockets of this machine listening on ``port``."""
+    return sum(1 for c in psutil.net_connections(kind="tcp")
+               if c.status == psutil.CONN_LISTEN and c.laddr.port == port)
+
+
 def test_stop_finishes_streams_in_flight_and_the_sibling_takes_new_connections():
     async def main():
         port = free_port()
-        leaving = ReplicaListener(app("leaving"), "127.0.0.1", port, drain_s=10)
+        release = asyncio.Event()
+        leaving = ReplicaListener(app("leaving", release), "127.0.0.1", port, drain_s=60)
         await leaving.start()
         url = f"http://127.0.0.1:{port}"
-        async with httpx.AsyncClient(timeout=10) as client:
+        async with httpx.AsyncClient(timeout=60) as client:
             async with client.stream("GET", f"{url}/slow") as resp:
                 body = resp.aiter_lines()
                 lines = [await body.__anext__()]
-                staying = ReplicaListener(app("staying"), "127.0.0.1", port, drain_s=10)
+                staying = ReplicaListener(app("staying"), "127.0.0.1", port, drain_s=60)
                 await staying.start()
                 stopping = asyncio.create_task(leaving.stop())
-                await asyncio.sleep(0.2)
-                assert not stopping.done()  # still draining the stream
+                await wait_until(lambda: listening(port) == 1, timeout=30,
+                                 what="the leaving listener to stop accepting")
                 tags = await _get_tags(f"{url}/", 10)
+                assert not stopping.done()  # still draining the stream it holds open
+                release.set()
                 lines += [line async for line in body]
         await stopping
         assert not leaving.alive and staying.alive

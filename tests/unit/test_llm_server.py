@@ -7,16 +7,27 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import shutil
 
 import pytest
 
+from license_contract import ModelIdentity, build_manifest
+from license_server.signing import sign_identity, signer_of
 from serve_app import vllm_internals
 from serve_app.config import ModelConfig
 from serve_app.licensing import LicenseConfig
 from serve_app.llm_server import LLMServer
-from tests.fakes import FakeEngineFactory, FakeLicenseActor, Script, write_tiny_model
+from tests.conftest import require_vllm
+from tests.fakes import (
+    VENDOR_KEY,
+    FakeEngineFactory,
+    FakeLicenseActor,
+    Script,
+    issue_key,
+    write_tiny_model,
+)
 
-pytest.importorskip("vllm")
+require_vllm()
 
 # `max_completion_tokens`: vLLM warns (DeprecationWarning, an error here) on chat `max_tokens`.
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}],
@@ -351,6 +362,46 @@ def test_a_replica_the_license_refuses_never_loads(runner, tiny, tmp_path):
     with pytest.raises(RuntimeError, match="Not starting this replica: the license allows"):
         runner.run(server.start())
     assert factory.engines == [] and len(actor.registered) == 1
+
+
+def vendor_license(tmp_path, **fields) -> LicenseConfig:
+    _, key = issue_key(VENDOR_KEY, **fields)
+    return LicenseConfig(key=key, ledger_path=str(tmp_path / "l.db"))
+
+
+def test_a_licensed_replica_registers_under_its_model_before_anything_is_fetched(runner,
+                                                                                 tmp_path):
+    """Served as "chat", registered as the model: a license that does not cover it refuses the
+    replica before the license server is asked for the weights (its URL does not resolve)."""
+    actor = FakeLicenseActor(allow=False)
+    factory = FakeEngineFactory()
+    config = ModelConfig(name="chat", source="licensed:sabia-2-small")
+    server = LLMServer(config, str(tmp_path / "cache"), vendor_license(tmp_path),
+                       engine_factory=factory, license_actor=lambda lic: actor)
+    with pytest.raises(RuntimeError, match="Not starting this replica"):
+        runner.run(server.start())
+    ((_, model, _),) = actor.registered
+    assert model == "sabia-2-small"
+    assert not (tmp_path / "cache").exists() and factory.engines == []
+
+
+def test_a_copied_cache_folder_registers_as_the_model_the_vendor_signed(runner, tiny, tmp_path):
+    folder = tmp_path / "copied"
+    shutil.copytree(tiny, folder)
+    manifest = build_manifest(folder)
+    (folder / ".complete").write_text(manifest.to_json())
+    (folder / ".identity").write_text(sign_identity(ModelIdentity(
+        model="sabia-2-small", manifest=json.loads(manifest.to_json()),
+        signer=signer_of(VENDOR_KEY)), VENDOR_KEY))
+    actor = FakeLicenseActor()
+    server = LLMServer(model_config(folder), str(tmp_path), vendor_license(tmp_path),
+                       engine_factory=FakeEngineFactory(), license_actor=lambda lic: actor)
+    runner.run(server.start())
+    try:
+        ((_, model, _),) = actor.registered
+        assert model == "sabia-2-small"  # served as "m"
+    finally:
+        server.__del__()
 
 
 # -- as Serve runs it --------------------------------------------------------------------------

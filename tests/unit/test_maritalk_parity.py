@@ -17,10 +17,10 @@ from serve_app.config import AppConfig, ModelConfig
 from serve_app.deployments import LocalHandle
 from serve_app.ingress import build_ingress
 from serve_app.llm_server import LLMServer
-from tests.conftest import free_port, wait_for
+from tests.conftest import free_port, require_vllm, wait_for
 from tests.fakes import FakeEngineFactory, write_tiny_model
 
-pytest.importorskip("vllm")
+require_vllm()
 
 
 @pytest.fixture(scope="module")

@@ -1,10 +1,14 @@
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 
 from serve_app.errors import ConfigError
 from serve_app.weights.embedded import EMBEDDED_MODEL_WHEEL, smollm2_gguf_path
 from serve_app.weights.sources import resolve_model, weight_bytes
+from tests.conftest import wait_for
 
 
 def test_local_folder(tmp_path):
@@ -27,8 +31,6 @@ def test_the_embedded_gguf_is_installed():
 
 
 def test_the_embedded_model_pin_is_pyprojects():
-    from pathlib import Path
-
     import tomllib
 
     pyproject = Path(__file__).parents[2] / "pyproject.toml"
@@ -46,29 +48,38 @@ def test_another_embedded_model_version_is_refused_with_the_install_command(monk
         smollm2_gguf_path()
 
 
+def waiting_on(lock: Path) -> int:
+    """Requests blocked on ``lock``'s flock, as the kernel lists them."""
+    ino = os.stat(lock).st_ino
+    return sum(1 for line in Path("/proc/locks").read_text().splitlines()
+               if "->" in line.split() and line.split()[-3].endswith(f":{ino}"))
+
+
+@pytest.mark.skipif(not Path("/proc/locks").is_file(), reason="reads /proc/locks")
 def test_racing_conversions_convert_once_and_publish_atomically(tmp_path, monkeypatch):
     """Replicas starting together: one converts under the lock, the others wait and reuse."""
     import threading
-    import time
 
     from serve_app.weights import embedded as models
     from serve_app.weights import sources
 
-    calls = []
+    calls, seen_midway = [], []
+    target = tmp_path / models.SMOLLM2
 
-    def slow_convert(gguf, out):
+    def convert_while_the_others_wait(gguf, out):
         calls.append(out)
         (out / "config.json").write_text("{}")
-        time.sleep(0.3)  # a reader must never see this half-written folder
+        # Half written, and every other replica blocked on the lock: what they will find
+        # under the model's name must not be this folder.
+        wait_for(lambda: waiting_on(tmp_path / f".{models.SMOLLM2}.lock") == 3, timeout=60,
+                 interval=0.01, what="the other replicas to wait on the lock")
+        seen_midway.append(target.exists())
         (out / "model.safetensors").write_bytes(b"weights")
 
-    monkeypatch.setattr(models, "_convert_gguf", slow_convert)
-    results, seen_partial = [], []
+    monkeypatch.setattr(models, "_convert_gguf", convert_while_the_others_wait)
+    results = []
 
     def resolve():
-        target = tmp_path / models.SMOLLM2
-        if target.exists() and not (target / "model.safetensors").exists():
-            seen_partial.append(True)
         results.append(sources.resolve_model("builtin:smollm2-135m-instruct", tmp_path))
 
     threads = [threading.Thread(target=resolve) for _ in range(4)]
@@ -76,9 +87,9 @@ def test_racing_conversions_convert_once_and_publish_atomically(tmp_path, monkey
         t.start()
     for t in threads:
         t.join()
-    assert len(calls) == 1
+    assert len(calls) == 1 and seen_midway == [False]
     assert len(set(results)) == 1 and (results[0] / "model.safetensors").read_bytes() == b"weights"
-    assert not seen_partial
+    assert len(results) == 4
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(f".{models.SMOLLM2}-")]
 
 

@@ -3,6 +3,10 @@ under the names we check, and the head node is found by public means."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -11,18 +15,34 @@ import pytest
 from serve_app import ray_internals
 from serve_app.licensing.placement import HEAD_RESOURCE, HeadNodeNotFoundError, head_node_options
 
+ROOT = Path(__file__).resolve().parents[2]
+
 
 def test_every_ray_internal_the_app_relies_on_is_there():
     assert ray_internals.missing() == []
 
 
+def _serve_switches_under(env: dict[str, str]) -> dict:
+    """What Ray Serve reads for each switch in a fresh interpreter with ``env``: Serve reads
+    its constants once, at import."""
+    code = ("import json; from serve_app import ray_internals; "
+            "print(json.dumps(ray_internals.serve_switches()))")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=300, cwd=ROOT, check=False)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout.splitlines()[-1])
+
+
 def test_ray_serve_reads_each_serve_switch_under_the_name_we_check():
-    # Serve's own parsing of our values (the e2e suite checks them in the running cluster).
-    switches = ray_internals.serve_switches()
+    # Serve's own parsing of our values (the e2e suite checks them in the running cluster):
+    # each switch, set, changes what Serve runs with, to the value we meant.
+    without = {k: v for k, v in os.environ.items() if k not in ray_internals.RAY_SERVE_ENV}
+    defaults = _serve_switches_under(without)
+    ours = _serve_switches_under({**without, **ray_internals.RAY_SERVE_ENV})
     for env, value in ray_internals.RAY_SERVE_ENV.items():
         if env in ray_internals.SERVE_CONSTANTS:
-            like = switches[env]
-            assert isinstance(ray_internals.as_switch_value(value, like), type(like))
+            assert ours[env] == ray_internals.as_switch_value(value, defaults[env]), env
+            assert ours[env] != defaults[env], f"{env}={value} is Serve's default: not read?"
         else:
             assert env in ray_internals.RAYLET_SWITCHES, f"{env} has no read-back"
 
@@ -56,7 +76,7 @@ def test_session_affinity_reaches_serves_haproxy_config_and_haproxy_accepts_it(t
 
 
 def test_the_makefile_sets_the_same_ray_switches():
-    makefile = (Path(__file__).resolve().parents[2] / "Makefile").read_text()
+    makefile = (ROOT / "Makefile").read_text()
     for env, value in ray_internals.RAY_SERVE_ENV.items():
         assert f"export {env} ?= {value}\n" in makefile
 

@@ -12,6 +12,7 @@ from starlette.testclient import TestClient
 
 from serve_app.config import AppConfig, ModelConfig, Settings
 from serve_app.ingress import build_ingress
+from tests.conftest import require_vllm
 from tests.fakes import FakeLLMHandle, FakeLLMServer
 
 TOOLS = {"enable_auto_tool_choice": True, "tool_call_parser": "hermes",
@@ -20,14 +21,14 @@ TOOLS = {"enable_auto_tool_choice": True, "tool_call_parser": "hermes",
 
 
 def test_every_vllm_internal_the_app_relies_on_is_there():
-    pytest.importorskip("vllm")
+    require_vllm()
     from serve_app import vllm_internals
 
     assert vllm_internals.missing() == []
 
 
 def test_frontend_options_reach_vllms_namespace_under_its_names():
-    pytest.importorskip("vllm")
+    require_vllm()
     from serve_app.vllm_internals import frontend_namespace, symbol
 
     AsyncEngineArgs = symbol("AsyncEngineArgs")
@@ -51,7 +52,7 @@ def test_frontend_options_reach_vllms_namespace_under_its_names():
 
 
 def test_defaults_leave_vllms_frontend_defaults():
-    pytest.importorskip("vllm")
+    require_vllm()
     from serve_app.vllm_internals import symbol
 
     defaults = vars(symbol("FrontendArgs")())

@@ -292,7 +292,11 @@ class AppConfig(BaseModel):
         False, description="Serve requests without a key on an address other than loopback "
         "(refused at start otherwise when no key exists; a warning is logged)."
     )
-    metrics_auth: bool = Field(False, description="`/metrics` needs a key too.")
+    metrics_auth: bool = Field(
+        True, description="`/metrics` needs a key too, whenever other routes do (it shows "
+        "engine internals and key names). False: open to whoever reaches the port, e.g. a "
+        "Prometheus scraper without a key."
+    )
     max_body_bytes: int = Field(1 << 20, gt=0, description="Largest request body accepted.")
     max_n: int = Field(16, ge=1, description="Largest `n` (choices per request) accepted.")
     model_cache_dir: str = Field(DEFAULT_CACHE_DIR, description="Where converted models live.")

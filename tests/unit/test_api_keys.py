@@ -96,15 +96,18 @@ def test_status_and_health_stay_open_while_everything_else_needs_the_key(stack):
     for path in ("/v1/models", "/license"):
         assert_error(stack.client.get(path), 401, "invalid_api_key")
         assert stack.client.get(path, headers=headers).status_code == 200
-    assert stack.client.get("/metrics").status_code == 200  # metrics_auth off
+    assert_error(stack.client.get("/metrics"), 401, "invalid_api_key")  # metrics_auth default
+    assert stack.client.get("/metrics", headers=headers).status_code == 200
 
 
-def test_metrics_auth(tmp_path):
-    s = Stack(tmp_path, metrics_auth=True)
+def test_metrics_open_on_loopback_without_keys_and_opened_only_by_choice(tmp_path):
+    s = Stack(tmp_path)
     with s.client:
-        headers = s.key("scraper")
-        assert_error(s.client.get("/metrics"), 401, "invalid_api_key")
-        assert s.client.get("/metrics", headers=headers).status_code == 200
+        assert s.client.get("/metrics").status_code == 200  # no key exists: nothing to ask for
+    s = Stack(tmp_path / "open", metrics_auth=False)
+    with s.client:
+        s.key("team-a")
+        assert s.client.get("/metrics").status_code == 200
 
 
 def test_a_key_used_on_a_model_it_does_not_cover_is_403(stack):
@@ -206,7 +209,7 @@ def test_static_keys_are_unnamed_keys(tmp_path):
     with s.client:
         assert_error(s.chat(), 401, "invalid_api_key")
         assert s.chat({"Authorization": "Bearer sk-static-1"}).status_code == 200
-        text = s.client.get("/metrics").text
+        text = s.client.get("/metrics", headers={"Authorization": "Bearer sk-static-1"}).text
         assert 'serve_app_key_requests_total{key="static",model="a"} 1.0' in text
 
 

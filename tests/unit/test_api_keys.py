@@ -285,3 +285,41 @@ def test_fair_slots_default_to_the_local_engine_and_leave_handles_unbounded():
                      {n: FakeLLMHandle(FakeLLMServer(n)) for n in ("a", "b")},
                      limits={"a": 10})
     assert app._models["a"].fair.slots == 8 and app._models["b"].fair.slots is None
+
+
+def test_requests_never_reach_the_key_actor_only_the_background_round_does(tmp_path):
+    """Key lookup, limits and usage stay in the replica's memory: a hundred requests, limited
+    and counted, make no call to the key actor; its next round carries their usage."""
+    from serve_app.tenants import KeySync
+
+    store = KeyStore(tmp_path / "keys.db").start()
+    secret = store.create("team-a", rpm=1000, tpm=100_000, max_concurrent=4)
+    calls: list[dict] = []
+
+    async def fetch(replica_id, version, report):
+        calls.append(report)
+        return {"version": store.version(),
+                "table": None if version == store.version() else store.table(),
+                "shares": {"team-a": [1.0, 4]}, "replicas": 1, "peers": []}
+
+    async def never(seconds):  # the background round does not come while requests run
+        await asyncio.Event().wait()
+
+    sync = KeySync(fetch, KeyTable(), Limiter(), UsageMeter(), replica_id="r1", sleep=never)
+    asyncio.run(sync.first())
+    assert len(calls) == 1
+    server = FakeLLMServer("a")
+    server.usage = (5, 7)
+    app = build_ingress(AppConfig(models=(ModelConfig(name="a", device="cpu"),)),
+                        {"a": FakeLLMHandle(server)}, keyring=Keyring(sync=sync))
+    headers = {"Authorization": f"Bearer {secret}"}
+    with TestClient(app) as client:
+        for _ in range(100):
+            resp = client.post("/v1/chat/completions", json=CHAT, headers=headers)
+            assert resp.status_code == 200
+            assert resp.headers["x-ratelimit-limit-requests"] == "1000"
+        assert len(calls) == 1
+    asyncio.run(sync.once())
+    (_, rows), = calls[-1]["usage"]
+    assert [r[1:] for r in rows] == [["team-a", "a", 100, 500, 700]]
+    assert calls[-1]["asked"] == {"team-a": 100}

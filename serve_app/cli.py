@@ -2,7 +2,9 @@
 
 Starts a local Ray instance and the app, served on ``SERVE_APP_HOST:SERVE_APP_PORT``
 (127.0.0.1:9000 by default, MariTalk Local's port) by the engine replicas themselves (or by
-Serve's HTTP proxy in the router layout); prints how to call it.
+Serve's HTTP proxy in the router layout); prints how to call it. Beside it: ``status``,
+``usage-log`` (the license), ``keys`` and ``usage`` (API keys, ``serve_app.tenants``),
+``manifest``, ``chat``.
 """
 
 from __future__ import annotations
@@ -21,9 +23,9 @@ from pathlib import Path
 from pydantic import SecretStr
 
 from license_contract import build_manifest
-from serve_app import licensing
+from serve_app import licensing, tenants
 from serve_app.affinity import pin_to_frontend
-from serve_app.config import RAY_SERVE_ENV, TELEMETRY_OFF_ENV, Settings
+from serve_app.config import RAY_SERVE_ENV, TELEMETRY_OFF_ENV, AppConfig, Settings
 from serve_app.process_guard import die_with_parent, guard_descendants
 from serve_app.ray_internals import LOOPBACK, check_loopback, single_box_ray_env
 from serve_app.weights import resolve_model
@@ -171,6 +173,7 @@ def _run(settings: Settings) -> int:
     for key, value in RAY_SERVE_ENV.items():
         os.environ.setdefault(key, value)  # an explicit choice of the user's wins
     config = settings.to_app_config()
+    keyed = _check_exposure(settings.host, config)
     for model in config.models:
         print(f"Preparing model {model.name} from {model.source} ...", flush=True)
         resolve_model(model.source, config.model_cache_dir, s3=model.s3_options(),
@@ -202,7 +205,7 @@ def _run(settings: Settings) -> int:
         if not _wait_healthy(url, timeout_s=600):
             print("The app did not become healthy within 10 minutes.", file=sys.stderr)
             return 1
-        print(_usage(settings.host, settings.port, config.models[0].name, bool(config.api_keys)),
+        print(_usage(settings.host, settings.port, config.models[0].name, keyed),
               flush=True)
         while True:
             signal.pause()
@@ -233,6 +236,26 @@ def _deliver_usage(license: licensing.LicenseConfig) -> None:
     left = totals["pending_seconds"] + totals["other_pending_seconds"]
     print(f"Usage: {left:.1f} instance-seconds not delivered yet; they go out at the next start."
           if left else "Usage delivered to the license server.", flush=True)
+
+
+def _check_exposure(host: str, config: AppConfig) -> bool:
+    """The replicas refuse to serve the network without a key; said here first, before Ray and
+    the model start, with the store's keys read from its file. Returns whether clients will
+    need a key."""
+    active = len(config.api_keys)
+    if config.key_store_path and Path(config.key_store_path).expanduser().exists():
+        store = tenants.KeyStore(config.key_store_path).start()
+        try:
+            active += store.active_keys()
+        finally:
+            store.close()
+    try:
+        warning = tenants.check_exposure([host], active, config.allow_unauthenticated)
+    except tenants.UnauthenticatedExposureError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    if warning:
+        logger.warning(warning)
+    return not config.allow_unauthenticated and (active > 0 or not tenants.is_loopback(host))
 
 
 def usage_log_command(argv: list[str]) -> int:
@@ -278,6 +301,14 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(license_command(argv[1:]))
     if argv[:1] == ["manifest"]:
         sys.exit(print_manifest(argv[1:]))
+    if argv[:1] == ["keys"]:
+        sys.exit(tenants.keys_command(argv[1:], store=Settings().key_store_path))
+    if argv[:1] == ["chat"]:
+        from serve_app.chat import main as chat
+
+        sys.exit(chat(argv[1:]))
+    if argv[:1] == ["usage"]:
+        sys.exit(tenants.usage_command(argv[1:], store=Settings().key_store_path))
     parser = argparse.ArgumentParser(prog="python -m serve_app", description=__doc__)
     parser.add_argument("--port", type=int, help="HTTP port (default 9000).")
     parser.add_argument("--host", help="HTTP host (default 127.0.0.1).")

@@ -30,6 +30,8 @@ from serve_app.weights import BUILTIN_PREFIX, LICENSED_PREFIX, SMOLLM2, S3Option
 DEFAULT_MODEL_SOURCE = f"{BUILTIN_PREFIX}{SMOLLM2}"
 DEFAULT_CACHE_DIR = str(Path("~/.cache/serve_app/models").expanduser())
 DEFAULT_LEDGER_PATH = str(Path("~/.cache/serve_app/usage_ledger.db").expanduser())
+# Beside the usage ledger, on the head node.
+DEFAULT_KEY_STORE_PATH = str(Path("~/.cache/serve_app/api_keys.db").expanduser())
 
 # Every process the app starts inherits these (Ray workers only see env vars passed through
 # runtime_env): no usage statistics leave the customer's machines.
@@ -149,6 +151,14 @@ class ModelConfig(BaseModel):
     )
     max_queued_requests: int = Field(
         512, ge=-1, description="Requests queued per caller before 503 (-1: unbounded)."
+    )
+    fair_slots: int | None = Field(
+        None, ge=1,
+        description="Requests an ingress replica runs at once on this model, shared fairly "
+        "between API keys: a key with none running starts at once, otherwise the key with the "
+        "fewest running goes next (deploy/api-keys.md). Fewer slots keep a flooding key's batch "
+        "from slowing the others, at the cost of its throughput. None: max_ongoing_requests "
+        "for a colocated replica's own engine, no bound for models behind a handle.",
     )
     served_model_name: tuple[str, ...] = Field(
         (),
@@ -271,7 +281,21 @@ class AppConfig(BaseModel):
         default_factory=lambda: (ModelConfig(),), min_length=1, description="Served models."
     )
     api_keys: tuple[SecretStr, ...] = Field(
-        (), description="Bearer keys; empty means no authentication."
+        (), description="Static bearer keys: unnamed, unlimited, counted as `static`. Named "
+        "keys with limits live in key_store_path (deploy/api-keys.md)."
+    )
+    key_store_path: str | None = Field(
+        None, description="The SQLite store of named API keys and their usage, on the head "
+        "node (`python -m serve_app keys`). None: api_keys only."
+    )
+    allow_unauthenticated: bool = Field(
+        False, description="Serve requests without a key on an address other than loopback "
+        "(refused at start otherwise when no key exists; a warning is logged)."
+    )
+    metrics_auth: bool = Field(
+        True, description="`/metrics` needs a key too, whenever other routes do (it shows "
+        "engine internals and key names). False: open to whoever reaches the port, e.g. a "
+        "Prometheus scraper without a key."
     )
     max_body_bytes: int = Field(1 << 20, gt=0, description="Largest request body accepted.")
     max_n: int = Field(16, ge=1, description="Largest `n` (choices per request) accepted.")
@@ -301,6 +325,17 @@ class AppConfig(BaseModel):
         "pinned to (see versions.py). For experts: the app relies on internals of both that "
         "another release may have changed.",
     )
+
+    @field_validator("api_keys")
+    @classmethod
+    def _no_empty_keys(cls, keys: tuple[SecretStr, ...]) -> tuple[SecretStr, ...]:
+        for i, key in enumerate(keys):
+            text = key.get_secret_value()
+            if not text.strip() or any(c.isspace() for c in text):
+                # An empty key would let an empty `Authorization: Bearer` header in.
+                raise ValueError(f"api_keys[{i}] is empty or holds whitespace: every key must "
+                                 "be a non-empty token")
+        return keys
 
     @field_validator("models")
     @classmethod
@@ -338,9 +373,9 @@ MODEL_SETTING_NAMES = {"name": "model_name", "source": "model"}
 LICENSE_SETTING_NAMES = {"key": "license_key"}
 # Not derived: `models` and `license` are built from the others; `api_keys` is a comma-separated
 # list in the environment; `http_host`/`http_port` are `host`/`port`, with `replica_http`; the
-# ledger has a default path here.
+# ledger and the key store have default paths here.
 _NOT_DERIVED = {
-    "AppConfig": {"models", "license", "api_keys", "http_host", "http_port"},
+    "AppConfig": {"models", "license", "api_keys", "http_host", "http_port", "key_store_path"},
     "ModelConfig": {"served_model_name"},
     "LicenseConfig": {"ledger_path"},
 }
@@ -367,6 +402,7 @@ class _SettingsBase(BaseSettings):
         (), description="Comma-separated bearer keys; empty means no authentication."
     )
     ledger_path: str = Field(DEFAULT_LEDGER_PATH, description="Usage ledger (SQLite) file.")
+    key_store_path: str = Field(DEFAULT_KEY_STORE_PATH, description="API key store (SQLite).")
     served_model_name: Annotated[tuple[str, ...], NoDecode] = Field(
         (), description="Comma-separated aliases of the model (vLLM's --served-model-name).")
 
@@ -404,6 +440,7 @@ class _SettingsBase(BaseSettings):
         return AppConfig(
             models=(ModelConfig(**model),),
             api_keys=tuple(SecretStr(k) for k in self.api_keys),
+            key_store_path=str(Path(self.key_store_path).expanduser().resolve()),
             license=license,
             http_host=self.host,
             http_port=self.port if self.replica_http and model_colocated(self) else None,

@@ -105,7 +105,7 @@ def render() -> str:
                        "served_model_name": "served_model_name"}),
         ("`AppConfig`: the application (a Serve config's `args`)",
          AppConfig, {**names(AppConfig, {}), "api_keys": "api_keys", "http_host": "host",
-                     "http_port": "port"}),
+                     "http_port": "port", "key_store_path": "key_store_path"}),
         ("`LicenseConfig`: the customer's license (`args.license`)",
          LicenseConfig, {**names(LicenseConfig, LICENSE_SETTING_NAMES),
                          "ledger_path": "ledger_path"}),

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import logging
+import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -22,7 +24,11 @@ from serve_app.affinity import pin_to_frontend
 from serve_app.autoscaling import METRIC
 from serve_app.config import AppConfig
 from serve_app.ingress import IngressApp, build_ingress
-from serve_app.listener import ReplicaListener
+from serve_app.listener import ReplicaListener, loopback_socket
+from serve_app.ray_internals import serve_http_host
+from serve_app.tenants import Keyring, check_exposure, exposed
+
+logger = logging.getLogger("ray.serve")
 
 
 def license_kwargs(config: AppConfig) -> dict[str, Any]:
@@ -36,6 +42,41 @@ def license_kwargs(config: AppConfig) -> dict[str, Any]:
         "license_gate": LicenseGate(lambda: actor.state.remote()),
         "license_status": lambda: actor.status.remote(),
     }
+
+
+async def start_keyring(config: AppConfig, hosts: list[str | None],
+                        peer: dict[str, str] | None = None) -> Keyring:
+    """This replica's keys: the static ones, and with a key store the key actor's table, synced
+    once before anything else starts. Then the exposure check (``tenants.exposure``): a replica
+    that would serve ``hosts`` beyond loopback with no key refuses to start, before its engine
+    loads."""
+    static = [k.get_secret_value() for k in config.api_keys]
+    sync = None
+    if config.key_store_path is not None:
+        import ray
+        from ray import serve
+
+        from serve_app.tenants import KeySync, KeyTable, Limiter, UsageMeter, get_key_actor
+
+        actor = get_key_actor(config.key_store_path)
+        try:
+            replica = serve.get_replica_context().replica_id.unique_id
+        except Exception:  # constructed outside a Serve replica (tests of the class)
+            replica = "replica"
+        sync = KeySync(
+            lambda rid, version, report: actor.sync.remote(rid, version, report),
+            KeyTable(static), Limiter(), UsageMeter(),
+            # A restarted replica is a new reporter: its usage counts from one again.
+            replica_id=f"{replica}-{uuid.uuid4().hex[:8]}",
+            peer=peer and {**peer, "node": ray.get_runtime_context().get_node_id()},
+            goodbye=lambda rid, usage: actor.goodbye.remote(rid, usage))
+        await sync.first()
+    keyring = Keyring(static, exposed=bool(exposed(hosts)),
+                      allow_unauthenticated=config.allow_unauthenticated, sync=sync)
+    warning = check_exposure(hosts, keyring.table.active_keys(), config.allow_unauthenticated)
+    if warning:
+        logger.warning(warning)
+    return keyring
 
 
 class LocalStream:
@@ -90,10 +131,11 @@ class LocalHandle:
 class Ingress:
     """The router layout's ingress: a CPU-only replica that reaches every model by handle."""
 
-    def __init__(self, config: AppConfig, handles: dict[str, Any]) -> None:
+    async def __init__(self, config: AppConfig, handles: dict[str, Any]) -> None:
         if any(m.local_device() == "cpu" for m in config.models):
             pin_to_frontend()
-        self._app = build_ingress(config, handles, **license_kwargs(config))
+        keyring = await start_keyring(config, [await serve_http_host()])
+        self._app = build_ingress(config, handles, keyring=keyring, **license_kwargs(config))
 
     async def __serve_build_asgi_app__(self) -> Starlette:
         # Serve's undocumented late-bound ASGI hook (ray_internals.ASGI_HOOK).
@@ -120,6 +162,14 @@ class ColocatedIngress:
         self._listener: ReplicaListener | None = None
         local = config.models[0]
         self._local_name = local.name
+        hosts = [await serve_http_host(),
+                 config.http_host if config.http_port is not None else None]
+        # Sibling replicas on the shared port relay the sessions this one owns to its private
+        # loopback port (sessions.py); the key actor tells them where it is.
+        private = loopback_socket() if config.http_port is not None else None
+        peer = None if private is None else {
+            "url": f"http://127.0.0.1:{private.getsockname()[1]}"}
+        keyring = await start_keyring(config, hosts, peer)
         await _construct_and_start(super(), local, config.model_cache_dir, config.license,
                                    **llm_kwargs)
         queued = max(local.max_queued_requests, 0)
@@ -127,6 +177,7 @@ class ColocatedIngress:
             config,
             {local.name: LocalHandle(self), **handles},
             limits={local.name: local.max_ongoing_requests + queued},
+            keyring=keyring,
             **license_kwargs(config),
         )
         self._app = self._ingress.build()
@@ -134,7 +185,7 @@ class ColocatedIngress:
             # Only now: the kernel hands connections to a socket as soon as it listens, and
             # this replica's engine is up only from here on.
             self._listener = ReplicaListener(self._app, config.http_host, config.http_port,
-                                             self._drain_s)
+                                             self._drain_s, private)
             await self._listener.start()
 
     async def __serve_build_asgi_app__(self) -> Starlette:

@@ -5,8 +5,11 @@
     ├── InternalError               500     server_error           internal_error (a bug of ours)
     ├── BadRequestError             400     invalid_request_error  invalid_request (or a finer code)
     ├── AuthenticationError         401     authentication_error   invalid_api_key
+    ├── PermissionDeniedError       403     permission_error       model_not_allowed
     ├── ModelNotFoundError          404     invalid_request_error  model_not_found
     ├── PayloadTooLargeError        413     invalid_request_error  request_too_large
+    ├── RateLimitError              429     requests | tokens      rate_limit_exceeded (with
+    │                                                              Retry-After, x-ratelimit-*)
     ├── OverloadedError             503     server_overloaded      overloaded (with Retry-After)
     └── LicenseRefusedError         403/503 license_error          license_revoked, license_expired,
                                                                    license_checkin_overdue, ...
@@ -67,6 +70,24 @@ class AuthenticationError(ServeError):
     status = 401
     type = "authentication_error"
     code = "invalid_api_key"
+
+
+class PermissionDeniedError(ServeError):
+    status = 403
+    type = "permission_error"
+    code = "model_not_allowed"
+
+
+class RateLimitError(ServeError):
+    """A key over one of its limits. ``type`` is the limit's kind, as OpenAI names it: requests
+    (per minute, or at once) or tokens (per minute)."""
+
+    status = 429
+    code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, *, kind: str, headers: dict[str, str]) -> None:
+        super().__init__(message, headers=headers)
+        self.type = kind
 
 
 class ModelNotFoundError(ServeError):

@@ -43,17 +43,27 @@ def reuseport_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+def loopback_socket() -> socket.socket:
+    """A bound socket on a free loopback port: a replica's private address, where sibling
+    replicas of its node relay the sessions it owns (``sessions.py``)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    return sock
+
+
 class ReplicaListener:
     """uvicorn on the running loop; ``stop`` drains in-flight responses like `vllm serve`.
 
     Not Serve's own ``start_asgi_http_server`` (private, and it turns the app's lifespan off:
     the app's readiness watcher and license gate start there)."""
 
-    def __init__(self, app: ASGIApp, host: str, port: int, drain_s: float) -> None:
+    def __init__(self, app: ASGIApp, host: str, port: int, drain_s: float,
+                 private: socket.socket | None = None) -> None:
         self.host, self.port = host, port
-        # This replica's only socket beyond the port it serves.
+        # This replica's only socket beyond the port it serves (and its private loopback one).
         keep_serve_grpc_on_loopback()
-        self._sock = reuseport_socket(host, port)
+        self._sockets = [reuseport_socket(host, port)] + ([private] if private else [])
         config = uvicorn.Config(
             app, lifespan="on", access_log=False, log_level="warning", log_config=None,
             timeout_graceful_shutdown=drain_s,
@@ -65,7 +75,7 @@ class ReplicaListener:
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        self._task = asyncio.create_task(self._server.serve(sockets=[self._sock]))
+        self._task = asyncio.create_task(self._server.serve(sockets=self._sockets))
         while not self._server.started:
             if self._task.done():  # the lifespan failed, or the socket did
                 self._task.result()

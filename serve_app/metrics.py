@@ -4,6 +4,11 @@
 refusal (401, 403, 404, 405, 400, 413, 503) and a 500 are counted like a served request. Its
 ``route`` label is the matched route's name, or ``UNMATCHED`` for a path no route has: never the
 raw path, so no client can grow the label set.
+
+Usage per API key is labelled with the key's name (``static`` for a key of the static list,
+``anonymous`` without one), never its secret: names are the operator's, so the label set grows
+only with keys the operator creates. These counters are this replica's; the cluster's totals per
+day are in the key store (``python -m serve_app usage --by-key``).
 """
 
 from __future__ import annotations
@@ -33,6 +38,27 @@ class Metrics:
             "serve_app_requests_in_flight", "Generation requests being served.",
             registry=self.registry,
         )
+        self.key_requests = Counter(
+            "serve_app_key_requests", "Generation requests served, by API key name and model.",
+            ["key", "model"], registry=self.registry,
+        )
+        self.key_prompt_tokens = Counter(
+            "serve_app_key_prompt_tokens", "Prompt tokens (as vLLM counts them), by API key name "
+            "and model.", ["key", "model"], registry=self.registry,
+        )
+        self.key_completion_tokens = Counter(
+            "serve_app_key_completion_tokens", "Completion tokens (as vLLM counts them), by API "
+            "key name and model.", ["key", "model"], registry=self.registry,
+        )
+        self.rate_limited = Counter(
+            "serve_app_key_rate_limited", "Requests refused with 429, by API key name and the "
+            "kind of limit (requests, tokens).", ["key", "limit"], registry=self.registry,
+        )
+
+    def count_key(self, key: str, model: str, prompt_tokens: int, completion_tokens: int) -> None:
+        self.key_requests.labels(key, model).inc()
+        self.key_prompt_tokens.labels(key, model).inc(prompt_tokens)
+        self.key_completion_tokens.labels(key, model).inc(completion_tokens)
 
 
 class MetricsMiddleware:

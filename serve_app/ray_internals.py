@@ -30,6 +30,22 @@ environment and the workers' niceness).
   the largest share of an idle stack's CPU; at 0.5 s it reacts to a dead replica or a scaling
   decision 0.4 s later (autoscaling delays are counted in seconds, not loops).
 
+Session affinity at a cluster's front door (``SESSION_AFFINITY_ENV``, set where the head's
+Ray starts: the clusters' start commands): Serve renders HAProxy's ``defaults`` section with the
+line ``balance {{ config.balance_algorithm }}`` from ``RAY_SERVE_HAPROXY_BALANCE_ALGORITHM``
+(``ray.serve._private.haproxy_templates``; Serve's default is ``leastconn``), unescaped. The
+value here is two lines, HAProxy's ``balance hdr(x-session-id)`` and ``hash-type consistent``:
+one session's requests go to one replica, and a replica coming or going moves only the sessions
+it held. HAProxy has no other way to say consistent hashing, and Serve no other switch that
+reaches the section. Requests without the header are balanced round robin (HAProxy's fallback
+for a missing header), not by least connections. ``missing()`` checks the template line.
+
+Serve's HTTP address, read back from Serve's controller (``serve_http_host``): the named actor
+``SERVE_CONTROLLER_ACTOR`` in namespace ``serve`` (``ray.serve._private.constants``) and its
+``get_http_config`` / ``get_proxy_location`` methods, which Serve's replicas call themselves to
+start their direct-ingress servers on the same host. An app that refuses to serve the network
+without a key must know whether Serve put it on the network.
+
 Serve's late-bound ASGI hook: ``serve.ingress()`` without an app plus an async
 ``__serve_build_asgi_app__`` method on the class (``deployments.py``). The replica calls it
 after the constructor, so the HTTP app can be built from state the async constructor made
@@ -50,6 +66,11 @@ RAY_SERVE_ENV = {
     "RAY_enable_worker_prestart": "0",
     "RAY_prestart_worker_first_driver": "0",
     "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5",
+}
+
+# Where the cluster's front door (the head's HAProxy) runs: see the module docstring.
+SESSION_AFFINITY_ENV = {
+    "RAY_SERVE_HAPROXY_BALANCE_ALGORITHM": "hdr(x-session-id)\n    hash-type consistent",
 }
 
 # Each Serve switch and the name under which Ray Serve keeps its effective value.
@@ -84,7 +105,30 @@ TEST_IMPORTS = (
      "NodeProviderAvailabilityTracker"),
     ("ray.autoscaler._private.util", "ConcurrentCounter"),
     ("ray.serve._private.utils", "import_attr"),
+    ("ray.serve._private.haproxy", "HAProxyApi"),
+    ("ray.serve._private.haproxy", "HAProxyConfig"),
+    ("ray.serve._private.haproxy", "BackendConfig"),
+    ("ray.serve._private.haproxy", "ServerConfig"),
 )
+
+
+async def serve_http_host() -> str | None:
+    """The address Serve's HTTP proxies and its replicas' direct-ingress servers bind, or None
+    when Serve runs no HTTP proxy (``proxy_location: Disabled``) or this process is no Ray
+    worker (a deployment class constructed by a test). Called from a replica, where Serve's
+    controller runs."""
+    import ray
+
+    if not ray.is_initialized():
+        return None
+    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+    from ray.serve.config import ProxyLocation
+
+    controller = ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+    location = await controller.get_proxy_location.remote()
+    if location is None or location == ProxyLocation.Disabled:
+        return None
+    return (await controller.get_http_config.remote()).host
 
 
 def symbol(name: str) -> Any:
@@ -102,6 +146,16 @@ def missing() -> list[str]:
 
     out = [f"ray.serve._private.constants has no {name}" for name in SERVE_CONSTANTS.values()
            if not hasattr(constants, name)]
+    from ray.serve._private import haproxy_templates
+
+    if "    balance {{ config.balance_algorithm }}\n" not in haproxy_templates.HAPROXY_CONFIG_TEMPLATE:
+        out.append("Serve's HAProxy template no longer has the balance line of its defaults")
+    if getattr(constants, "SERVE_CONTROLLER_NAME", None) != "SERVE_CONTROLLER_ACTOR":
+        out.append("Serve's controller is no longer the actor SERVE_CONTROLLER_ACTOR")
+    from ray.serve._private.controller import ServeController
+
+    out += [f"Serve's controller has no {m}" for m in ("get_http_config", "get_proxy_location")
+            if not callable(getattr(ServeController, m, None))]
     if getattr(replica, "SERVE_BUILD_ASGI_APP_METHOD", None) != ASGI_HOOK:
         out.append(f"Serve's replica no longer calls {ASGI_HOOK}")
     if not callable(getattr(replica, "add_port_to_grpc_server", None)):

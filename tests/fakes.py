@@ -123,25 +123,44 @@ class FakeLLMServer:
         self.streams: list[FakeStream] = []
         self.raise_on_call: Exception | None = None
         self.ready_calls = 0
+        # (prompt, completion) tokens: with it, answers carry vLLM's `usage` (streams: a final
+        # usage chunk when the body asks for one with stream_options.include_usage).
+        self.usage: tuple[int, int] | None = None
+
+    def _usage(self) -> dict[str, int]:
+        assert self.usage is not None
+        prompt, completion = self.usage
+        return {"prompt_tokens": prompt, "completion_tokens": completion,
+                "total_tokens": prompt + completion}
 
     async def openai(self, endpoint: str, body: bytes) -> tuple[int, str]:
         self.calls.append(("openai", (endpoint, body)))
         if self.raise_on_call:
             raise self.raise_on_call
-        return 200, json.dumps({"object": endpoint, "echo": json.loads(body)})
+        answer = {"object": endpoint, "echo": json.loads(body)}
+        if self.usage is not None:
+            answer["usage"] = self._usage()
+        return 200, json.dumps(answer)
 
     def openai_stream(self, endpoint: str, body: bytes) -> FakeStream:
         self.calls.append(("openai_stream", (endpoint, body)))
         items: list[Any] = [(200, "data: {\"n\": 0}\n\n")]
-        items += [f"data: {{\"n\": {i}}}\n\n" for i in range(1, 4)] + ["data: [DONE]\n\n"]
+        items += [f"data: {{\"n\": {i}}}\n\n" for i in range(1, 4)]
+        options = json.loads(body).get("stream_options") or {}
+        if self.usage is not None and options.get("include_usage"):
+            items.append(f"data: {json.dumps({'choices': [], 'usage': self._usage()})}\n\n")
+        items.append("data: [DONE]\n\n")
         stream = FakeStream(items)
         self.streams.append(stream)
         return stream
 
     async def maritalk(self, kind: str, body: bytes) -> tuple[int, str]:
         self.calls.append(("maritalk", (kind, body)))
-        return 200, json.dumps({"output": "Paris", "queue_time": 0.0, "prompt_time": 0.1,
-                                "generation_time": 0.2})
+        answer = {"output": "Paris", "queue_time": 0.0, "prompt_time": 0.1,
+                  "generation_time": 0.2}
+        if self.usage is not None:
+            answer.update(prompt_tokens=self.usage[0], completion_tokens=self.usage[1])
+        return 200, json.dumps(answer)
 
     async def ready(self) -> str:
         self.ready_calls += 1

@@ -176,7 +176,9 @@ def fake_cluster(tmp_path_factory):
         "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(free_port()),
         "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": str(free_port()),
     }
-    env = {**os.environ, **RAY_SERVE_ENV, **env_common, **cluster_ports, **FAST,
+    # The front door as the clusters' start commands set it: sessions hashed over the replicas.
+    env = {**os.environ, **RAY_SERVE_ENV, **ray_internals.SESSION_AFFINITY_ENV, **env_common,
+           **cluster_ports, **FAST,
            "RAY_FAKE_CLUSTER": "1", MARKER: marker,
            # Replicas on every node import this checkout's code (and the tests' stand-ins).
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}

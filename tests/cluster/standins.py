@@ -2,9 +2,9 @@
 
 ``LLMServer`` itself: Serve constructs it, awaits its ``start()``, and it registers and
 heartbeats with the license actor exactly as a real replica does. Only what it loads differs: no
-engine, but answers that tell which node and instance served them, so tests see where the front
-door sent each request. Imported by Ray workers on every node (the cluster's PYTHONPATH holds
-this checkout).
+engine, but answers that tell which node, instance and replica served them, so tests see where
+the front door sent each request. Imported by Ray workers on every node (the cluster's
+PYTHONPATH holds this checkout).
 """
 
 from __future__ import annotations
@@ -21,12 +21,15 @@ class NodeLLM(LLMServer):
 
     async def load(self) -> None:
         import ray
+        from ray import serve
 
         self.node_id = ray.get_runtime_context().get_node_id()
+        self.replica = serve.get_replica_context().replica_id.unique_id
         self.instance_id = self._reporter.instance_id if self._reporter is not None else None
 
     def _where(self) -> dict:
-        return {"node_id": self.node_id, "instance_id": self.instance_id}
+        return {"node_id": self.node_id, "instance_id": self.instance_id,
+                "replica": self.replica}
 
     async def openai(self, endpoint, body):
         return 200, json.dumps({"object": endpoint, **self._where()})

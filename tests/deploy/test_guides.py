@@ -21,6 +21,7 @@ COLAB_GUIDE = (ROOT / "deploy" / "colab.md").read_text()
 README = (ROOT / "README.md").read_text()
 LICENSE_SERVER_GUIDE = (ROOT / "deploy" / "license-server.md").read_text()
 AIR_GAPPED_GUIDE = (ROOT / "deploy" / "air-gapped.md").read_text()
+API_KEYS_GUIDE = (ROOT / "deploy" / "api-keys.md").read_text()
 # `python -m MODULE` -> the function its __main__ calls.
 CLIS = {
     "serve_app": "serve_app.cli",
@@ -30,7 +31,7 @@ CLIS = {
 }
 # serve_app.cli.main dispatches these words itself, before its own parser (which has no
 # subcommands, so it would take any other word as an unknown positional after --help).
-SERVE_APP_COMMANDS = ("status", "usage-log", "manifest", "license")
+SERVE_APP_COMMANDS = ("status", "usage-log", "manifest", "license", "keys", "usage", "chat")
 SETTINGS_ENV = {f"SERVE_APP_{name.upper()}" for name in Settings.model_fields}
 
 
@@ -148,7 +149,7 @@ def check_cli(words: list[str], capsys, tmp_path) -> str:
         assert '"config.json"' in capsys.readouterr().out
         return "serve_app manifest"
     if module == "serve_app":
-        sub = sub[:2] if sub[:1] in (["usage-log"], ["license"]) else sub[:1]
+        sub = sub[:2] if sub[:1] in (["usage-log"], ["license"], ["keys"]) else sub[:1]
         assert not sub or sub[0] in SERVE_APP_COMMANDS, words
     else:
         sub = sub[:1]
@@ -167,6 +168,12 @@ def test_the_readme_commands_are_our_clis(capsys, tmp_path):
     assert {"serve_app", "serve_app status", "serve_app usage-log verify",
             "serve_app usage-log resend", "serve_app manifest", "serve_app.bench",
             "serve_app.weights.bench"} <= checked
+
+
+def test_the_api_keys_guide_commands_are_our_clis(capsys, tmp_path):
+    checked = {check_cli(words, capsys, tmp_path) for words in python_commands(API_KEYS_GUIDE)}
+    assert {f"serve_app keys {c}" for c in ("create", "list", "rotate", "update", "revoke")} | {
+        "serve_app usage", "serve_app chat"} <= checked
 
 
 def test_the_license_server_guide_commands_are_its_cli(capsys, tmp_path):

@@ -45,7 +45,11 @@ class Cli:
         self.data_dir = tmp_path
         env = {**os.environ, STACK_ENV: self.marker, "RAY_TMPDIR": self.ray_temp_dir,
                "SERVE_APP_DATA_DIR": str(tmp_path), "SERVE_APP_HOST": host,
-               "SERVE_APP_LICENSE_SERVER_PORT": str(self.license_port)}
+               "SERVE_APP_LICENSE_SERVER_PORT": str(self.license_port),
+               "SERVE_APP_KEY_STORE_PATH": str(tmp_path / "api_keys.db")}
+        if host == "0.0.0.0":
+            # MariTalk Local's own client sends no key (the test calls the app with it).
+            env["SERVE_APP_ALLOW_UNAUTHENTICATED"] = "true"
         if eager:
             env["SERVE_APP_ENFORCE_EAGER"] = "true"
         self.proc = subprocess.Popen(
@@ -122,6 +126,8 @@ def test_serve_command_serves_only_its_port_and_stops_on_ctrl_c(cli_factory, tmp
     cli.wait_started()
     printed = cli.text(20000)
     assert f"http://0.0.0.0:{cli.port}" in printed
+    # Told so at start (allow_unauthenticated).
+    assert "WITHOUT AUTHENTICATION" in cli.text(10**9)
     assert "MariTalkLocal" in printed and "/v1/chat/completions" in printed
 
     answer = maritalk.MariTalkLocal(host="127.0.0.1", port=cli.port).generate(
@@ -236,3 +242,71 @@ def test_a_replaced_replica_takes_its_engine_along_and_a_loaded_stack_stops_on_g
     os.killpg(cli.proc.pid, signal.SIGTERM)
     cli.proc.wait(timeout=120)  # raises if the stack does not stop
     cli.assert_all_gone()
+
+
+def test_keys_made_rotated_and_revoked_with_the_cli_while_the_stack_serves(cli_factory,
+                                                                           tmp_path):
+    """The operator's `python -m serve_app keys` and `usage` commands, as separate processes
+    on the key store of a running `python -m serve_app` (loopback, real vLLM): the stack is
+    open until the first key, each change reaches the replica without a restart, and usage
+    per key holds the tokens vLLM counted."""
+    cli = cli_factory()
+    cli.wait_started()
+    env = {**os.environ, "SERVE_APP_KEY_STORE_PATH": str(tmp_path / "api_keys.db")}
+
+    def command(*argv: str) -> str:
+        run = subprocess.run([sys.executable, "-m", "serve_app", *argv], env=env,
+                             capture_output=True, text=True, timeout=60)
+        assert run.returncode == 0, run.stderr
+        return run.stdout.strip()
+
+    counted = [0, 0, 0]  # team-a's answers: requests, prompt and completion tokens
+
+    def chat(secret: str | None) -> httpx.Response:
+        headers = {"Authorization": f"Bearer {secret}"} if secret else {}
+        resp = httpx.post(f"{cli.url}/v1/chat/completions", headers=headers, timeout=120, json={
+            "model": "smollm2-135m-instruct", "max_tokens": 5,
+            "messages": [{"role": "user", "content": "What is the capital of France?"}]})
+        if secret and resp.status_code == 200:
+            usage = resp.json()["usage"]
+            for i, n in enumerate((1, usage["prompt_tokens"], usage["completion_tokens"])):
+                counted[i] += n
+        return resp
+
+    assert chat(None).status_code == 200  # loopback, no key yet: a development server
+    secret = command("keys", "create", "--name", "team-a", "--rpm", "100")
+    wait_for(lambda: chat(None).status_code == 401 and chat(secret).status_code == 200,
+             timeout=30, interval=0.5, what="the first key on the replica")
+    assert httpx.get(f"{cli.url}/metrics", timeout=10).status_code == 401
+    metrics = httpx.get(f"{cli.url}/metrics", headers={"Authorization": f"Bearer {secret}"},
+                        timeout=10).text
+    assert 'serve_app_key_requests_total{key="team-a"' in metrics and secret not in metrics
+
+    rotated = command("keys", "rotate", "team-a", "--grace", "0")
+    wait_for(lambda: chat(rotated).status_code == 200 and chat(secret).status_code == 401,
+             timeout=30, interval=0.5, what="the rotation on the replica")
+    answer = chat(rotated)
+    assert answer.headers["x-ratelimit-limit-requests"] == "100"
+    listed = command("keys", "list")
+    assert "team-a" in listed and "active" in listed and rotated not in listed
+
+    command("keys", "revoke", "team-a")
+    wait_for(lambda: chat(rotated).status_code == 401, timeout=30, interval=0.5,
+             what="the revocation on the replica")
+    assert "revoked" in chat(rotated).json()["error"]["message"]
+
+    # Every answer's usage, as vLLM counted it, is in the store within a round.
+    wait_for(lambda: _usage_of("team-a", command("usage", "--by-key", "--format", "csv"))
+             == tuple(counted), timeout=30, interval=0.5, what=f"team-a's usage {counted}")
+    assert counted[0] >= 3 and counted[1] > 0 and counted[2] > 0
+
+
+def _usage_of(key: str, text: str) -> tuple[int, int, int] | None:
+    import csv
+    import io
+
+    rows = [r for r in csv.DictReader(io.StringIO(text)) if r["key"] == key]
+    if not rows:
+        return None
+    return tuple(sum(int(r[f]) for r in rows)  # type: ignore[return-value]
+                 for f in ("requests", "prompt_tokens", "completion_tokens"))

@@ -516,6 +516,7 @@ def _check_auth(stack):
              what="the keyed ingress")
     routes = [
         ("GET", "/license", None),
+        ("GET", "/metrics", None),  # metrics_auth is on unless turned off
         ("GET", "/v1/models", None),
         ("GET", f"/v1/models/{MODEL}", None),
         ("POST", "/v1/chat/completions",

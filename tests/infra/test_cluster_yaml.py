@@ -250,6 +250,8 @@ def test_cluster_serve_config_takes_the_license_from_the_environment(monkeypatch
     assert model.device == "gpu" and model.min_replicas < model.max_replicas
     # Port 9000 is left to Serve's HAProxy, which spreads requests over every node's replicas.
     assert config.http_port is None
+    # Named keys in the store on the head; /metrics behind a key.
+    assert config.metrics_auth and config.key_store_path and not config.allow_unauthenticated
 
 
 def test_cluster_serve_config_builds_gpu_replicas_with_the_license(monkeypatch):
@@ -352,3 +354,22 @@ def test_every_command_is_valid_bash(rendered):
         result = subprocess.run(["bash", "-n", "-c", command], capture_output=True, text=True,
                                 timeout=30)
         assert result.returncode == 0, (command, result.stderr)
+
+
+def test_the_head_front_door_hashes_sessions_consistently(rendered, tmp_path):
+    """The head's `ray start` through bash: HAProxy's balance setting reaches Ray as
+    ray_internals.SESSION_AFFINITY_ENV says, newline included (bash's $'...')."""
+    from serve_app.ray_internals import SESSION_AFFINITY_ENV
+
+    (tmp_path / ".serve_app").mkdir()
+    (tmp_path / ".serve_app" / "license.env").write_text("SERVE_APP_LICENSE_KEY=MTL1.p.s\n")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "ray").write_text(
+        '#!/bin/sh\nprintf %s "$RAY_SERVE_HAPROXY_BALANCE_ALGORITHM" > "$HOME/balance"\n')
+    (bin_dir / "ray").chmod(0o755)
+    (start,) = cluster_yaml.ray_start_commands(rendered, "head")
+    subprocess.run(["bash", "-c", start], check=True, timeout=30, env={
+        "HOME": str(tmp_path), "PATH": f"{bin_dir}:/usr/bin:/bin"})
+    assert (tmp_path / "balance").read_text() == SESSION_AFFINITY_ENV[
+        "RAY_SERVE_HAPROXY_BALANCE_ALGORITHM"]

@@ -124,8 +124,10 @@ def test_serve_config_fits_the_cluster(rendered):
     (app,) = serve["applications"]
     assert app["import_path"] == "serve_app:build_app"
     assert "license" not in app["args"] and "models" not in app["args"]   # license from the env
-    model = Settings(**app["args"]).to_app_config().models[0]
+    config = Settings(**app["args"]).to_app_config()
+    model = config.models[0]
     assert model.device == "gpu"
+    assert config.metrics_auth and config.key_store_path  # /metrics needs a key, keys are named
     resource = f"accelerator_type:{model.accelerator_type}"
     fits = [name for name, t in rendered["available_node_types"].items()
             if t["resources"].get(resource) and t["resources"]["GPU"] >= model.tensor_parallel_size]

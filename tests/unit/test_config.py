@@ -197,8 +197,8 @@ def test_every_config_field_can_be_set_from_the_environment(monkeypatch):
 
     covered = {(model.__name__, field) for model, field in setting_fields().values()}
     by_hand = {("AppConfig", f) for f in ("models", "license", "api_keys", "http_host",
-                                          "http_port")} | {("ModelConfig", "served_model_name"),
-                                                           ("LicenseConfig", "ledger_path")}
+                                          "http_port", "key_store_path")}
+    by_hand |= {("ModelConfig", "served_model_name"), ("LicenseConfig", "ledger_path")}
     for model in (ModelConfig, AppConfig, LicenseConfig):
         for field in model.model_fields:
             assert (model.__name__, field) in covered | by_hand, (model.__name__, field)

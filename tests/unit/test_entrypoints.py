@@ -3,6 +3,7 @@ each entry point builds a valid application graph (no cluster needed to bind one
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -60,6 +61,20 @@ def test_serve_config_yaml_is_valid_and_builds():
     assert [m.name for m in parts["config"].models] == ["smollm2-135m-instruct"]
     llm = parts["llms"]["smollm2-135m-instruct"]
     assert llm.ray_actor_options["num_cpus"] == 0
+
+
+def test_serve_config_yaml_does_not_serve_every_interface_without_a_key():
+    """As shipped: every interface, named keys in a store, /metrics behind a key; with no key
+    created yet it is refused at start, as every ingress replica checks."""
+    from serve_app.tenants import UnauthenticatedExposureError, check_exposure
+
+    raw = yaml.safe_load((ROOT / "deploy" / "serve_config.yaml").read_text())
+    config = _deployments(import_attr("serve_app:build_app")(raw["applications"][0]["args"]))[
+        "config"]
+    assert config.metrics_auth and config.key_store_path and not config.allow_unauthenticated
+    with pytest.raises(UnauthenticatedExposureError):
+        check_exposure([raw["http_options"]["host"]], len(config.api_keys),
+                       config.allow_unauthenticated)
 
 
 def test_layouts_bind_the_right_deployments():
@@ -130,3 +145,19 @@ def test_colocated_autoscaling_scales_on_what_the_replicas_report():
     assert desired_replicas({"r1": 0.0}, 8, current_target=2) == 0  # Serve clamps to min
     fixed = colocated_options(ModelConfig(), AppConfig())
     assert "autoscaling_config" not in fixed and fixed["num_replicas"] == 1
+
+
+def test_the_cli_refuses_every_interface_without_a_key_before_starting_anything(tmp_path):
+    """`python -m serve_app --host 0.0.0.0` with no key: refused at once, saying what to do,
+    before Ray or the model start; with a key in the store it gets past the check."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "SERVE_APP_KEY_STORE_PATH": str(tmp_path / "api_keys.db"),
+           "SERVE_APP_DATA_DIR": str(tmp_path), "SERVE_APP_HOST": "0.0.0.0"}
+    env.pop("SERVE_APP_API_KEYS", None)
+    run = subprocess.run([sys.executable, "-m", "serve_app"], env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode != 0
+    assert "Refusing to serve on 0.0.0.0 without an API key" in run.stderr
+    assert "keys create" in run.stderr and "Preparing model" not in run.stdout

@@ -210,12 +210,12 @@ def test_status_health_and_metrics(client):
     assert 'serve_app_engine_unfinished_requests{model_name="b"} 0' in text
 
 
-def _request_counts(c):
+def _request_counts(c, headers=None):
     """``/metrics``' response counts by (route, status) and latency counts by route."""
     from prometheus_client.parser import text_string_to_metric_families
 
     counts, timed = {}, {}
-    for family in text_string_to_metric_families(c.get("/metrics").text):
+    for family in text_string_to_metric_families(c.get("/metrics", headers=headers).text):
         for sample in family.samples:
             if sample.name == "serve_app_requests_total":
                 counts[sample.labels["route"], sample.labels["status"]] = sample.value
@@ -269,7 +269,7 @@ def test_metrics_count_every_response_by_route_and_status_refusals_included():
             assert resp.status_code == 200
             resp.read()
         assert c.get("/health").status_code == 200
-        counts, timed = _request_counts(c)
+        counts, timed = _request_counts(c, key)
         assert counts == {
             ("chat", "401"): 1, ("completions", "403"): 1, ("maritalk_raw", "503"): 1,
             ("chat", "413"): 1, ("chat", "400"): 1, ("maritalk_chat", "503"): 1,
@@ -279,7 +279,7 @@ def test_metrics_count_every_response_by_route_and_status_refusals_included():
         routes = {route for route, _ in counts}
         assert timed == {r: sum(n for (q, _), n in counts.items() if q == r) for r in routes}
         # The scrape is counted once its own headers left.
-        assert _request_counts(c)[0][("metrics", "200")] == 1
+        assert _request_counts(c, key)[0][("metrics", "200")] == 1
 
 
 def test_unknown_route_and_method_use_openai_shape(client):

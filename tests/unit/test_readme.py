@@ -22,6 +22,11 @@ def test_every_setting_is_in_the_reference_once():
     assert sorted(documented) == sorted(f"SERVE_APP_{n.upper()}" for n in Settings.model_fields)
 
 
+def test_it_stays_short():
+    # The rest goes to the guides (deploy/*.md), docs/ and CONTRIBUTING.md.
+    assert len(TEXT.splitlines()) < 200
+
+
 def test_it_starts_with_the_two_commands():
     first_block = TEXT.split("```")[1]
     assert [line.split()[:2] for line in first_block.strip().splitlines()[1:]] == [

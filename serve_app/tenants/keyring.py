@@ -39,8 +39,10 @@ class Keyring:
 
     def authenticate(self, authorization: str | None) -> KeyPolicy:
         """The key's policy (``anonymous`` for a request without a key where none is needed);
-        raises ``InvalidKeyError``."""
-        if not authorization and not self.required():
+        raises ``InvalidKeyError``. A server with no key at all takes any ``Authorization``:
+        OpenAI's clients always send one, and a keyless server is called with placeholders like
+        ``api_key="EMPTY"``, as vLLM's is."""
+        if not self.required() and (not authorization or not self.table.any_keys()):
             return UNNAMED[ANONYMOUS]
         return self.table.authenticate(authorization)
 

@@ -200,20 +200,28 @@ def test_loopback_without_keys_is_open_until_the_first_key(store, clock):
     ring = Keyring(exposed=False)
     ring.table = table
     assert ring.authenticate(None).name == ANONYMOUS
+    # OpenAI's clients always send a key; placeholders reach a keyless server as vLLM's does.
+    assert ring.authenticate("Bearer EMPTY").name == ANONYMOUS
     secret = store.create("a")
     store.revoke("a")
     table.load(store.table())
     with pytest.raises(InvalidKeyError):
         ring.authenticate(None)  # a key existed once: keys are required from then on
+    with pytest.raises(InvalidKeyError):
+        ring.authenticate("Bearer EMPTY")
     del secret
 
 
 def test_an_exposed_app_always_needs_a_key_unless_told_otherwise():
     assert Keyring(exposed=True).required()
-    open_ring = Keyring(exposed=True, allow_unauthenticated=True)
+    open_ring = Keyring(["sk-right"], exposed=True, allow_unauthenticated=True)
     assert open_ring.authenticate(None).name == ANONYMOUS
     with pytest.raises(InvalidKeyError):
-        open_ring.authenticate("Bearer wrong")  # a key given must still be right
+        open_ring.authenticate("Bearer wrong")  # where keys exist, a key given must be right
+    assert open_ring.authenticate("Bearer sk-right").name == "static"
+    # With no key at all there is nothing to judge a key by: a placeholder is anonymous.
+    assert Keyring(exposed=True, allow_unauthenticated=True).authenticate(
+        "Bearer EMPTY").name == ANONYMOUS
 
 
 # -- exposure -------------------------------------------------------------------------------------

@@ -303,21 +303,16 @@ def _judged_flags(lid: str, day: str, j: tuple[float, float, float, float], unti
                   policy: ServerPolicy) -> list[dict[str, Any]]:
     flags = []
     reported, reported_gpu, observed, observed_gpu = j
-    kind = _differs(reported, observed, policy.crosscheck_ratio, policy.crosscheck_slack_s)
-    if kind:
-        flags.append(flag(
-            f"reported_{kind}", lid, day, f"reported {reported:.0f} instance-seconds, heartbeats "
-            f"witnessed {observed:.0f}: {_pct(reported, observed)} {kind}",
-            reported_instance_seconds=reported, observed_instance_seconds=observed,
-            checked_until=until))
-    kind = _differs(reported_gpu, observed_gpu, policy.crosscheck_ratio,
-                    policy.crosscheck_slack_s)
-    if kind:
-        flags.append(flag(
-            f"gpu_reported_{kind}", lid, day, f"reported {reported_gpu:.0f} GPU-seconds, "
-            f"heartbeats witnessed {observed_gpu:.0f}: {_pct(reported_gpu, observed_gpu)} {kind}",
-            reported_gpu_seconds=reported_gpu, observed_gpu_seconds=observed_gpu,
-            checked_until=until))
+    for prefix, unit, evidence, got, seen in (
+            ("", "instance-seconds", "instance_seconds", reported, observed),
+            ("gpu_", "GPU-seconds", "gpu_seconds", reported_gpu, observed_gpu)):
+        kind = _differs(got, seen, policy.crosscheck_ratio, policy.crosscheck_slack_s)
+        if kind:
+            flags.append(flag(
+                f"{prefix}reported_{kind}", lid, day, f"reported {got:.0f} {unit}, heartbeats "
+                f"witnessed {seen:.0f}: {_pct(got, seen)} {kind}",
+                **{f"reported_{evidence}": got, f"observed_{evidence}": seen},
+                checked_until=until))
     return flags
 
 

@@ -138,7 +138,7 @@ class LLMServer:
                          "fail or quietly stop working: %s", "; ".join(gaps))
         path = await asyncio.to_thread(resolve_model, config.source, self._model_cache_dir,
                                        s3=config.s3_options(), license=self._license,
-                                       cluster_id=getattr(self._reporter, "cluster_id", None))
+                                       cluster_id=self._reporter.cluster_id if self._reporter else None)
         fetched = await asyncio.to_thread(confirmed_identity, config.source, path, config.name,
                                           self._license)
         if fetched != self._identity:

@@ -170,6 +170,10 @@ def test_stopping_the_main_process_leaves_nothing(cli_factory, tmp_path, stop):
     cli.wait_started()
     assert cli.named("VLLM::EngineCore")
     first = httpx.get(f"{cli.url}/license", timeout=10).json()["license_id"]
+    # Usage accrues from the replica's first heartbeat after it registers: killed before it,
+    # the first license has no second to bill, and nothing to carry to the next start.
+    wait_for(lambda: httpx.get(f"{cli.url}/license", timeout=10).json()[
+        "instance_seconds_total"] > 0, timeout=120, interval=1, what="the first usage")
     if stop == "sigterm":
         cli.proc.send_signal(signal.SIGTERM)
         assert cli.proc.wait(timeout=120) == 0, cli.text()

@@ -74,7 +74,7 @@ class Timers:
 def op_category(name: str) -> str | None:
     n = name.lower()
     if any(k in n for k in ("onednn_mm", "aten::mm", "aten::addmm", "aten::linear", "zentorch",
-                            "weight_packed_linear", "aten::matmul")):
+                            "weight_packed_linear", "aten::matmul", "bf16w_linear")):
         return "weights"
     if any(k in n for k in ("attn", "attention", "reshape_and_cache", "paged")):
         return "attention"

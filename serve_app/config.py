@@ -135,6 +135,14 @@ class ModelConfig(BaseModel):
         "boxes with 2 cores or fewer for models of 100 MB and more, else vLLM's default of 1 "
         "(see affinity.reserved_cores).",
     )
+    cpu_bf16_weight_decode: bool = Field(
+        False,
+        description="CPU only, float32: one or two streams decode reading every weight matrix "
+        "that bfloat16 holds exactly as bfloat16, half the bytes, in float32 arithmetic "
+        "(serve_app/kernels/bf16_weights.py, built with g++ at the first start); more streams "
+        "keep vLLM's oneDNN matmul. It passes the accuracy gate (serve_app/precision.py) but "
+        "was not measurably faster end to end on the boxes tried (docs/performance.md), so off.",
+    )
     cpu_inproc_worker: bool = Field(
         True,
         description="CPU only, one worker: vLLM's model worker runs inside its engine-core "
@@ -244,6 +252,13 @@ class ModelConfig(BaseModel):
         if self.dtype == "auto" and self.local_device() == "cpu":
             return auto_cpu_dtype(cpu_flags())
         return self.dtype
+
+    @property
+    def bf16_weight_decode(self) -> bool:
+        """Whether the engine decodes one or two streams from bfloat16 weights (see
+        ``cpu_bf16_weight_decode``). Only meaningful where the replica runs."""
+        return (self.cpu_bf16_weight_decode and self.local_device() == "cpu"
+                and self.resolved_dtype == "float32")
 
     def engine_args(self, model_path: str) -> dict[str, Any]:
         """Keyword arguments for vLLM's ``AsyncEngineArgs``; ``engine_kwargs`` wins."""

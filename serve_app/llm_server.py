@@ -29,6 +29,7 @@ from serve_app.affinity import (
 )
 from serve_app.config import ModelConfig
 from serve_app.errors import error_body, from_vllm_error
+from serve_app.kernels import bf16_weights
 from serve_app.licensing import LicenseConfig
 from serve_app.maritalk import ChatGenerateRequest, GenerateRequest, GenerateResponse, timings
 from serve_app.process_guard import guard_children
@@ -66,6 +67,7 @@ def launch_engine(config: ModelConfig, vllm_config: Any) -> Any:
                 reserved_cores(config.cpu_reserved_cores, cpu_count(), weights)))
         if inproc:
             launch.enter_context(vllm.worker_omp_env(vllm_config))
+        launch.enter_context(bf16_weights.in_engine(config.bf16_weight_decode))
         engine = vllm.start_engine(vllm_config)
     if cpu:
         pin_to_frontend()  # off the engine's cores (or onto one shared core, no reserve)

@@ -35,6 +35,13 @@ the following, none of which is a stable API; a release may move any of them:
    ``first_token_ts``, ``last_token_ts``): MariTalk's timings.
 9. ``VLLM_CPU_NUM_OF_RESERVED_CPU`` (a documented variable, listed because ``affinity`` relies
    on how the CPU backend binds the cores left after the reserve).
+10. The CPU linear dispatch, for ``kernels.bf16_weights``: vLLM's CPU layers call
+   ``model_executor.layers.utils.dispatch_cpu_unquantized_gemm(layer, remove_weight)`` (looked
+   up in that module at each call) after loading, and then compute ``layer.cpu_linear(x, weight,
+   bias)``; its oneDNN branch is ``_custom_ops.create_onednn_mm(weight.t(), 32)`` with the op
+   ``_C::onednn_mm(out, x, bias, handler_tensor)`` (the kernel calls it for more than two
+   rows). ``bf16_weight_plugin`` is a vLLM general plugin (the ``vllm.general_plugins`` entry
+   point, a public mechanism), so it runs in the engine-core process vLLM spawns.
 
 Engine construction (``AsyncEngineArgs``, ``create_engine_config``, ``UsageContext``,
 ``AsyncLLM.from_vllm_config``) and sampling (``SamplingParams``, ``RequestOutputKind``) are
@@ -78,6 +85,9 @@ IMPORTS = (
     ("vllm.config", "ParallelConfig"),
     ("vllm.entrypoints.openai.chat_completion.serving", "OpenAIServingChat"),
     ("vllm.entrypoints.openai.completion.serving", "OpenAIServingCompletion"),
+    ("vllm.model_executor.layers.utils", "dispatch_cpu_unquantized_gemm"),
+    ("vllm.model_executor.layers.utils", "check_cpu_sgl_kernel"),
+    ("vllm._custom_ops", "create_onednn_mm"),
 )
 
 # What the tests' stand-ins build from vLLM (tests/fakes.py, the pacing tests): named here, so
@@ -140,6 +150,10 @@ def missing() -> list[str]:
     collector = symbol("RequestOutputCollector")(symbol("RequestOutputKind").DELTA, "probe")
     out += [f"RequestOutputCollector has no {a!r}" for a in ("put", "output")
             if not hasattr(collector, a)]
+    dispatch = inspect.getsource(symbol("dispatch_cpu_unquantized_gemm"))
+    out += [f"dispatch_cpu_unquantized_gemm no longer uses {a}" for a in
+            ("layer.cpu_linear", "create_onednn_mm(origin_weight.t(), 32)", "ops.onednn_mm(")
+            if a not in dispatch]
     stats = symbol("RequestStateStats")()
     out += [f"RequestStateStats has no {a!r}" for a in
             ("queued_ts", "scheduled_ts", "first_token_ts", "last_token_ts")
@@ -197,6 +211,64 @@ def start_engine(vllm_config: Any) -> Any:
 
     return AsyncLLM.from_vllm_config(
         vllm_config, usage_context=UsageContext.OPENAI_API_SERVER, disable_log_stats=False)
+
+
+def bf16_weight_plugin() -> None:
+    """Item 10, vLLM's ``vllm.general_plugins`` entry point (every vLLM process runs it): in an
+    engine whose environment sets ``kernels.bf16_weights.ENV``, float32 matrices that bfloat16
+    holds exactly take the bfloat16-weight kernel where vLLM would take oneDNN."""
+    import os
+
+    from serve_app.kernels import bf16_weights
+
+    if os.environ.get(bf16_weights.ENV) != "1":
+        return
+    from vllm.model_executor.layers import utils
+
+    original = utils.dispatch_cpu_unquantized_gemm
+    if getattr(original, "serve_app", False) or not bf16_weights.load():
+        return
+
+    def dispatch(layer: Any, remove_weight: bool) -> None:
+        if not bf16_weight_linear(layer, remove_weight):
+            original(layer, remove_weight)
+
+    dispatch.serve_app = True  # type: ignore[attr-defined]
+    utils.dispatch_cpu_unquantized_gemm = dispatch
+
+
+def bf16_weight_linear(layer: Any, remove_weight: bool) -> bool:
+    """vLLM's oneDNN branch of the dispatch (item 10), with the kernel in front of it: False,
+    and nothing done, for a layer vLLM would not give oneDNN or the kernel does not fit."""
+    import torch
+    from vllm import _custom_ops as ops
+    from vllm.model_executor.layers.utils import check_cpu_sgl_kernel
+    from vllm.platforms import CpuArchEnum, current_platform
+
+    from serve_app.kernels import bf16_weights
+
+    weight = getattr(layer, "weight", None)
+    zen = current_platform.is_zen_cpu() and hasattr(torch.ops.zentorch, "zentorch_linear_unary")
+    if (weight is None or not ops._supports_onednn or zen
+            or current_platform.get_cpu_architecture() != CpuArchEnum.X86
+            or weight.ndim != 2 or check_cpu_sgl_kernel(*weight.size(), weight.dtype)
+            or not bf16_weights.fits(weight.data)):
+        return False
+    handler = ops.create_onednn_mm(weight.data.t(), 32)
+    packed = bf16_weights.pack(weight.data)
+
+    def cpu_linear(x: Any, _weight: Any, bias: Any) -> Any:
+        out = torch.empty((*x.shape[:-1], handler.n), dtype=x.dtype)
+        bf16_weights.linear(out, x.reshape(-1, handler.k), packed, bias, handler.handler_tensor)
+        return out
+
+    layer.cpu_linear = cpu_linear
+    layer.serve_app_bf16_weights = (packed, handler)  # owned by the layer, as vLLM's handler is
+    bf16_weights.taken += 1
+    if remove_weight:
+        layer.weight = torch.nn.Parameter(torch.empty(0, dtype=weight.dtype),
+                                          requires_grad=False)
+    return True
 
 
 # -- the OpenAI layer ------------------------------------------------------------------------
@@ -318,15 +390,19 @@ def unfinished_requests(engine: Any) -> int:
 
 
 def greedy_chat(model_path: str, dtype: str, prompts: list[str], max_tokens: int,
-                **engine_kwargs: Any) -> list[list[int]]:
+                bf16_weight_decode: bool = False, **engine_kwargs: Any) -> list[list[int]]:
     """Greedy token ids of each prompt as a one-turn chat, from vLLM's offline ``LLM`` in
-    ``dtype``, all prompts in one batch; the engine is stopped before this returns."""
-    llm = symbol("LLM")(model=model_path, dtype=dtype, **engine_kwargs)
+    ``dtype``, each prompt alone (one stream, as the kernel of ``bf16_weight_decode`` decodes);
+    the engine is stopped before this returns. A process runs vLLM's plugins once, and its
+    engine core inherits that: one kernel setting per process."""
+    from serve_app.kernels import bf16_weights
+
+    with bf16_weights.in_engine(bf16_weight_decode):
+        llm = symbol("LLM")(model=model_path, dtype=dtype, **engine_kwargs)
     try:
         params = symbol("SamplingParams")(temperature=0.0, max_tokens=max_tokens)
-        outputs = llm.chat([[{"role": "user", "content": p}] for p in prompts], params,
-                           use_tqdm=False)
-        return [list(o.outputs[0].token_ids) for o in outputs]
+        return [list(llm.chat([{"role": "user", "content": p}], params, use_tqdm=False)[0]
+                     .outputs[0].token_ids) for p in prompts]
     finally:
         llm.llm_engine.engine_core.shutdown()
 

@@ -53,3 +53,12 @@ def test_cpu_flags_reads_linux_flags_line(tmp_path):
     info.write_text("processor\t: 0\nflags\t\t: fpu avx2 amx_bf16\nbogomips\t: 1\n")
     assert cpu_flags(str(info)) == {"fpu", "avx2", "amx_bf16"}
     assert cpu_flags(str(tmp_path / "missing")) == frozenset()
+
+
+def test_bf16_weight_decode_only_when_asked_for_a_float32_engine_on_cpu():
+    assert not ModelConfig(device="cpu").bf16_weight_decode
+    assert ModelConfig(device="cpu", cpu_bf16_weight_decode=True).bf16_weight_decode
+    # Only float32 engines on CPU read float32 weights as bfloat16.
+    assert not ModelConfig(device="cpu", dtype="bfloat16",
+                           cpu_bf16_weight_decode=True).bf16_weight_decode
+    assert not ModelConfig(device="gpu", cpu_bf16_weight_decode=True).bf16_weight_decode

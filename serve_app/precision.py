@@ -18,7 +18,7 @@ the half precisions whose gate passed with the pinned vLLM, none yet, and
 pick a precision that fails it there. An explicit ``dtype: bfloat16`` still runs it.
 
 The other fast path keeps float32 and reads the weights as bfloat16 at one or two streams
-(``kernels.bf16_weights``, ``BF16_WEIGHTS``): SmolLM2's float32 weights are bfloat16 values, so
+(``kernels.bf16_weights``): SmolLM2's float32 weights are bfloat16 values, so
 no weight changes and only the kernel's summation order differs from vLLM's. It passes the gate
 (20 of 20 here; the e2e test requires it), and is off by default: end to end it was not
 measurably faster on the boxes tried (docs/performance.md).
@@ -103,9 +103,6 @@ def native_half_precision(flags: frozenset[str]) -> str | None:
     return None
 
 
-# The float32 engine reading bfloat16 copies of the weights at one or two streams
-# (kernels.bf16_weights): no weight changes, only the kernel's summation order.
-BF16_WEIGHTS = "float32+bf16_weights"
 # Half precisions whose gate passed for the embedded model with the pinned vLLM (see above).
 GATE_PASSED: frozenset[str] = frozenset()
 

@@ -86,7 +86,6 @@ IMPORTS = (
     ("vllm.entrypoints.openai.chat_completion.serving", "OpenAIServingChat"),
     ("vllm.entrypoints.openai.completion.serving", "OpenAIServingCompletion"),
     ("vllm.model_executor.layers.utils", "dispatch_cpu_unquantized_gemm"),
-    ("vllm.model_executor.layers.utils", "check_cpu_sgl_kernel"),
     ("vllm._custom_ops", "create_onednn_mm"),
 )
 
@@ -242,16 +241,16 @@ def bf16_weight_linear(layer: Any, remove_weight: bool) -> bool:
     and nothing done, for a layer vLLM would not give oneDNN or the kernel does not fit."""
     import torch
     from vllm import _custom_ops as ops
-    from vllm.model_executor.layers.utils import check_cpu_sgl_kernel
     from vllm.platforms import CpuArchEnum, current_platform
 
     from serve_app.kernels import bf16_weights
 
+    # vLLM's branches before oneDNN's: zentorch where installed (any dtype), and the SGL kernel,
+    # which takes 16- and 8-bit weights only, never the float32 ones ``fits`` requires.
     weight = getattr(layer, "weight", None)
     zen = current_platform.is_zen_cpu() and hasattr(torch.ops.zentorch, "zentorch_linear_unary")
     if (weight is None or not ops._supports_onednn or zen
             or current_platform.get_cpu_architecture() != CpuArchEnum.X86
-            or weight.ndim != 2 or check_cpu_sgl_kernel(*weight.size(), weight.dtype)
             or not bf16_weights.fits(weight.data)):
         return False
     handler = ops.create_onednn_mm(weight.data.t(), 32)

@@ -70,27 +70,31 @@ def in_engine(on: bool) -> Iterator[None]:
 def load() -> bool:
     """Build (once) and load the kernel into this process; False, logged, where it cannot."""
     global _loaded
-    if _loaded is None and not cpu_supports(cpu_flags()):
+    if _loaded is None:
+        _loaded = _build()
+    return _loaded
+
+
+def _build() -> bool:
+    if not cpu_supports(cpu_flags()):
         logger.warning("bfloat16-weight decode needs AVX2 and FMA, which these cores lack; "
                        "decoding with vLLM's float32 matmul")
-        _loaded = False
-    if _loaded is None:
-        try:
-            import torch
-            from torch.utils.cpp_extension import load as build
+        return False
+    try:
+        import torch
+        from torch.utils.cpp_extension import load as build
 
-            if not hasattr(torch.ops.serve_app, "bf16w_linear"):
-                path = build_dir()
-                path.mkdir(parents=True, exist_ok=True)
-                build(name="serve_app_bf16_weights", sources=[str(SOURCE)],
-                      extra_cflags=["-O3", "-mavx2", "-mfma"], build_directory=str(path),
-                      is_python_module=False)
-            _loaded = True
-        except Exception as exc:  # no compiler, no headers: vLLM's own path, said once
-            logger.warning("bfloat16-weight decode kernel unavailable (%s); decoding with "
-                           "vLLM's float32 matmul", str(exc).strip().splitlines()[-1:] or exc)
-            _loaded = False
-    return _loaded
+        if not hasattr(torch.ops.serve_app, "bf16w_linear"):
+            path = build_dir()
+            path.mkdir(parents=True, exist_ok=True)
+            build(name="serve_app_bf16_weights", sources=[str(SOURCE)],
+                  extra_cflags=["-O3", "-mavx2", "-mfma"], build_directory=str(path),
+                  is_python_module=False)
+        return True
+    except Exception as exc:  # no compiler, no headers: vLLM's own path, said once
+        logger.warning("bfloat16-weight decode kernel unavailable (%s); decoding with vLLM's "
+                       "float32 matmul", str(exc).strip().splitlines()[-1:] or exc)
+        return False
 
 
 def exact(weight: Any) -> bool:

@@ -20,7 +20,6 @@ import pytest
 from serve_app.config import DEFAULT_CACHE_DIR, TELEMETRY_OFF_ENV, ModelConfig
 from serve_app.kernels import bf16_weights
 from serve_app.precision import (
-    BF16_WEIGHTS,
     GATE_PROMPTS,
     GATE_TOKENS,
     cpu_flags,
@@ -90,7 +89,7 @@ def test_auto_picks_half_precision_only_where_its_gate_passes(model_path):
 def test_bfloat16_weight_decode_passes_the_gate(model_path, float32):
     """The setting is offered (``cpu_bf16_weight_decode``) only because this passes."""
     result = gate(float32, greedy_outputs(model_path, "float32", bf16_weight_decode=True))
-    print(f"gate {BF16_WEIGHTS} vs float32 on this CPU: {result.matches}/{result.prompts} "
-          f"prompts agree on their first {result.tokens} tokens; diverged: "
+    print(f"gate of bfloat16 weight reads vs float32 on this CPU: {result.matches}/"
+          f"{result.prompts} prompts agree on their first {result.tokens} tokens; diverged: "
           f"{list(result.diverged)}")
     assert result.passed, result

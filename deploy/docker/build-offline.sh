@@ -55,12 +55,14 @@ apt_install() {
     || missing+=("$pkg"); done
   [ ${#missing[@]} -eq 0 ] && return 0
   log "apt-get install ${missing[*]}"
-  apt-get update -qq >/dev/null
+  # Another apt (CI installs PostgreSQL at the same time) may hold the locks: wait for them.
+  local lock=(-o DPkg::Lock::Timeout=600)
+  apt-get "${lock[@]}" update -qq >/dev/null
   # policy-rc.d's 101 keeps the package from starting Debian's own daemon (with a bridge and
   # iptables rules) on machines where invoke-rc.d would.
   local policy=/usr/sbin/policy-rc.d created=0
   if [ ! -e $policy ]; then printf '#!/bin/sh\nexit 101\n' >$policy; chmod +x $policy; created=1; fi
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" \
+  DEBIAN_FRONTEND=noninteractive apt-get "${lock[@]}" install -y -qq --no-install-recommends "${missing[@]}" \
     >/dev/null
   [ $created -eq 0 ] || rm -f $policy
 }

@@ -27,7 +27,12 @@ from serve_app import licensing, tenants
 from serve_app.affinity import pin_to_frontend
 from serve_app.config import RAY_SERVE_ENV, TELEMETRY_OFF_ENV, AppConfig, Settings
 from serve_app.process_guard import die_with_parent, guard_descendants
-from serve_app.ray_internals import LOOPBACK, check_loopback, single_box_ray_env
+from serve_app.ray_internals import (
+    LOOPBACK,
+    check_loopback,
+    own_port_switches,
+    single_box_ray_env,
+)
 from serve_app.weights import resolve_model
 
 logger = logging.getLogger("serve_app")
@@ -173,6 +178,8 @@ def _run(settings: Settings) -> int:
     for key, value in RAY_SERVE_ENV.items():
         os.environ.setdefault(key, value)  # an explicit choice of the user's wins
     config = settings.to_app_config()
+    if config.http_port is not None:
+        os.environ.update(own_port_switches(dict(os.environ)))
     keyed = _check_exposure(settings.host, config)
     for model in config.models:
         print(f"Preparing model {model.name} from {model.source} ...", flush=True)

@@ -20,7 +20,9 @@ environment and the workers' niceness).
   metrics through a Python parser on the frontend core; our /metrics counts requests itself.
 - ``RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S=2``: a stopping ingress replica keeps
   serving for a drain period so that load balancers notice; Serve tells HAProxy itself within
-  ~0.1 s, so 2 s replace the 30 s meant for cloud balancers (Ctrl-C, scale-down).
+  ~0.1 s, so 2 s replace the 30 s meant for cloud balancers (Ctrl-C, scale-down). Where the
+  replicas listen on the public port themselves (``own_port_switches``) nothing balances over
+  them, and the period is 0.
 - ``RAY_worker_niceness=0``: Ray starts workers at niceness 15; vLLM's engine core, at normal
   priority, then preempts the serving path on the shared core, and TTFT grows several-fold.
   Raw `vllm serve` runs everything at niceness 0, and so do we.
@@ -67,6 +69,20 @@ RAY_SERVE_ENV = {
     "RAY_prestart_worker_first_driver": "0",
     "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5",
 }
+
+DRAIN_ENV = "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"
+
+
+def own_port_switches(env: dict[str, str]) -> dict[str, str]:
+    """The switches to change where the replicas listen on the public port themselves
+    (``AppConfig.http_port``, `python -m serve_app`): no balancer needs a drain period, as a
+    stopping replica's socket leaves the kernel's SO_REUSEPORT group when it closes and its
+    listener drains the responses in flight itself, so Serve's period would only hold every
+    stop (Ctrl-C, `docker stop`, scale-down) for its length. A value other than ours stays."""
+    if env.get(DRAIN_ENV, RAY_SERVE_ENV[DRAIN_ENV]) == RAY_SERVE_ENV[DRAIN_ENV]:
+        return {DRAIN_ENV: "0"}
+    return {}
+
 
 # Where the cluster's front door (the head's HAProxy) runs: see the module docstring.
 SESSION_AFFINITY_ENV = {

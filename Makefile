@@ -37,7 +37,7 @@ install: $(STAMP)
 serve: $(STAMP)
 	$(BIN)/python -m serve_app --dev-license
 
-# tests/image builds and runs the CPU image (half an hour on a fresh 2-core machine): its own target.
+# tests/image builds and runs the CPU image; .ci/run runs it beside `make test`: its own target.
 test: $(STAMP)
 	$(BIN)/python -m pytest --ignore=tests/image
 

@@ -137,12 +137,15 @@ class ModelConfig(BaseModel):
         "(see affinity.reserved_cores).",
     )
     cpu_bf16_weight_decode: bool = Field(
-        False,
+        True,
         description="CPU only, float32: one or two streams decode reading every weight matrix "
         "that bfloat16 holds exactly as bfloat16, half the bytes, in float32 arithmetic "
-        "(serve_app/kernels/bf16_weights.py, built with g++ at the first start); more streams "
-        "keep vLLM's oneDNN matmul. It passes the accuracy gate (serve_app/precision.py) but "
-        "was not measurably faster end to end on the boxes tried (docs/performance.md), so off.",
+        "(serve_app/kernels/bf16_weights.py, built with g++ at the first start; without g++, "
+        "vLLM's path); more streams keep vLLM's oneDNN matmul. A step at one stream is mostly "
+        "the weights' read, so this doubled SmolLM2's c=1 decode (0.35-0.44 of the bandwidth "
+        "bound to 0.80-0.87, docs/performance.md) with c=16 unchanged, and it passes the "
+        "accuracy gate (serve_app/precision.py), which CI runs. Matrices bfloat16 does not hold "
+        "exactly keep vLLM's path. False: vLLM's float32 matmul for every row count.",
     )
     cpu_inproc_worker: bool = Field(
         True,

@@ -87,9 +87,12 @@ def _build() -> bool:
         if not hasattr(torch.ops.serve_app, "bf16w_linear"):
             path = build_dir()
             path.mkdir(parents=True, exist_ok=True)
+            # ATen's parallel_for is OpenMP inlined from its headers: without -fopenmp it runs
+            # on one thread. Linking without it leaves GOMP_* to torch's own libgomp, which
+            # libtorch_cpu brings: one OpenMP runtime and one thread pool, bound as vLLM binds.
             build(name="serve_app_bf16_weights", sources=[str(SOURCE)],
-                  extra_cflags=["-O3", "-mavx2", "-mfma"], build_directory=str(path),
-                  is_python_module=False)
+                  extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"],
+                  build_directory=str(path), is_python_module=False)
         return True
     except Exception as exc:  # no compiler, no headers: vLLM's own path, said once
         logger.warning("bfloat16-weight decode kernel unavailable (%s); decoding with vLLM's "

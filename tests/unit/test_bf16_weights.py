@@ -86,3 +86,18 @@ def test_the_plugin_takes_the_dispatch_only_when_the_engine_environment_says_so(
                           timeout=300, env={**os.environ, bf16_weights.ENV: on})
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().splitlines()[-1] == str(on == "1")
+
+
+def test_the_kernel_runs_on_torch_s_own_openmp_threads(built):
+    # One sequential stream per thread reads a fraction of the bandwidth (one core's), so the
+    # kernel must split its rows over every engine thread, in the OpenMP pool torch already runs:
+    # it calls OpenMP, and needs no OpenMP runtime of its own beside torch's.
+    maps = open("/proc/self/maps").read().split("\n")
+    kernel = next(line.split()[-1] for line in maps if "serve_app_bf16_weights" in line)
+    undefined = subprocess.run(["nm", "-D", "--undefined-only", kernel], capture_output=True,
+                               text=True, check=True).stdout
+    assert "GOMP_parallel" in undefined
+    headers = subprocess.run(["objdump", "-p", kernel], capture_output=True, text=True,
+                             check=True).stdout
+    needed = [line.split()[-1] for line in headers.splitlines() if "NEEDED" in line]
+    assert "libtorch_cpu.so" in needed and not any("gomp" in n for n in needed), needed

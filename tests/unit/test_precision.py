@@ -55,9 +55,9 @@ def test_cpu_flags_reads_linux_flags_line(tmp_path):
     assert cpu_flags(str(tmp_path / "missing")) == frozenset()
 
 
-def test_bf16_weight_decode_only_when_asked_for_a_float32_engine_on_cpu():
-    assert not ModelConfig(device="cpu").bf16_weight_decode
-    assert ModelConfig(device="cpu", cpu_bf16_weight_decode=True).bf16_weight_decode
+def test_bf16_weight_decode_by_default_only_for_a_float32_engine_on_cpu():
+    assert ModelConfig(device="cpu").bf16_weight_decode
+    assert not ModelConfig(device="cpu", cpu_bf16_weight_decode=False).bf16_weight_decode
     # Only float32 engines on CPU read float32 weights as bfloat16.
     assert not ModelConfig(device="cpu", dtype="bfloat16",
                            cpu_bf16_weight_decode=True).bf16_weight_decode

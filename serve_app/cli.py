@@ -10,6 +10,7 @@ Serve's HTTP proxy in the router layout); prints how to call it. Beside it: ``st
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -19,6 +20,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 from pydantic import SecretStr
 
@@ -26,10 +28,11 @@ from license_contract import build_manifest
 from serve_app import licensing, tenants
 from serve_app.affinity import pin_to_frontend
 from serve_app.config import RAY_SERVE_ENV, TELEMETRY_OFF_ENV, AppConfig, Settings
-from serve_app.process_guard import die_with_parent, guard_descendants
+from serve_app.process_guard import descendants, die_with_parent, guard_descendants
 from serve_app.ray_internals import (
     LOOPBACK,
     check_loopback,
+    is_node_start_timeout,
     own_port_switches,
     single_box_ray_env,
 )
@@ -42,6 +45,28 @@ STOP_WAIT_S = 4.0
 
 class Stop(BaseException):
     """SIGINT or SIGTERM: unwind, and stop everything on the way out."""
+
+
+def start_ray(ray: Any, **init_kwargs: Any) -> None:
+    """``ray.init``, and once more if Ray's node timed out on start (``ray_internals``), after
+    killing what the failed attempt started: its GCS and raylet would hold their ports and
+    memory. Processes started before (the local license server) are kept."""
+    before = set(descendants(os.getpid()))
+    try:
+        ray.init(**init_kwargs)
+    except Exception as exc:
+        if not is_node_start_timeout(exc):
+            raise
+        logger.warning("Ray's node did not register in time (%s); starting Ray once more", exc)
+        started = [pid for pid in descendants(os.getpid()) if pid not in before]
+        for pid in started:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        for pid in started:  # reap our own children; the others are not ours to wait for
+            with contextlib.suppress(OSError):
+                os.waitpid(pid, 0)
+        ray.shutdown()
+        ray.init(**init_kwargs)
 
 
 def _trap_stop_signals() -> None:
@@ -193,7 +218,7 @@ def _run(settings: Settings) -> int:
 
     if any(m.local_device() == "cpu" for m in config.models):
         pin_to_frontend()  # every Ray process inherits this; see affinity.py
-    ray.init(include_dashboard=False, runtime_env={"env_vars": dict(TELEMETRY_OFF_ENV)})
+    start_ray(ray, include_dashboard=False, runtime_env={"env_vars": dict(TELEMETRY_OFF_ENV)})
     # Ray's core worker replaces the SIGTERM handler with one that dumps a stack and aborts.
     _trap_stop_signals()
     try:
